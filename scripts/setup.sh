@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what lazyiscsi and its tests need on Debian 12: the peers from Debian's packages and the
+# project in a virtualenv at .venv. Safe to run twice: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common nginx-light libiscsi-bin tgt)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# nginx-light's postinst starts a system nginx on port 80; our tests run their own instances.
+systemctl disable --now nginx >/dev/null 2>&1 || true
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test]'

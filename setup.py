@@ -1,0 +1,19 @@
+"""Packaging for lazyiscsi: one console script, runtime dependencies only."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lazyiscsi",
+    version="0.1.0",
+    description="iSCSI LUNs that hydrate lazily from a remote source site",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lazyiscsi", "lazyiscsi.*"]),
+    install_requires=[
+        "gevent>=23.9",
+        "structlog>=23.1",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80", "ruff>=0.4"],
+    },
+    entry_points={"console_scripts": ["lazyiscsi = lazyiscsi.cli:main"]},
+)
