@@ -1,0 +1,31 @@
+"""Typed reasons the store fails with. The SCSI layer maps each to sense data in one table."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base of store failures; ``str()`` is one secret-free line for an operator."""
+
+
+class CacheConfigError(StoreError):
+    """The cache cannot be used as asked: wrong unit, not a cache, in use, source mismatch."""
+
+
+class SourceMismatch(CacheConfigError):
+    """The source given at open is not the disk this cache was filled from."""
+
+
+class OutOfRange(StoreError):
+    """An I/O reaches past the end of the LUN."""
+
+
+class SourceIOError(StoreError):
+    """Data the guest asked for could not be read from the source (after retries)."""
+
+
+class SourceTimeout(SourceIOError):
+    """The source did not answer an on-demand read within the I/O timeout."""
+
+
+class NoSource(SourceIOError):
+    """A missing unit was asked for while no source is attached."""

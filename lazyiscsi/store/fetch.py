@@ -1,0 +1,183 @@
+"""Fetching missing units from the source: single flight, read-ahead, no stale overwrite.
+
+Every unit has at most one fetch in flight (``Flight``); whoever needs a unit that is being
+fetched waits for that flight instead of asking the source again. A flight runs in its own
+greenlet so that a caller that gives up (an on-demand read past its I/O timeout) does not
+abandon the fetch other callers share.
+
+When a flight's data arrives, only the units that are *still missing* are written: a guest
+write that landed meanwhile set those units' bits and must not be overwritten by the older
+source data. Checking the bits and writing the cache happen with no yield in between (file
+I/O is in-line, see cachefile), so no guest write can slip between the check and the write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gevent
+import structlog
+from gevent.event import AsyncResult, Event
+
+from lazyiscsi.source.base import Priority, Source, SourceError
+from lazyiscsi.store.errors import NoSource, SourceIOError
+from lazyiscsi.store.extentmap import ExtentMap
+
+log = structlog.get_logger("lazyiscsi.store")
+
+
+@dataclass(eq=False)
+class Flight:
+    """One source read covering units ``[start, end)``."""
+
+    start: int
+    end: int
+    priority: Priority
+    result: AsyncResult = field(default_factory=AsyncResult)
+
+
+@dataclass
+class RetryPolicy:
+    """How a flight retries transient source errors before failing its waiters."""
+
+    attempts: int = 5
+    first_delay: float = 0.05
+    max_delay: float = 2.0
+
+
+class Fetcher:
+    """Fills missing units of the cache from the source.
+
+    ``fill`` is the store's single writer for source data: called with a run and its bytes, it
+    writes the still-missing parts and marks them local (the durability order lives there).
+    """
+
+    def __init__(
+        self,
+        source: Source | None,
+        emap: ExtentMap,
+        unit: int,
+        size: int,
+        fill: Callable[[int, int, memoryview], int],
+        *,
+        readahead_units: int = 16,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.source = source
+        self._map = emap
+        self._unit = unit
+        self._size = size
+        self._fill = fill
+        self._readahead = max(1, readahead_units)
+        self._retry = retry or RetryPolicy()
+        self._inflight: dict[int, Flight] = {}
+        self._greenlets: set[gevent.Greenlet] = set()
+        self._fg_active = 0
+        self.fg_idle = Event()
+        self.fg_idle.set()
+        #: bytes read from the source by flights, foreground and background
+        self.bytes_fetched = {Priority.FOREGROUND: 0, Priority.BACKGROUND: 0}
+
+    def ensure_local(self, start: int, end: int, priority: Priority) -> None:
+        """Return once every unit of ``[start, end)`` is local; raise ``SourceIOError`` if a
+        fetch it needed failed. Foreground callers also start read-ahead around a miss."""
+        fg = priority is Priority.FOREGROUND
+        if fg:
+            self._fg_active += 1
+            self.fg_idle.clear()
+        try:
+            while True:
+                flights = self._flights_for(start, end, priority)
+                if not flights:
+                    return
+                for f in flights:
+                    f.result.get()  # raises the flight's error
+        finally:
+            if fg:
+                self._fg_active -= 1
+                if self._fg_active == 0:
+                    self.fg_idle.set()
+
+    def _flights_for(self, start: int, end: int, priority: Priority) -> list[Flight]:
+        """The flights that will make ``[start, end)`` local, starting the missing ones."""
+        flights: list[Flight] = []
+        for a, b in list(self._map.missing_runs(start, end)):
+            u = a
+            while u < b:
+                f = self._inflight.get(u)
+                if f is not None:
+                    if not flights or flights[-1] is not f:
+                        flights.append(f)
+                    u = f.end
+                    continue
+                v = u + 1
+                while v < b and v not in self._inflight:
+                    v += 1
+                flights.append(self._start(u, v, priority))
+                u = v
+        return flights
+
+    def _start(self, a: int, b: int, priority: Priority) -> Flight:
+        if self.source is None:
+            raise NoSource("the data is not local yet and no source is attached")
+        if priority is Priority.FOREGROUND:
+            a, b = self._widen(a, b)
+        flight = Flight(a, b, priority)
+        for u in range(a, b):
+            self._inflight[u] = flight
+        g = gevent.spawn(self._run, flight)
+        self._greenlets.add(g)
+        g.link(self._greenlets.discard)
+        return flight
+
+    def _widen(self, a: int, b: int) -> tuple[int, int]:
+        """Read-ahead: grow a foreground miss to its aligned window, but only over units that
+        are still missing and not already in flight (never fetch a byte twice)."""
+        lo = (a // self._readahead) * self._readahead
+        hi = min(-(-b // self._readahead) * self._readahead, self._map.n_units)
+        while a > lo and a - 1 not in self._inflight and not self._map.is_local(a - 1):
+            a -= 1
+        while b < hi and b not in self._inflight and not self._map.is_local(b):
+            b += 1
+        return a, b
+
+    def _run(self, flight: Flight) -> None:
+        assert self.source is not None
+        offset = flight.start * self._unit
+        length = min(flight.end * self._unit, self._size) - offset
+        delay = self._retry.first_delay
+        try:
+            for attempt in range(1, self._retry.attempts + 1):
+                try:
+                    data = self.source.read(offset, length, flight.priority)
+                    break
+                except SourceError as e:
+                    if not e.transient or attempt == self._retry.attempts:
+                        raise
+                    log.warning("source_read_retry", offset=offset, bytes=length, attempt=attempt,
+                                error=str(e), retry_in_s=round(delay, 3))
+                    gevent.sleep(delay)
+                    delay = min(delay * 2, self._retry.max_delay)
+            self.bytes_fetched[flight.priority] += length
+            self._fill(flight.start, flight.end, memoryview(data))
+        except SourceError as e:
+            flight.result.set_exception(SourceIOError(f"source read at offset {offset} "
+                                                      f"({length} bytes) failed: {e}"))
+        except BaseException as e:  # killed (close) or a bug: waiters must not hang
+            flight.result.set_exception(SourceIOError(f"fetch at offset {offset} aborted: {e!r}"))
+            raise
+        else:
+            flight.result.set(None)
+        finally:
+            for u in range(flight.start, flight.end):
+                if self._inflight.get(u) is flight:
+                    del self._inflight[u]
+
+    @property
+    def inflight_units(self) -> int:
+        return len(self._inflight)
+
+    def close(self) -> None:
+        """Abort every flight; their waiters get ``SourceIOError``."""
+        gevent.killall(list(self._greenlets), block=True)

@@ -1,0 +1,373 @@
+"""The hydrator: a job that copies every missing unit of a LazyDisk from its source.
+
+Shaped like QEMU's stream job (a job with explicit states and verbs, one pause/cancel point
+and one rate-limit sleep per iteration) but with many runs in flight instead of one chunk:
+a WAN with 20 ms of delay moves a 1 MiB run per round trip per request, so throughput is
+``runs in flight x run size / RTT`` until the link is full. How many runs that takes is
+learnt, not configured (``WindowTuner``): the window doubles while throughput still grows.
+
+Foreground first: before each new run the hydrator lets on-demand fetches finish (their
+sources use another connection, and the server sees less competing load), and every run goes
+through ``LazyDisk.populate``, the same single-flight fill path a guest read uses.
+
+Zero runs the source reports (NBD block status) are marked local without moving their bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gevent
+import gevent.event
+import structlog
+
+from lazyiscsi.source.base import Extent, SourceError
+from lazyiscsi.store.errors import StoreError
+from lazyiscsi.store.lazydisk import LazyDisk
+
+log = structlog.get_logger("lazyiscsi.hydrator")
+
+DEFAULT_RUN = 1 << 20
+#: how far ahead of the copy the source's extents are asked for, one request per window
+EXTENTS_WINDOW = 1 << 30
+MAX_INFLIGHT_BYTES = 256 << 20
+
+
+class JobState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Verb(enum.Enum):
+    START = "start"
+    PAUSE = "pause"
+    RESUME = "resume"
+    CANCEL = "cancel"
+    SET_RATE = "set-rate"
+    FINISH = "finish"  # internal: every unit is local
+    FAIL = "fail"  # internal: the error policy gave up
+
+
+#: (state, verb) -> next state. A verb missing here is refused in that state (QEMU's JobVerbTable
+#: and JobSTT folded into one table). SET_RATE keeps the state.
+TRANSITIONS: dict[tuple[JobState, Verb], JobState] = {
+    (JobState.CREATED, Verb.START): JobState.RUNNING,
+    (JobState.CREATED, Verb.CANCEL): JobState.CANCELLED,
+    (JobState.CREATED, Verb.SET_RATE): JobState.CREATED,
+    (JobState.RUNNING, Verb.PAUSE): JobState.PAUSED,
+    (JobState.RUNNING, Verb.CANCEL): JobState.CANCELLED,
+    (JobState.RUNNING, Verb.SET_RATE): JobState.RUNNING,
+    (JobState.RUNNING, Verb.FINISH): JobState.COMPLETED,
+    (JobState.RUNNING, Verb.FAIL): JobState.FAILED,
+    (JobState.PAUSED, Verb.RESUME): JobState.RUNNING,
+    (JobState.PAUSED, Verb.CANCEL): JobState.CANCELLED,
+    (JobState.PAUSED, Verb.SET_RATE): JobState.PAUSED,
+    (JobState.PAUSED, Verb.FINISH): JobState.COMPLETED,  # the guest's reads finished the copy
+}
+
+
+class JobVerbError(StoreError):
+    """A verb that the job's state does not allow (pause a completed job, ...)."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What ``query`` answers: QMP's current/total plus rate, ETA and the miss figures."""
+
+    state: JobState
+    current: int  # bytes local
+    total: int  # LUN size
+    rate: float  # bytes/s becoming local, over the last few seconds
+    eta_s: float | None
+    fetched: int  # bytes read from the source, background and on demand
+    inflight_window: int
+    rate_limit: int | None
+    misses: int
+    miss_p50_ms: float | None
+    miss_p99_ms: float | None
+    error: str | None
+
+
+class TokenBucket:
+    """Rate limit in bytes/s; ``None`` is unlimited. ``delay(n)`` reserves ``n`` bytes and says
+    how long to sleep first, so that the average stays at the rate (one run may burst)."""
+
+    def __init__(self, rate: int | None) -> None:
+        self.rate = rate
+        self._next = time.monotonic()
+
+    def set_rate(self, rate: int | None) -> None:
+        self.rate = rate
+        self._next = time.monotonic()
+
+    def delay(self, n: int) -> float:
+        if not self.rate:
+            return 0.0
+        now = time.monotonic()
+        start = max(now, self._next)
+        self._next = start + n / self.rate
+        return start - now
+
+
+class WindowTuner:
+    """How many runs to keep in flight, learnt from throughput (no RTT or bandwidth setting).
+
+    Slow start: the window doubles at the end of each epoch whose throughput beat the best
+    seen by more than ``gain``; once a doubling brings less, the window settles on the
+    smallest that reached the best. Every ``probe_every`` settled epochs it probes one size
+    up again, so a link that got faster is found. An epoch lasts long enough to see the whole
+    window complete a few times (at least ``min_epoch_s``).
+    """
+
+    def __init__(self, initial: int = 4, maximum: int = 64, gain: float = 1.10,
+                 min_epoch_s: float = 0.3, probe_every: int = 10) -> None:
+        self.window = initial
+        self._max = maximum
+        self._gain = gain
+        self._min_epoch = min_epoch_s
+        self._probe_every = probe_every
+        self._best_rate = 0.0
+        self._best_window = initial
+        self._settled = False
+        self._epochs_settled = 0
+        self._epoch_start = time.monotonic()
+        self._epoch_bytes = 0
+        self._latency = collections.deque(maxlen=32)
+        self._saturated = True
+
+    def note_starved(self) -> None:
+        """The epoch had fewer runs to send than the window: its rate says nothing."""
+        self._saturated = False
+
+    def on_complete(self, nbytes: int, latency_s: float) -> None:
+        self._epoch_bytes += nbytes
+        self._latency.append(latency_s)
+        now = time.monotonic()
+        lat = sorted(self._latency)[len(self._latency) // 2]
+        elapsed = now - self._epoch_start
+        if elapsed < max(self._min_epoch, 3 * lat):
+            return
+        rate = self._epoch_bytes / elapsed
+        saturated = self._saturated
+        self._epoch_start, self._epoch_bytes, self._saturated = now, 0, True
+        if not saturated:
+            return
+        if rate > self._best_rate * self._gain:
+            self._best_rate, self._best_window = rate, self.window
+            self._settled = False
+            self.window = min(self._max, self.window * 2)
+        elif not self._settled:
+            self._settled, self._epochs_settled = True, 0
+            self.window = self._best_window
+            self._best_rate = max(self._best_rate, rate)
+        else:
+            self._best_rate = max(rate, self._best_rate * 0.9)  # let the record decay slowly
+            self._epochs_settled += 1
+            if self._epochs_settled >= self._probe_every:
+                self._settled = False
+                self.window = min(self._max, self.window * 2)
+
+
+class Hydrator:
+    """Copies every missing unit of ``disk`` in the background. Create, ``start()``, then use
+    the verbs; ``wait()`` returns when the job ends."""
+
+    def __init__(self, disk: LazyDisk, *, run_size: int = DEFAULT_RUN, rate: int | None = None,
+                 max_window: int | None = None, retry_max_s: float = 30.0,
+                 fg_yield_s: float = 0.1) -> None:
+        if run_size < disk.unit or run_size % disk.unit:
+            raise StoreError(f"run size {run_size} must be a multiple of the unit ({disk.unit})")
+        self.disk = disk
+        self.run_size = run_size
+        self._bucket = TokenBucket(rate)
+        self._tuner = WindowTuner(maximum=max_window or max(1, MAX_INFLIGHT_BYTES // run_size))
+        self._retry_max = retry_max_s
+        self._fg_yield = fg_yield_s
+        self.state = JobState.CREATED
+        self._resumed = gevent.event.Event()
+        self._resumed.set()
+        self._done = gevent.event.Event()
+        self._active: set[gevent.Greenlet] = set()
+        self._slot = gevent.event.Event()
+        self._main: gevent.Greenlet | None = None
+        self._error: str | None = None
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        self._failed_runs = 0
+
+    # -- verbs -----------------------------------------------------------------------------
+
+    def _apply(self, verb: Verb) -> None:
+        nxt = TRANSITIONS.get((self.state, verb))
+        if nxt is None:
+            raise JobVerbError(f"cannot {verb.value} a {self.state.value} hydration job")
+        if nxt is not self.state:
+            log.info("hydration_state", path=self.disk.path, old=self.state.value, new=nxt.value,
+                     verb=verb.value)
+        self.state = nxt
+
+    def start(self) -> None:
+        self._apply(Verb.START)
+        self._main = gevent.spawn(self._run)
+
+    def pause(self) -> None:
+        """Stop issuing runs; those in flight finish (nothing is abandoned half-written)."""
+        self._apply(Verb.PAUSE)
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._apply(Verb.RESUME)
+        self._resumed.set()
+
+    def cancel(self) -> None:
+        self._apply(Verb.CANCEL)
+        self._resumed.set()
+        if self._main is not None:
+            self._main.kill(block=False)
+
+    def set_rate(self, rate: int | None) -> None:
+        """Change the rate limit at once (bytes/s; None or 0 for none)."""
+        if rate is not None and rate < 0:
+            raise JobVerbError(f"rate {rate}: must be positive (or 0 for no limit)")
+        self._apply(Verb.SET_RATE)
+        self._bucket.set_rate(rate or None)
+        log.info("hydration_rate", path=self.disk.path, rate_limit=rate or None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    # -- progress --------------------------------------------------------------------------
+
+    def query(self) -> Progress:
+        st = self.disk.stats()
+        now = time.monotonic()
+        self._samples.append((now, st.local_bytes))
+        while len(self._samples) > 2 and now - self._samples[0][0] > 5.0:
+            self._samples.popleft()
+        t0, b0 = self._samples[0]
+        rate = (st.local_bytes - b0) / (now - t0) if now - t0 > 0.2 else 0.0
+        remaining = st.size - st.local_bytes
+        eta = 0.0 if remaining == 0 else (remaining / rate if rate > 0 else None)
+        return Progress(
+            state=self.state, current=st.local_bytes, total=st.size, rate=rate, eta_s=eta,
+            fetched=st.fetched_foreground + st.fetched_background, inflight_window=self._tuner.window,
+            rate_limit=self._bucket.rate, misses=st.misses, miss_p50_ms=st.miss_p50_ms,
+            miss_p99_ms=st.miss_p99_ms, error=self._error)
+
+    # -- the job ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.5
+        try:
+            while not self.disk.complete:
+                failed_before = self._failed_runs
+                for offset, length in self._plan():
+                    self._checkpoint()
+                    self._issue(offset, length)
+                self._drain()
+                if self.disk.complete:
+                    break
+                if self._failed_runs == failed_before:
+                    # nothing failed, yet units are missing: a guest fetch still in flight
+                    gevent.sleep(0.05)
+                    continue
+                log.warning("hydration_retry_pass", path=self.disk.path,
+                            missing_bytes=self.disk.size - self.disk.local_bytes, retry_in_s=backoff)
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, self._retry_max)
+            self._drain()
+            self._apply(Verb.FINISH)
+        except gevent.GreenletExit:
+            gevent.killall(list(self._active))
+        except Exception as e:  # a bug or a dead cache file: say so, never hang the waiter
+            self._error = str(e) or repr(e)
+            log.error("hydration_failed", path=self.disk.path, error=self._error)
+            self._apply(Verb.FAIL)
+        finally:
+            self._done.set()
+
+    def _checkpoint(self) -> None:
+        """The one pause/cancel/rate point of every iteration."""
+        self._resumed.wait()
+        delay = self._bucket.delay(self.run_size)
+        if delay > 0:
+            gevent.sleep(delay)
+        # foreground first: let on-demand fetches go out before the next background run
+        self.disk.wait_foreground_idle(self._fg_yield)
+
+    def _issue(self, offset: int, length: int) -> None:
+        while len(self._active) >= self._tuner.window:
+            self._slot.clear()
+            self._slot.wait()
+        g = gevent.spawn(self._copy, offset, length)
+        self._active.add(g)
+        g.link(self._finished)
+
+    def _finished(self, g: gevent.Greenlet) -> None:
+        self._active.discard(g)
+        self._slot.set()
+
+    def _drain(self) -> None:
+        self._tuner.note_starved()
+        gevent.joinall(list(self._active))
+
+    def _copy(self, offset: int, length: int) -> None:
+        t0 = time.monotonic()
+        try:
+            self.disk.populate(offset, length)
+        except StoreError as e:
+            self._failed_runs += 1
+            log.warning("hydration_run_failed", path=self.disk.path, offset=offset, bytes=length,
+                        error=str(e))
+            return
+        self._tuner.on_complete(length, time.monotonic() - t0)
+
+    def _plan(self) -> Iterator[tuple[int, int]]:
+        """Missing runs in order, at most ``run_size`` each and aligned to it, after marking
+        the source's zero extents local. Extents of the next window are asked for while the
+        current one is being copied."""
+        size = self.disk.size
+        ahead: gevent.Greenlet | None = None
+        pos = 0
+        while pos < size:
+            end = min(size, pos + EXTENTS_WINDOW)
+            if next(self.disk.missing_runs(pos, end - pos), None) is None:
+                pos = end
+                continue
+            current = ahead if ahead is not None else gevent.spawn(self._extents, pos, end - pos)
+            nxt_end = min(size, end + EXTENTS_WINDOW)
+            ahead = gevent.spawn(self._extents, end, nxt_end - end) if end < size else None
+            for ext in current.get():
+                if ext.zero:
+                    self.disk.mark_zero(ext.offset, ext.length)
+                    continue
+                for off, length in list(self.disk.missing_runs(ext.offset, ext.length)):
+                    yield from _split(off, length, self.run_size)
+            pos = end
+
+    def _extents(self, offset: int, length: int) -> list[Extent]:
+        source = self.disk.source
+        if source is None:
+            return [Extent(offset, length, False)]
+        try:
+            return source.extents(offset, length)
+        except SourceError as e:
+            # without block status every byte is copied: slower, never wrong
+            log.warning("source_extents_failed", path=self.disk.path, offset=offset, error=str(e))
+            return [Extent(offset, length, False)]
+
+
+def _split(offset: int, length: int, run: int) -> Iterator[tuple[int, int]]:
+    """Cut ``[offset, offset+length)`` at multiples of ``run``."""
+    end = offset + length
+    while offset < end:
+        stop = min(end, (offset // run + 1) * run)
+        yield offset, stop - offset
+        offset = stop

@@ -1,0 +1,454 @@
+"""LazyDisk: a LUN backed by a local cache file that fills itself from a remote source.
+
+A copy-on-read filter in the manner of QEMU's copy-on-read driver: a read walks its range,
+serves local units from the cache file and fetches only the missing ones (``fetch.Fetcher``);
+a write lands in the cache and marks its units local. The background copier calls
+``populate``, the same fill path a read uses, never a second writer.
+
+Files (all beside ``path``): ``path`` itself is the cache, a plain raw image (offset N of the
+LUN is offset N of the file), usable by any tool once complete; ``path.map`` is the bitmap
+(see extentmap); ``path.meta`` is the superblock.
+
+Durability invariant, enforced in ``commit`` and nowhere else: a unit's bit reaches the map
+file only after the data it vouches for is durable in the cache file (cache fdatasync, then
+map page write, then map fdatasync). A crash therefore leaves every set bit backed by durable
+data; a unit whose bit did not make it is fetched again, which is harmless because the source
+never changes and the guest never flushed a write to it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gevent
+import gevent.lock
+import structlog
+
+from lazyiscsi.source.base import Priority, Source
+from lazyiscsi.source.url import redact
+from lazyiscsi.store.cachefile import BlockFile, FileOpener, OsFile
+from lazyiscsi.store.errors import (
+    CacheConfigError,
+    OutOfRange,
+    SourceMismatch,
+    SourceTimeout,
+    StoreError,
+)
+from lazyiscsi.store.extentmap import PAGE_BYTES, ExtentMap
+from lazyiscsi.store.fetch import Fetcher, RetryPolicy
+from lazyiscsi.store.superblock import CacheState, Superblock, read_superblock, write_superblock
+
+log = structlog.get_logger("lazyiscsi.store")
+
+DEFAULT_UNIT = 4096
+DEFAULT_READAHEAD = 64 * 1024
+DEFAULT_IO_TIMEOUT = 30.0
+#: how often fetched data and guest writes are committed without a flush from the guest
+DEFAULT_AUTOCOMMIT_S = 1.0
+
+
+@dataclass(frozen=True)
+class DiskStats:
+    """A snapshot of the store's counters, readable at any moment."""
+
+    size: int
+    local_bytes: int
+    state: CacheState
+    fetched_foreground: int
+    fetched_background: int
+    misses: int
+    miss_p50_ms: float | None
+    miss_p99_ms: float | None
+
+
+class LazyDisk:
+    """One LUN: cache file + extent map + (while hydrating) a source. Use ``LazyDisk.open``."""
+
+    def __init__(
+        self,
+        path: str,
+        sb: Superblock,
+        cache: BlockFile,
+        mapfile: BlockFile,
+        emap: ExtentMap,
+        source: Source | None,
+        *,
+        readahead: int,
+        io_timeout: float,
+        autocommit_s: float | None,
+        retry: RetryPolicy | None,
+    ) -> None:
+        self.path = path
+        self._sb = sb
+        self.size = sb.size
+        self.unit = sb.unit
+        self._cache = cache
+        self._mapfile = mapfile
+        self._map = emap
+        self._io_timeout = io_timeout
+        self._complete = emap.complete
+        self._commit_lock = gevent.lock.Semaphore()
+        self._closed = False
+        self._misses = 0
+        self._miss_ms: collections.deque[float] = collections.deque(maxlen=4096)
+        self._fetcher = Fetcher(source, emap, self.unit, self.size, self._fill,
+                                readahead_units=max(1, readahead // self.unit), retry=retry)
+        self._finisher: gevent.Greenlet | None = None
+        self._committer: gevent.Greenlet | None = None
+        if autocommit_s and not self._complete:
+            self._committer = gevent.spawn(self._autocommit, autocommit_s)
+        if self._complete and sb.state is CacheState.HYDRATING:
+            # complete on disk but the superblock never said so (crash in between)
+            self._finisher = gevent.spawn(self._finish)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        source: Source | None,
+        *,
+        unit: int | None = None,
+        readahead: int = DEFAULT_READAHEAD,
+        io_timeout: float = DEFAULT_IO_TIMEOUT,
+        autocommit_s: float | None = DEFAULT_AUTOCOMMIT_S,
+        retry: RetryPolicy | None = None,
+        opener: FileOpener = OsFile,
+    ) -> LazyDisk:
+        """Open the cache at ``path``, creating it from ``source`` if there is none.
+
+        An existing cache resumes from its map. It refuses, with ``CacheConfigError``, a
+        source of another size or identity (``SourceMismatch``), a ``unit`` other than the one
+        it was made with, and a ``path`` that holds some other file.
+        """
+        if unit is not None and (unit < 512 or unit & (unit - 1)):
+            raise CacheConfigError(f"unit {unit}: must be a power of two of at least 512 bytes")
+        meta_path = f"{path}.meta"
+        sb = read_superblock(meta_path)
+        if sb is None:
+            if source is None:
+                raise CacheConfigError(f"{path}: no cache here yet, and no source to fill one from")
+            cache = opener(path, create=True)
+            try:
+                if cache.size() != 0:
+                    raise CacheConfigError(f"{path}: exists and is not a lazyiscsi cache "
+                                           f"(no {meta_path}); remove it or choose another path")
+                sb = Superblock(size=source.size, unit=unit or DEFAULT_UNIT, source_url=redact(source.url),
+                                source_identity=source.identity, state=CacheState.HYDRATING)
+                # The superblock comes first: a cache file without one is never taken for ours.
+                write_superblock(meta_path, sb)
+                cache.truncate(sb.size)
+            except BaseException:
+                cache.close()
+                raise
+            log.info("cache_created", path=path, size=sb.size, unit=sb.unit, source=sb.source_url)
+        else:
+            if unit is not None and unit != sb.unit:
+                raise CacheConfigError(f"{path}: made with unit {sb.unit}, not {unit}; "
+                                       "omit the unit or use the cache's own")
+            if source is not None and (source.size != sb.size or source.identity != sb.source_identity):
+                raise SourceMismatch(
+                    f"{path}: the source {redact(source.url)} (size {source.size}) is not the disk "
+                    f"this cache was filled from ({sb.source_url}, size {sb.size}); refusing to mix "
+                    "two disks")
+            cache = opener(path, create=True)
+            if cache.size() < sb.size:
+                cache.truncate(sb.size)  # created but not yet sized when a crash hit
+        try:
+            mapfile = opener(f"{path}.map", create=True)
+        except BaseException:
+            cache.close()
+            raise
+        n_units = -(-sb.size // sb.unit)
+        emap = ExtentMap(n_units)
+        if sb.state is CacheState.COMPLETE:
+            emap.set_local(0, n_units)
+            emap.take_dirty()
+        else:
+            _load_map(mapfile, emap)
+        if sb.state is not CacheState.HYDRATING and source is not None:
+            source.close()  # not needed: everything is local
+            source = None
+        disk = cls(path, sb, cache, mapfile, emap, source, readahead=readahead, io_timeout=io_timeout,
+                   autocommit_s=autocommit_s, retry=retry)
+        log.info("cache_opened", path=path, state=sb.state.value, local_bytes=disk.local_bytes,
+                 size=sb.size)
+        return disk
+
+    # -- the I/O interface the SCSI layer uses --------------------------------------------
+
+    @property
+    def state(self) -> CacheState:
+        return self._sb.state
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    @property
+    def local_bytes(self) -> int:
+        return min(self._map.local_units * self.unit, self.size)
+
+    @property
+    def source(self) -> Source | None:
+        return self._fetcher.source
+
+    def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.readinto(offset, memoryview(buf))
+        return buf
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the LUN's bytes at ``offset``, fetching what is not local."""
+        self._check(offset, len(buf))
+        if not self._complete:
+            a, b = self._units(offset, len(buf))
+            if next(self._map.missing_runs(a, b), None) is not None:
+                self._await(a, b)
+        self._cache.preadinto(buf, offset)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        """Write guest data. Units it covers only partly are fetched first (read-modify-write);
+        whole units never wait for the source."""
+        self._check(offset, len(data))
+        if not self._complete and len(data):
+            a, b = self._units(offset, len(data))
+            end = offset + len(data)
+            if offset % self.unit and not self._map.is_local(a):
+                self._await(a, a + 1)
+            if end % self.unit and end != self.size and not self._map.is_local(b - 1):
+                self._await(b - 1, b)
+            self._cache.pwrite(data, offset)
+            self._mark_local(a, b)
+        else:
+            self._cache.pwrite(data, offset)
+        if fua:
+            self.commit()
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate whole units in the range: they read as zeros and are never fetched.
+        Units the range covers only partly are left as they are (discard is advisory)."""
+        self._check(offset, length)
+        a = -(-offset // self.unit)
+        end = offset + length
+        b = self._map.n_units if end == self.size else end // self.unit
+        if a < b:
+            start = a * self.unit
+            self._cache.punch(start, min(b * self.unit, self.size) - start)
+            self._mark_local(a, b)
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Make the range read as zeros: whole units are deallocated, partial ones written."""
+        self._check(offset, length)
+        end = offset + length
+        head_end = min(end, -(-offset // self.unit) * self.unit)
+        tail_start = max(head_end, (end // self.unit) * self.unit if end != self.size else end)
+        if head_end > offset:
+            self.write(offset, bytes(head_end - offset))
+        if tail_start < end:
+            self.write(tail_start, bytes(end - tail_start))
+        if tail_start > head_end:
+            self.discard(head_end, tail_start - head_end)
+        if fua:
+            self.commit()
+
+    def flush(self) -> None:
+        """Make every write acknowledged so far durable, with its map bits."""
+        self.commit()
+
+    # -- what the hydrator uses ------------------------------------------------------------
+
+    def missing_runs(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """Missing byte runs ``(offset, length)`` in the range, clipped to the LUN."""
+        a, b = self._units(offset, length)
+        for ua, ub in self._map.missing_runs(a, b):
+            start = ua * self.unit
+            yield start, min(ub * self.unit, self.size) - start
+
+    def populate(self, offset: int, length: int) -> None:
+        """Make the range local at background priority (the hydrator's one call to fill)."""
+        self._check(offset, length)
+        a, b = self._units(offset, length)
+        self._fetcher.ensure_local(a, b, Priority.BACKGROUND)
+
+    def mark_zero(self, offset: int, length: int) -> None:
+        """The source promises these bytes are zero: make the whole units inside the range
+        local without reading them (punching the cache, in case a lost unflushed write left
+        data there)."""
+        a = -(-offset // self.unit)
+        end = offset + length
+        b = self._map.n_units if end >= self.size else end // self.unit
+        for ua, ub in list(self._map.missing_runs(a, b)):
+            start = ua * self.unit
+            self._cache.punch(start, min(ub * self.unit, self.size) - start)
+            self._mark_local(ua, ub)
+
+    def wait_foreground_idle(self, timeout: float | None) -> bool:
+        """Block while on-demand fetches are running (the hydrator yields to them)."""
+        return self._fetcher.fg_idle.wait(timeout)
+
+    @property
+    def inflight_units(self) -> int:
+        return self._fetcher.inflight_units
+
+    def stats(self) -> DiskStats:
+        lat = sorted(self._miss_ms)
+        return DiskStats(
+            size=self.size,
+            local_bytes=self.local_bytes,
+            state=self._sb.state,
+            fetched_foreground=self._fetcher.bytes_fetched[Priority.FOREGROUND],
+            fetched_background=self._fetcher.bytes_fetched[Priority.BACKGROUND],
+            misses=self._misses,
+            miss_p50_ms=_percentile(lat, 0.50),
+            miss_p99_ms=_percentile(lat, 0.99),
+        )
+
+    # -- durability --------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Make all data written so far durable, then the map bits that vouch for it.
+
+        The order is the store's crash-safety invariant (module docstring): the dirty map pages
+        are copied *before* the cache is synced, so a bit set while the sync runs (its data
+        perhaps not yet durable) waits for the next commit.
+        """
+        with self._commit_lock:
+            pages = self._map.take_dirty()
+            try:
+                self._cache.sync()
+                for page, data in pages.items():
+                    self._mapfile.pwrite(data, page * PAGE_BYTES)
+                if pages:
+                    self._mapfile.sync()
+            except OSError as e:
+                self._map.requeue_dirty(pages)
+                log.error("commit_failed", path=self.path, error=e.strerror)
+                raise StoreError(f"{self.path}: cannot make data durable ({e.strerror})") from None
+
+    def detach(self, *, force: bool = False) -> None:
+        """Let the source go. Without ``force`` only a complete cache may detach; with it,
+        units still missing become unreadable (each such read fails with an error)."""
+        if not self._complete and not force:
+            missing = self.size - self.local_bytes
+            raise StoreError(f"{self.path}: {missing} bytes are still only at the source; "
+                             "detaching now would make them unreadable (force to do it anyway)")
+        self.commit()
+        self._set_state(CacheState.COMPLETE if self._complete else CacheState.DETACHED)
+        self._drop_source()
+
+    def close(self) -> None:
+        """Stop fetching, commit what is local, release the files and the source."""
+        if self._closed:
+            return
+        self._closed = True
+        for g in (self._committer, self._finisher):
+            if g is not None:
+                g.kill()
+        self._fetcher.close()
+        try:
+            self.commit()
+        finally:
+            self._cache.close()
+            self._mapfile.close()
+            self._drop_source()
+        log.info("cache_closed", path=self.path, local_bytes=self.local_bytes, size=self.size)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise StoreError(f"{self.path}: closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRange(f"I/O at offset {offset} length {length} is past the end ({self.size})")
+
+    def _units(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // self.unit, -(-(offset + length) // self.unit)
+
+    def _await(self, a: int, b: int) -> None:
+        """Wait, at foreground priority and at most the I/O timeout, for units to be local."""
+        t0 = time.monotonic()
+        self._misses += 1
+        try:
+            with gevent.Timeout(self._io_timeout, SourceTimeout(
+                    f"source did not deliver offset {a * self.unit} within {self._io_timeout:g} s")):
+                self._fetcher.ensure_local(a, b, Priority.FOREGROUND)
+        finally:
+            self._miss_ms.append((time.monotonic() - t0) * 1000.0)
+
+    def _fill(self, start: int, end: int, data: memoryview) -> int:
+        """Write source data for units ``[start, end)`` where they are still missing.
+
+        Called with no yield between the check and the write: a guest write that landed while
+        the fetch was in flight has set its bits, so its units are skipped here.
+        """
+        filled = 0
+        base = start * self.unit
+        for a, b in list(self._map.missing_runs(start, end)):
+            off = a * self.unit
+            length = min(b * self.unit, self.size) - off
+            self._cache.pwrite(data[off - base:off - base + length], off)
+            filled += self._mark_local(a, b)
+        return filled
+
+    def _mark_local(self, a: int, b: int) -> int:
+        added = self._map.set_local(a, b)
+        if added and self._map.complete and not self._complete:
+            self._complete = True  # bits are all set: map checks can no longer say "missing"
+            self._finisher = gevent.spawn(self._finish)
+        return added
+
+    def _finish(self) -> None:
+        """Every unit is local: make it durable, record it, let the source go."""
+        self.commit()
+        self._set_state(CacheState.COMPLETE)
+        stats = self.stats()
+        log.info("hydration_completed", path=self.path, size=self.size,
+                 fetched_bytes=stats.fetched_foreground + stats.fetched_background, misses=stats.misses)
+        self._drop_source()
+        if self._committer is not None:
+            self._committer.kill(block=False)
+
+    def _set_state(self, state: CacheState) -> None:
+        if state is not self._sb.state:
+            self._sb = self._sb.with_state(state)
+            write_superblock(f"{self.path}.meta", self._sb)
+            log.info("cache_state", path=self.path, state=state.value)
+
+    def _drop_source(self) -> None:
+        source, self._fetcher.source = self._fetcher.source, None
+        if source is not None:
+            source.close()
+
+    def _autocommit(self, interval: float) -> None:
+        while True:
+            gevent.sleep(interval)
+            # a failure is logged by commit; the next round or the guest's flush tries again
+            with contextlib.suppress(StoreError):
+                self.commit()
+
+
+def _load_map(mapfile: BlockFile, emap: ExtentMap) -> None:
+    """Read the on-disk bitmap page by page (never the whole file at once: RSS)."""
+    have = mapfile.size()
+    want = emap.n_pages * PAGE_BYTES
+    if have < want:
+        mapfile.truncate(want)
+    buf = bytearray(PAGE_BYTES)
+    view = memoryview(buf)
+    zero = bytes(PAGE_BYTES)
+    for page in range(min(emap.n_pages, -(-have // PAGE_BYTES))):
+        mapfile.preadinto(view, page * PAGE_BYTES)
+        if buf != zero:
+            emap.load_page(page, buf)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return round(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))], 3)
