@@ -299,13 +299,14 @@ class Hydrator:
         delay = self._bucket.delay(self.run_size)
         if delay > 0:
             gevent.sleep(delay)
-        # foreground first: let on-demand fetches go out before the next background run
-        self.disk.wait_foreground_idle(self._fg_yield)
 
     def _issue(self, offset: int, length: int) -> None:
         while len(self._active) >= self._tuner.window:
             self._slot.clear()
             self._slot.wait()
+        # foreground first: checked last, just before sending, so that a guest miss that
+        # arrived while this run waited for a slot still goes out ahead of it
+        self.disk.wait_foreground_idle(self._fg_yield)
         g = gevent.spawn(self._copy, offset, length)
         self._active.add(g)
         g.link(self._finished)

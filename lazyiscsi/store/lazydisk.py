@@ -347,9 +347,10 @@ class LazyDisk:
         if self._closed:
             return
         self._closed = True
-        for g in (self._committer, self._finisher):
-            if g is not None:
-                g.kill()
+        if self._committer is not None:
+            self._committer.kill()
+        if self._finisher is not None:
+            self._finisher.join()  # a completed cache should say so on disk before we go
         self._fetcher.close()
         try:
             self.commit()

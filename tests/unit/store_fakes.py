@@ -174,3 +174,26 @@ class InstantSource(ScriptedSource):
         if pos < end:
             out.append(Extent(pos, end - pos, False))
         return out
+
+
+class LinkSource(InstantSource):
+    """Reads cross a simulated WAN: each waits ``delay`` seconds, and the bytes share one wire
+    of ``rate`` bytes/s in arrival order (a FIFO bottleneck, like a router's queue)."""
+
+    def __init__(self, data: bytes, *, delay: float, rate: float, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(data, **kw)
+        self.delay = delay
+        self.rate = rate
+        self._wire_free = 0.0
+
+    def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
+        import time
+
+        import gevent
+
+        self.reads += 1
+        now = time.monotonic()
+        start = max(now + self.delay / 2, self._wire_free)  # request reaches the far end
+        self._wire_free = start + length / self.rate
+        gevent.sleep(self._wire_free + self.delay / 2 - now)
+        return self.data[offset:offset + length]

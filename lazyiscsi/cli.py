@@ -1,0 +1,216 @@
+"""The ``lazyiscsi`` command.
+
+Every error an operator can cause (a bad argument, an unreachable source, a cache that is not
+ours) ends in one line on stderr naming what was wrong, and a non-zero exit status; never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+import time
+from typing import NoReturn
+
+import gevent
+import structlog
+
+from lazyiscsi import __version__
+from lazyiscsi import log as logsetup
+from lazyiscsi.progress import ProgressDisplay, human_bytes
+from lazyiscsi.source import SourceError, open_source, redact
+from lazyiscsi.store.errors import StoreError
+from lazyiscsi.store.hydrator import DEFAULT_RUN, Hydrator, JobState
+from lazyiscsi.store.lazydisk import DEFAULT_UNIT, LazyDisk
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_STALLED = 3
+EXIT_INTERRUPTED = 130
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``4K``/``4KiB`` (binary), ``4KB`` (decimal). Raises ValueError with the reason."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (examples: 4096, 64K, 1MiB, 100MB)")
+    number, prefix, suffix = m.group(1), m.group(2).lower(), m.group(3).lower()
+    base = 1000 if suffix == "b" and prefix else 1024
+    value = float(number) * base ** _POWERS[prefix]
+    if value != int(value):
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def _size_arg(minimum: int = 0, power_of_two: bool = False):  # type: ignore[no-untyped-def]
+    def convert(text: str) -> int:
+        try:
+            value = parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is below the minimum {minimum}")
+        if power_of_two and value & (value - 1):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a power of two")
+        return value
+
+    return convert
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lazyiscsi", description="iSCSI LUNs that hydrate lazily from a source site.")
+    parser.add_argument("--version", action="version", version=f"lazyiscsi {__version__}")
+    parser.add_argument("--log-level", choices=logsetup.LEVELS, default="info",
+                        help="least severe log event shown on stderr (default: info)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    h = sub.add_parser(
+        "hydrate",
+        help="fill a cache file from a source (pre-seed a destination before cutover)",
+        description=(
+            "Copy every byte of SOURCE into the cache file PATH, skipping runs the source reports "
+            "as zero. The cache is a raw image of the source; beside it PATH.map records which "
+            "units are local and PATH.meta which source they came from. Killed and run again with "
+            "the same arguments, it resumes where the last durable commit left it (at most a "
+            "second or so of copying is redone). A cache refuses a source of another size or "
+            "content."),
+        epilog=(
+            "Sizes take binary suffixes K, M, G, T (also KiB, MiB...) or decimal ones KB, MB, GB. "
+            "Exit status: 0 the cache is complete; 1 an error (named on stderr); 2 bad arguments; "
+            "3 no progress for --stall-timeout seconds; 130 interrupted (run again to resume). "
+            "Progress: a bar on a TTY, otherwise one 'progress' line every --progress-interval "
+            "seconds on stderr; a final 'complete' line with the totals on stdout."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    h.add_argument("--source", required=True, metavar="URL",
+                   help="where the data lives: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, "
+                        "http(s)://..., file:///PATH or a plain path")
+    h.add_argument("--cache", required=True, metavar="PATH",
+                   help="the cache file to fill (created if missing; an existing cache resumes)")
+    h.add_argument("--rate", type=_size_arg(), default=0, metavar="BYTES_PER_S",
+                   help="limit the copy to this many bytes per second (0: no limit)")
+    h.add_argument("--unit", type=_size_arg(512, power_of_two=True), default=None, metavar="SIZE",
+                   help=f"tracking unit of a new cache, a power of two >= 512 (default {DEFAULT_UNIT}); "
+                        "an existing cache keeps its own")
+    h.add_argument("--run-size", type=_size_arg(4096, power_of_two=True), default=DEFAULT_RUN,
+                   metavar="SIZE", help="bytes per background request; the number in flight self-tunes")
+    h.add_argument("--stall-timeout", type=_seconds_arg, default=600.0, metavar="SECONDS",
+                   help="give up (exit 3) after this long without progress, e.g. the source is gone "
+                        "for good (0: wait for ever)")
+    h.add_argument("--connect-timeout", type=_seconds_arg, default=30.0, metavar="SECONDS",
+                   help="how long to keep trying to reach the source when starting")
+    h.add_argument("--progress-interval", type=_seconds_arg, default=5.0, metavar="SECONDS",
+                   help="seconds between progress lines when stderr is not a TTY")
+    h.set_defaults(func=cmd_hydrate)
+    return parser
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> int:
+    sys.stderr.write(f"lazyiscsi: error: {message}\n")
+    return code
+
+
+def cmd_hydrate(args: argparse.Namespace) -> int:
+    log = structlog.get_logger("lazyiscsi.cli")
+    try:
+        source = open_source(args.source, timeout=args.connect_timeout or 30.0)
+    except SourceError as e:
+        return fail(f"source {redact(args.source)}: {e}")
+    try:
+        disk = LazyDisk.open(args.cache, source, unit=args.unit)
+    except StoreError as e:
+        source.close()
+        return fail(str(e))
+
+    job = Hydrator(disk, run_size=args.run_size, rate=args.rate or None)
+    display = ProgressDisplay(sys.stderr)
+    interrupted: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        interrupted.append(signum)
+        if job.state in (JobState.RUNNING, JobState.PAUSED, JobState.CREATED):
+            job.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, on_signal, signum)
+
+    t0 = time.monotonic()
+    start_local = disk.local_bytes
+    job.start()
+    stalled = False
+    last_bytes, last_change = disk.local_bytes, time.monotonic()
+    last_line = 0.0
+    tick = 0.2 if display.tty else min(1.0, args.progress_interval or 1.0)
+    while not job.wait(tick):
+        now = time.monotonic()
+        progress = job.query()
+        if progress.current != last_bytes:
+            last_bytes, last_change = progress.current, now
+        elif args.stall_timeout and now - last_change > args.stall_timeout:
+            stalled = True
+            log.error("hydration_stalled", path=args.cache, seconds=args.stall_timeout,
+                      source=redact(args.source))
+            job.cancel()
+            break
+        if display.tty or (args.progress_interval and now - last_line >= args.progress_interval):
+            display.show(progress)
+            last_line = now
+    job.wait()
+    final = job.query()
+    display.show(final)
+    display.done()
+    elapsed = time.monotonic() - t0
+    try:
+        disk.close()
+    except StoreError as e:
+        return fail(str(e))
+    if final.state is JobState.COMPLETED:
+        moved = final.fetched
+        sys.stdout.write(
+            f"complete path={args.cache} size={final.total} fetched={moved} "
+            f"zero_or_local_skipped={max(0, final.total - start_local - moved)} "
+            f"elapsed_s={elapsed:.2f} rate={human_bytes(moved / elapsed if elapsed else 0)}/s\n")
+        return EXIT_OK
+    if stalled:
+        return fail(f"no progress for {args.stall_timeout:g} s from {redact(args.source)}; "
+                    f"{final.current} of {final.total} bytes are local, run again to resume",
+                    EXIT_STALLED)
+    if interrupted:
+        return fail(f"interrupted; {final.current} of {final.total} bytes are local, run again to resume",
+                    EXIT_INTERRUPTED)
+    return fail(f"hydration {final.state.value}: {final.error or 'unknown reason'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logsetup.configure(args.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
