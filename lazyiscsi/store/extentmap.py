@@ -91,12 +91,6 @@ class ExtentMap:
                     yield base + a, base + b
             unit = base + hi
 
-    def first_missing(self, start: int = 0) -> int | None:
-        """The first missing unit at or after ``start``, or None."""
-        for a, _b in self.missing_runs(start, self.n_units):
-            return a
-        return None
-
     # -- updates ---------------------------------------------------------------------------
 
     def set_local(self, start: int, end: int) -> int:

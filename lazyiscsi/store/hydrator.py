@@ -267,6 +267,8 @@ class Hydrator:
         backoff = 0.5
         try:
             while not self.disk.complete:
+                if self.disk.source is None:
+                    raise StoreError("units are missing and no source is attached")
                 failed_before = self._failed_runs
                 for offset, length in self._plan():
                     self._checkpoint()
