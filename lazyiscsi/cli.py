@@ -139,7 +139,7 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
     try:
         source = open_source(args.source, timeout=args.connect_timeout or 30.0)
     except SourceError as e:
-        return fail(f"source {redact(args.source)}: {e}")
+        return fail(f"source: {e}")
     try:
         disk = LazyDisk.open(args.cache, source, unit=args.unit)
     except StoreError as e:
