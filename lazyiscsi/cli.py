@@ -129,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident set (VmHWM), reported so that memory per LUN is measured."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> int:
     sys.stderr.write(f"lazyiscsi: error: {message}\n")
     return code
@@ -193,7 +205,8 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
         sys.stdout.write(
             f"complete path={args.cache} size={final.total} fetched={moved} "
             f"zero_or_local_skipped={max(0, final.total - start_local - moved)} "
-            f"elapsed_s={elapsed:.2f} rate={human_bytes(moved / elapsed if elapsed else 0)}/s\n")
+            f"elapsed_s={elapsed:.2f} rate={human_bytes(moved / elapsed if elapsed else 0)}/s "
+            f"peak_rss_kib={peak_rss_kib()}\n")
         return EXIT_OK
     if stalled:
         return fail(f"no progress for {args.stall_timeout:g} s from {redact(args.source)}; "

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 
 PAGE_BYTES = 4096
 UNITS_PER_PAGE = PAGE_BYTES * 8
+_EMPTY_PAGE = bytes(PAGE_BYTES)
+_FULL_PAGE = b"\xff" * PAGE_BYTES
 
 
 class PageState(enum.IntEnum):
@@ -139,7 +141,9 @@ class ExtentMap:
     def page_bytes(self, page: int) -> bytes:
         state = self._state[page]
         if state == PageState.EMPTY:
-            return bytes(PAGE_BYTES)
+            return _EMPTY_PAGE
+        if state == PageState.FULL and self._page_units(page) == UNITS_PER_PAGE:
+            return _FULL_PAGE  # shared: committing a finished 1 TiB map costs no 32 MiB copy
         bits = (1 << self._page_units(page)) - 1 if state == PageState.FULL else self._bits[page]
         return bits.to_bytes(PAGE_BYTES, "little")
 

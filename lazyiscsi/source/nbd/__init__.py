@@ -1,0 +1,141 @@
+"""The NBD source: ``nbd://host[:port]/export`` and ``nbd+unix:///export?socket=PATH``.
+
+Two channels, one per priority: a guest's on-demand read never waits behind background
+runs in the same TCP stream (nor in the server's per-connection queue). The background one
+connects on first use, so a source that is only read on demand costs one connection.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import gevent
+
+from lazyiscsi.source.base import (
+    Extent,
+    Priority,
+    SourceConfigError,
+    SourceProtocolError,
+    SourceUnavailable,
+    fingerprint,
+    sample_ranges,
+)
+from lazyiscsi.source.nbd.constants import Cmd
+from lazyiscsi.source.nbd.transport import Channel, Connection, Dialer, tcp_dialer, unix_dialer
+from lazyiscsi.source.url import redact
+
+__all__ = ["NbdSource", "open_nbd", "parse_nbd_url"]
+
+DEFAULT_PORT = 10809
+#: block status asks at most this much per request (the length field is 32 bits)
+_MAX_STATUS = 1 << 31
+
+
+def parse_nbd_url(url: str) -> tuple[Dialer, str]:
+    """(dialer, export name) for an NBD URL (the NBD URI specification's forms)."""
+    parts = urlsplit(url)
+    shown = redact(url)
+    scheme = parts.scheme.lower()
+    export = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
+    if scheme == "nbd":
+        if not parts.hostname:
+            raise SourceConfigError(f"source URL {shown!r}: no host (nbd://HOST[:PORT]/EXPORT)")
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError:
+            raise SourceConfigError(f"source URL {shown!r}: bad port") from None
+        return tcp_dialer(parts.hostname, port), export
+    if scheme == "nbd+unix":
+        if parts.netloc:
+            raise SourceConfigError(f"source URL {shown!r}: nbd+unix takes no host (nbd+unix:///EXPORT?socket=PATH)")
+        sockets = parse_qs(parts.query).get("socket")
+        if not sockets or not sockets[0]:
+            raise SourceConfigError(f"source URL {shown!r}: missing ?socket=PATH")
+        return unix_dialer(sockets[0]), export
+    raise SourceConfigError(f"source URL {shown!r}: not an NBD URL")
+
+
+class NbdSource:
+    """A read-only NBD export."""
+
+    def __init__(self, url: str, dial: Dialer, export: str, first: Connection, timeout: float) -> None:
+        self.url = redact(url)
+        info = first.info
+        self.size = info.size
+        self._max_payload = info.max_payload
+        self._block_status = info.meta_context_id is not None
+        self._channels = {
+            Priority.FOREGROUND: Channel(dial, export, f"{self.url} foreground", timeout=timeout,
+                                         first=first),
+            Priority.BACKGROUND: Channel(dial, export, f"{self.url} background", timeout=timeout),
+        }
+        self._closed = False
+        ranges = sample_ranges(self.size)
+        jobs = [gevent.spawn(self.read, off, n) for off, n in ranges]
+        gevent.joinall(jobs, raise_error=True)
+        self.identity = fingerprint("nbd", self.size, [j.value for j in jobs])
+
+    def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
+        self._check(offset, length)
+        channel = self._channels[priority]
+        if length <= self._max_payload:
+            buf = channel.call(Cmd.READ, offset, length).buf
+            assert buf is not None
+            return buf  # type: ignore[return-value]  # a bytearray: bytes-like, and no copy
+        # larger than the server takes in one request: pieces in parallel on the same channel
+        pieces = [(o, min(self._max_payload, offset + length - o))
+                  for o in range(offset, offset + length, self._max_payload)]
+        jobs = [gevent.spawn(channel.call, Cmd.READ, o, n) for o, n in pieces]
+        gevent.joinall(jobs, raise_error=True)
+        return b"".join(j.value.buf for j in jobs)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        self._check(offset, length)
+        if not self._block_status:
+            return [Extent(offset, length, False)]
+        out: list[Extent] = []
+        pos, end = offset, offset + length
+        channel = self._channels[Priority.FOREGROUND]
+        while pos < end:
+            got = channel.call(Cmd.BLOCK_STATUS, pos, min(end - pos, _MAX_STATUS)).extents
+            for ext in got:
+                if out and out[-1].zero == ext.zero:
+                    out[-1] = Extent(out[-1].offset, out[-1].length + ext.length, ext.zero)
+                else:
+                    out.append(ext)
+            new_pos = got[-1].end
+            if new_pos <= pos:
+                raise SourceProtocolError("block status made no progress")
+            pos = new_pos
+        return out
+
+    def close(self) -> None:
+        self._closed = True
+        for channel in self._channels.values():
+            channel.close()
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise SourceUnavailable(f"{self.url}: closed")
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise SourceProtocolError(f"read [{offset}, +{length}) outside the export ({self.size} bytes)")
+
+
+def open_nbd(url: str, *, timeout: float = 30.0) -> NbdSource:
+    """Connect and negotiate, retrying a refused or unreachable server until ``timeout``."""
+    dial, export = parse_nbd_url(url)
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while True:
+        try:
+            first = Connection.open(dial, export, max(0.5, deadline - time.monotonic()),
+                                    f"{redact(url)} foreground")
+            break
+        except (OSError, SourceUnavailable) as e:
+            if time.monotonic() + delay > deadline:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise SourceUnavailable(f"cannot reach {redact(url)}: {why or type(e).__name__}") from None
+            gevent.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    return NbdSource(url, dial, export, first, timeout)
