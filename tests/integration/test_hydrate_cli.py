@@ -7,67 +7,16 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.integration.peers import MiB, Nbdkit, free_port, make_image
+
 LAZYISCSI = [sys.executable, "-m", "lazyiscsi.cli"]
-MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Nbdkit:
-    """One nbdkit on 127.0.0.1:port, restartable on the same port."""
-
-    def __init__(self, args: list[str], port: int) -> None:
-        self.args, self.port = args, port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Nbdkit:
-        self.proc = subprocess.Popen(
-            ["nbdkit", "-f", "-r", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(self.port), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError(f"nbdkit did not listen on {self.port}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    @property
-    def url(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/"
-
-
-@pytest.fixture
-def nbdkit() -> Iterator[list[Nbdkit]]:
-    started: list[Nbdkit] = []
-    yield started
-    for server in started:
-        server.kill()
-
-
-def make_image(path: Path, size: int, seed: int = 7) -> bytes:
-    rnd = random.Random(seed)
-    data = b"".join(rnd.randbytes(MiB) for _ in range(size // MiB))
-    path.write_bytes(data)
-    return data
 
 
 def hydrate(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

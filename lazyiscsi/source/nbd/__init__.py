@@ -11,6 +11,8 @@ import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import gevent
+import gevent.lock
+import structlog
 
 from lazyiscsi.source.base import (
     Extent,
@@ -26,6 +28,8 @@ from lazyiscsi.source.nbd.transport import Channel, Connection, Dialer, tcp_dial
 from lazyiscsi.source.url import redact
 
 __all__ = ["NbdSource", "open_nbd", "parse_nbd_url"]
+
+log = structlog.get_logger("lazyiscsi.source.nbd")
 
 DEFAULT_PORT = 10809
 #: block status asks at most this much per request (the length field is 32 bits)
@@ -65,11 +69,10 @@ class NbdSource:
         self.size = info.size
         self._max_payload = info.max_payload
         self._block_status = info.meta_context_id is not None
-        self._channels = {
-            Priority.FOREGROUND: Channel(dial, export, f"{self.url} foreground", timeout=timeout,
-                                         first=first),
-            Priority.BACKGROUND: Channel(dial, export, f"{self.url} background", timeout=timeout),
-        }
+        self._dial, self._export, self._timeout = dial, export, timeout
+        foreground = Channel(dial, export, f"{self.url} foreground", timeout=timeout, first=first)
+        self._channels = {Priority.FOREGROUND: foreground}
+        self._bg_lock = gevent.lock.Semaphore()
         self._closed = False
         ranges = sample_ranges(self.size)
         jobs = [gevent.spawn(self.read, off, n) for off, n in ranges]
@@ -78,7 +81,7 @@ class NbdSource:
 
     def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
         self._check(offset, length)
-        channel = self._channels[priority]
+        channel = self._channels.get(priority) or self._background()
         if length <= self._max_payload:
             buf = channel.call(Cmd.READ, offset, length).buf
             assert buf is not None
@@ -89,6 +92,25 @@ class NbdSource:
         jobs = [gevent.spawn(channel.call, Cmd.READ, o, n) for o, n in pieces]
         gevent.joinall(jobs, raise_error=True)
         return b"".join(j.value.buf for j in jobs)
+
+    def _background(self) -> Channel:
+        """The background channel, connected on first use. A server that serves one client at a
+        time (qemu-nbd's default --shared=1) never answers a second connection: then background
+        reads share the foreground connection, slower for guests but never stalled."""
+        with self._bg_lock:
+            if Priority.BACKGROUND not in self._channels:
+                try:
+                    first = Connection.open(self._dial, self._export, min(self._timeout, 5.0),
+                                            f"{self.url} background")
+                    channel = Channel(self._dial, self._export, f"{self.url} background",
+                                      timeout=self._timeout, first=first)
+                except (OSError, SourceUnavailable) as e:
+                    log.warning("source_single_connection", url=self.url, error=str(e) or type(e).__name__,
+                                hint="the server takes one client at a time (qemu-nbd: use --shared=2 "
+                                     "or more); background copies share the guests' connection")
+                    channel = self._channels[Priority.FOREGROUND]
+                self._channels[Priority.BACKGROUND] = channel
+            return self._channels[Priority.BACKGROUND]
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         self._check(offset, length)
@@ -112,7 +134,7 @@ class NbdSource:
 
     def close(self) -> None:
         self._closed = True
-        for channel in self._channels.values():
+        for channel in set(self._channels.values()):
             channel.close()
 
     def _check(self, offset: int, length: int) -> None:

@@ -69,7 +69,7 @@ def parse_simple(header16: bytes) -> SimpleHeader:
 def parse_chunk_header(rest16: bytes) -> ChunkHeader:
     """The 16 bytes after a structured reply's magic."""
     flags, kind, cookie, length = _STRUCTURED_REST.unpack(rest16)
-    if flags & ~ReplyFlag.DONE:
+    if flags & ~int(ReplyFlag.DONE):  # ~ of an IntFlag keeps only defined bits: use int
         raise SourceProtocolError(f"structured reply with unknown flags {flags:#x}")
     header = ChunkHeader(bool(flags & ReplyFlag.DONE), kind, cookie, length)
     if kind not in (Chunk.OFFSET_DATA,) and length > MAX_META_CHUNK:
