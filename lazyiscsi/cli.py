@@ -222,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logsetup.configure(args.log_level)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except Exception as e:  # a lazyiscsi bug: one line for the operator, the traceback in debug
+        structlog.get_logger("lazyiscsi.cli").debug("internal_error", exc_info=True)
+        return fail(f"internal error: {type(e).__name__}: {e} (--log-level debug shows where)")
 
 
 if __name__ == "__main__":

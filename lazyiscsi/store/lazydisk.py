@@ -248,6 +248,11 @@ class LazyDisk:
         end = offset + length
         head_end = min(end, -(-offset // self.unit) * self.unit)
         tail_start = max(head_end, (end // self.unit) * self.unit if end != self.size else end)
+        # fetch both partial units first, so that a failed fetch leaves nothing half done
+        for part_start, part_end in ((offset, head_end), (tail_start, end)):
+            u = part_start // self.unit
+            if part_end > part_start and not self._complete and not self._map.is_local(u):
+                self._await(u, u + 1)
         if head_end > offset:
             self.write(offset, bytes(head_end - offset))
         if tail_start < end:

@@ -19,6 +19,7 @@ from lazyiscsi.source.base import (
     Priority,
     SourceConfigError,
     SourceProtocolError,
+    SourceReadError,
     SourceUnavailable,
     fingerprint,
     sample_ranges,
@@ -74,10 +75,19 @@ class NbdSource:
         self._channels = {Priority.FOREGROUND: foreground}
         self._bg_lock = gevent.lock.Semaphore()
         self._closed = False
-        ranges = sample_ranges(self.size)
-        jobs = [gevent.spawn(self.read, off, n) for off, n in ranges]
-        gevent.joinall(jobs, raise_error=True)
-        self.identity = fingerprint("nbd", self.size, [j.value for j in jobs])
+        samples = _parallel([(self._sample, off, n) for off, n in sample_ranges(self.size)])
+        self.identity = fingerprint("nbd", self.size, samples)
+
+    def _sample(self, offset: int, length: int) -> bytes:
+        """A fingerprint read: retried a few times, since one EIO must not fail an open."""
+        for attempt in range(4):
+            try:
+                return bytes(self.read(offset, length))
+            except SourceReadError:
+                if attempt == 3:
+                    raise
+                gevent.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
         self._check(offset, length)
@@ -89,9 +99,7 @@ class NbdSource:
         # larger than the server takes in one request: pieces in parallel on the same channel
         pieces = [(o, min(self._max_payload, offset + length - o))
                   for o in range(offset, offset + length, self._max_payload)]
-        jobs = [gevent.spawn(channel.call, Cmd.READ, o, n) for o, n in pieces]
-        gevent.joinall(jobs, raise_error=True)
-        return b"".join(j.value.buf for j in jobs)
+        return b"".join(r.buf for r in _parallel([(channel.call, Cmd.READ, o, n) for o, n in pieces]))
 
     def _background(self) -> Channel:
         """The background channel, connected on first use. A server that serves one client at a
@@ -142,6 +150,27 @@ class NbdSource:
             raise SourceUnavailable(f"{self.url}: closed")
         if offset < 0 or length <= 0 or offset + length > self.size:
             raise SourceProtocolError(f"read [{offset}, +{length}) outside the export ({self.size} bytes)")
+
+
+def _parallel(calls: list[tuple]) -> list:  # type: ignore[type-arg]
+    """Run calls in greenlets and return their results in order, re-raising the first error
+    in the caller (a greenlet that dies with an exception would print a traceback)."""
+
+    def guarded(fn, *args):  # type: ignore[no-untyped-def]
+        try:
+            return True, fn(*args)
+        except Exception as e:
+            return False, e
+
+    jobs = [gevent.spawn(guarded, *call) for call in calls]
+    gevent.joinall(jobs)
+    out = []
+    for job in jobs:
+        ok, value = job.value
+        if not ok:
+            raise value
+        out.append(value)
+    return out
 
 
 def open_nbd(url: str, *, timeout: float = 30.0) -> NbdSource:
