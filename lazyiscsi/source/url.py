@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
+#: query parameters whose values are credentials: passwords, API tokens, TLS keys, and the
+#: signatures of presigned object-store URLs (S3 X-Amz-Signature/Credential, Azure SAS sig)
+_SECRET_WORDS = ("password", "secret", "token", "key", "psk", "signature", "credential", "sig")
+
 
 def redact(url: str) -> str:
     """The URL with its password replaced by ``***``; the user name is kept (it helps an
@@ -22,7 +26,7 @@ def redact(url: str) -> str:
         masked = []
         for item in query.split("&"):
             key, sep, _value = item.partition("=")
-            if sep and any(w in key.lower() for w in ("password", "secret", "token", "key", "psk")):
+            if sep and any(w in key.lower() for w in _SECRET_WORDS):
                 masked.append(f"{key}=***")
             else:
                 masked.append(item)

@@ -31,15 +31,8 @@ class Nbdkit:
     def start(self) -> Nbdkit:
         self.proc = subprocess.Popen([*self.command, *self.args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.command[0]} exited with {self.proc.returncode}")
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.command[0]} did not listen on {self.port}")
+        wait_listening(self.port, self.proc)
+        return self
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -49,6 +42,19 @@ class Nbdkit:
     @property
     def url(self) -> str:
         return f"nbd://127.0.0.1:{self.port}/"
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = 10) -> None:
+    """Return once something accepts on 127.0.0.1:port; fail if ``proc`` dies first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.args[0]} did not listen on {port}")
 
 
 def make_image(path: Path, size: int, seed: int = 7) -> bytes:

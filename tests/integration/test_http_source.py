@@ -1,0 +1,143 @@
+"""The HTTP(S) source against a real nginx: ranged reads, keep-alive, changed objects, TLS,
+basic auth, and servers that misbehave."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+from gevent.server import StreamServer
+
+from lazyiscsi.source import (
+    Priority,
+    SourceError,
+    SourceNotFound,
+    SourceProtocolError,
+    SourceUnavailable,
+    open_source,
+)
+from lazyiscsi.source.http import open_http
+from tests.integration.http_servers import Nginx
+from tests.integration.peers import MiB, free_port, make_image
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[Nginx, bytes]]:
+    root = tmp_path / "www"
+    root.mkdir()
+    image = make_image(root / "disk.img", 8 * MiB)
+    server = Nginx(root, tmp_path / "nginx")
+    yield server, image
+    server.stop()
+
+
+def test_ranged_reads_match(site: tuple[Nginx, bytes]) -> None:
+    server, image = site
+    src = open_source(server.url("disk.img"))
+    assert src.size == len(image) and "validator" in src.identity
+    rnd = random.Random(3)
+
+    def reads(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(30):
+            off = r.randrange(len(image) - 1)
+            n = r.randrange(1, min(MiB, len(image) - off) + 1)
+            assert src.read(off, n, r.choice(list(Priority))) == image[off:off + n]
+
+    gevent.joinall([gevent.spawn(reads, rnd.random()) for _ in range(6)], raise_error=True)
+    assert src.extents(0, src.size)[0].length == src.size
+    # 180 reads over at most 2 x 8 pooled connections (plus the probe's): keep-alive works
+    assert server.connections_seen() <= 17
+    src.close()
+    with pytest.raises(SourceUnavailable):
+        src.read(0, 1)
+
+
+def test_missing_object(site: tuple[Nginx, bytes]) -> None:
+    server, _ = site
+    with pytest.raises(SourceNotFound, match="HTTP 404"):
+        open_source(server.url("nope.img"))
+
+
+def test_changed_object_is_refused(site: tuple[Nginx, bytes], tmp_path: Path) -> None:
+    server, image = site
+    src = open_source(server.url("disk.img"))
+    assert src.read(0, 4096) == image[:4096]
+    path = tmp_path / "www" / "disk.img"
+    make_image(path, 8 * MiB, seed=99)
+    st = path.stat()
+    os.utime(path, (st.st_atime + 10, st.st_mtime + 10))  # nginx's ETag is mtime-size
+    with pytest.raises(SourceProtocolError, match="changed"):
+        src.read(0, 4096)
+    src.close()
+
+
+def test_stopped_server_is_unavailable(site: tuple[Nginx, bytes]) -> None:
+    server, _ = site
+    src = open_source(server.url("disk.img"))
+    server.stop()
+    with pytest.raises(SourceUnavailable):
+        src.read(0, 4096)
+    src.close()
+
+
+def test_https_with_a_private_ca(tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    image = make_image(root / "disk.img", MiB)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server = Nginx(root, tmp_path / "nginx", tls=(cert, key))
+    try:
+        with pytest.raises(SourceError, match=r"TLS|certificate"):
+            open_http(server.url("disk.img"), timeout=5)  # not trusted by the system store
+        src = open_http(server.url("disk.img"), timeout=5, cafile=str(cert))
+        assert src.read(1000, 5000) == image[1000:6000]
+        src.close()
+    finally:
+        server.stop()
+
+
+def test_basic_auth_and_no_password_in_errors(tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    image = make_image(root / "disk.img", MiB)
+    hashed = subprocess.run(["openssl", "passwd", "-apr1", "right-pw"], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"op:{hashed}\n")
+    server = Nginx(root, tmp_path / "nginx", htpasswd=htpasswd)
+    try:
+        src = open_source(server.url("disk.img", "op:right-pw@"))
+        assert src.read(0, 100) == image[:100]
+        assert "right-pw" not in src.url and "right-pw" not in src.identity
+        src.close()
+        with pytest.raises(SourceError, match="access denied") as err:
+            open_source(server.url("disk.img", "op:wrong-pw@"))
+        assert "wrong-pw" not in str(err.value)
+    finally:
+        server.stop()
+
+
+def test_server_without_range_support(tmp_path: Path) -> None:
+    body = b"x" * 100000
+
+    def handle(sock, _addr) -> None:  # type: ignore[no-untyped-def]
+        sock.recv(65536)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        sock.close()
+
+    server = StreamServer(("127.0.0.1", free_port()), handle)
+    server.start()
+    try:
+        with pytest.raises(SourceError, match="ignores Range"):
+            open_source(f"http://127.0.0.1:{server.server_port}/disk")
+    finally:
+        server.stop()
