@@ -44,6 +44,10 @@ class BlockFile(Protocol):
         """Make every completed write durable (fdatasync)."""
         ...
 
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Begin writing a range to the medium without waiting; durability still needs sync."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -110,6 +114,17 @@ class OsFile:
     def sync(self) -> None:
         gevent.get_hub().threadpool.apply(os.fdatasync, (self._fd,))
 
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Start writing a range back without waiting (sync_file_range WRITE).
+
+        Why: on ext4 (data=ordered) a journal commit must first write out the dirty data it
+        covers, and every other write to the filesystem waits for the commit meanwhile. Data
+        written back as it arrives leaves each fdatasync little to do, so the hub is never
+        stalled for long by a commit (measured: on-demand misses during hydration lost their
+        70-90 ms outliers)."""
+        gevent.get_hub().threadpool.spawn(_sync_file_range, self._fd, offset, length,
+                                          _SYNC_FILE_RANGE_WRITE)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)  # also drops the flock
@@ -128,6 +143,20 @@ def _load_fallocate():  # type: ignore[no-untyped-def]
 
 
 _libc_fallocate = _load_fallocate()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range():  # type: ignore[no-untyped-def]
+    import ctypes
+    import ctypes.util
+
+    fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:

@@ -399,6 +399,7 @@ class LazyDisk:
             off = a * self.unit
             length = min(b * self.unit, self.size) - off
             self._cache.pwrite(data[off - base:off - base + length], off)
+            self._cache.start_writeback(off, length)
             filled += self._mark_local(a, b)
         return filled
 

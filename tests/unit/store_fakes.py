@@ -60,6 +60,9 @@ class VolatileFile:
         self.pending.clear()
         self.syncs += 1
 
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Writeback without durability: nothing a crash test can observe."""
+
     def close(self) -> None:
         self.open = False
 
