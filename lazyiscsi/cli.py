@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up (exit 3) after this long without progress, e.g. the source is gone "
                         "for good (0: wait for ever)")
     h.add_argument("--connect-timeout", type=_seconds_arg, default=30.0, metavar="SECONDS",
-                   help="how long to keep trying to reach the source when starting")
+                   help="how long to keep trying to reach the source when starting (0: one attempt)")
     h.add_argument("--progress-interval", type=_seconds_arg, default=5.0, metavar="SECONDS",
                    help="seconds between progress lines when stderr is not a TTY")
     h.set_defaults(func=cmd_hydrate)
@@ -149,7 +149,7 @@ def fail(message: str, code: int = EXIT_ERROR) -> int:
 def cmd_hydrate(args: argparse.Namespace) -> int:
     log = structlog.get_logger("lazyiscsi.cli")
     try:
-        source = open_source(args.source, timeout=args.connect_timeout or 30.0)
+        source = open_source(args.source, timeout=args.connect_timeout)
     except SourceError as e:
         return fail(f"source: {e}")
     try:

@@ -50,7 +50,7 @@ class Fetcher:
     """Fills missing units of the cache from the source.
 
     ``fill`` is the store's single writer for source data: called with a run and its bytes, it
-    writes the still-missing parts and marks them local (the durability order lives there).
+    writes the still-missing parts and marks them local (their durability is ``commit``'s).
     """
 
     def __init__(
