@@ -1,0 +1,147 @@
+"""The one entry point both frontends call: ``execute(lun, cdb, data_out, nexus) -> Result``.
+
+Opcodes map to handlers in one table; a handler returns data-in (or None) or raises a reason.
+Errors become sense data here and nowhere else. Transports ask ``data_out_length`` how much
+data a command carries before they solicit it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from lazyiscsi.scsi import sbc, spc
+from lazyiscsi.scsi.cdb import LAYOUTS, Op, ServiceActionIn, check_length, parse_block
+from lazyiscsi.scsi.lun import Lun
+from lazyiscsi.scsi.sense import (
+    Reason,
+    SenseError,
+    Status,
+    fixed_sense,
+    invalid_cdb,
+    reason_for_store_error,
+)
+from lazyiscsi.store.errors import StoreError
+
+log = structlog.get_logger("lazyiscsi.scsi")
+
+
+@dataclass(frozen=True)
+class Result:
+    status: Status
+    data_in: bytes | bytearray | None = None
+    sense: bytes | None = None
+
+
+Handler = Callable[[Lun, bytes, memoryview | None, str], "bytes | bytearray | None"]
+
+
+def _block(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes | bytearray | None:
+    op = Op(cdb[0])
+    cmd = parse_block(cdb, op, lun.n_blocks, lun.max_write_same_blocks
+                      if LAYOUTS[op][1] == "write_same" else lun.max_transfer_blocks)
+    kind = cmd.kind
+    if kind == "read":
+        return sbc.read(lun, cmd)
+    if kind == "write":
+        assert data is not None
+        sbc.write(lun, cmd, data)
+    elif kind == "verify":
+        sbc.verify(lun, cmd, data)
+    elif kind == "sync":
+        sbc.sync(lun, cmd)
+    else:
+        sbc.write_same(lun, cmd, data)
+    return None
+
+
+def _service_action_in(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes:
+    if cdb[1] & 0x1F != ServiceActionIn.READ_CAPACITY_16:
+        raise invalid_cdb(1, 4)
+    return sbc.read_capacity_16(lun, cdb)
+
+
+def _start_stop(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> None:
+    """Accepted without effect: the medium is always there and cannot be ejected; LOEJ on a
+    non-removable medium is refused (SBC-4 5.25)."""
+    if cdb[4] & 0x02:
+        raise invalid_cdb(4, 1)
+    return None
+
+
+def _prevent_allow(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> None:
+    """Nothing to lock on a non-removable medium; PREVENT is accepted (SBC-4 5.13 lets a device
+    without removable media ignore it)."""
+    return None
+
+
+HANDLERS: dict[Op, Handler] = {
+    Op.TEST_UNIT_READY: lambda lun, cdb, data, nexus: None,
+    Op.INQUIRY: lambda lun, cdb, data, nexus: spc.inquiry(lun, cdb),
+    Op.REQUEST_SENSE: lambda lun, cdb, data, nexus: spc.request_sense(lun, cdb, nexus),
+    Op.MODE_SENSE_6: lambda lun, cdb, data, nexus: spc.mode_sense(lun, cdb, ten=False),
+    Op.MODE_SENSE_10: lambda lun, cdb, data, nexus: spc.mode_sense(lun, cdb, ten=True),
+    Op.REPORT_LUNS: lambda lun, cdb, data, nexus: spc.report_luns(lun.target_luns, cdb),
+    Op.READ_CAPACITY_10: lambda lun, cdb, data, nexus: sbc.read_capacity_10(lun),
+    Op.SERVICE_ACTION_IN_16: _service_action_in,
+    Op.UNMAP: lambda lun, cdb, data, nexus: sbc.unmap(lun, cdb, data),
+    Op.START_STOP_UNIT: _start_stop,
+    Op.PREVENT_ALLOW_MEDIUM_REMOVAL: _prevent_allow,
+    **dict.fromkeys(LAYOUTS, _block),
+}
+
+#: commands that run even with a unit attention pending (SAM-5 5.14, SPC-4 6.6/6.33/6.39)
+_UA_EXEMPT = frozenset({Op.INQUIRY, Op.REPORT_LUNS, Op.REQUEST_SENSE})
+
+
+def data_out_length(cdb: bytes, block_size: int) -> int:
+    """Bytes of data-out the command carries, from its CDB alone (0 if none or malformed:
+    the command will then fail in ``execute`` with the right sense)."""
+    try:
+        op = Op(cdb[0])
+        check_length(cdb)
+    except (ValueError, IndexError, SenseError):
+        return 0
+    if op is Op.UNMAP:
+        return struct.unpack_from(">H", cdb, 7)[0]
+    row = LAYOUTS.get(op)
+    if row is None:
+        return 0
+    layout, kind = row
+    off, size = layout.blocks
+    blocks = int.from_bytes(cdb[off:off + size], "big") or (256 if layout.zero_is_256 else 0)
+    if kind == "write":
+        return blocks * block_size
+    if kind == "verify":
+        return blocks * block_size if cdb[1] & 0x06 else 0
+    if kind == "write_same":
+        return 0 if op is Op.WRITE_SAME_16 and cdb[1] & 0x01 else block_size
+    return 0
+
+
+def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | None, nexus: str) -> Result:
+    """Run one command to completion (it may block on the store) and say how it ended."""
+    try:
+        if not cdb:
+            raise SenseError(Reason.INVALID_OPCODE)
+        try:
+            op = Op(cdb[0])
+            handler = HANDLERS[op]
+        except (ValueError, KeyError):
+            raise SenseError(Reason.INVALID_OPCODE) from None
+        check_length(cdb)
+        pending = lun.unit_attentions.get(nexus)
+        if pending and op not in _UA_EXEMPT:
+            raise SenseError(pending.pop(0))
+        data = memoryview(data_out) if data_out is not None else None
+        return Result(Status.GOOD, handler(lun, cdb, data, nexus))
+    except SenseError as e:
+        return Result(Status.CHECK_CONDITION, sense=fixed_sense(e.reason, field=e.field, info=e.info))
+    except StoreError as e:
+        reason = reason_for_store_error(e)
+        log.warning("scsi_command_failed", lun=lun.name, opcode=f"{cdb[0]:#04x}", reason=reason.value,
+                    error=str(e))
+        return Result(Status.CHECK_CONDITION, sense=fixed_sense(reason))

@@ -1,0 +1,78 @@
+"""A logical unit: a block backend seen as a direct-access device of a given block size."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from lazyiscsi.scsi.sense import Reason
+
+#: the most blocks one READ/WRITE/VERIFY may move (advertised in the Block Limits VPD page)
+MAX_TRANSFER_BYTES = 8 << 20
+#: the most blocks one WRITE SAME or UNMAP descriptor may cover
+MAX_WRITE_SAME_BYTES = 1 << 30
+
+
+class BlockBackend(Protocol):
+    """What the SCSI layer needs of a store (LazyDisk keeps it): byte addressed, may block."""
+
+    size: int
+    unit: int
+
+    def readinto(self, offset: int, buf: memoryview) -> None: ...
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None: ...
+
+    def discard(self, offset: int, length: int) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass
+class Lun:
+    """One LUN. ``name`` seeds its serial number and NAA identifier, so both stay the same
+    across restarts and between the two frontends."""
+
+    backend: BlockBackend
+    name: str
+    block_size: int = 512
+    number: int = 0
+    write_cache: bool = True  # WCE in the caching mode page
+    #: every LUN number of the target this LUN belongs to (REPORT LUNS answers with them)
+    target_luns: list[int] = field(default_factory=list)
+    unit_attentions: dict[str, list[Reason]] = field(default_factory=dict)  # nexus -> pending
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (512, 4096):
+            raise ValueError(f"block size {self.block_size}: must be 512 or 4096")
+        if not self.target_luns:
+            self.target_luns = [self.number]
+
+    @property
+    def n_blocks(self) -> int:
+        """Capacity in blocks; a trailing partial block of the source is not addressable."""
+        return self.backend.size // self.block_size
+
+    @property
+    def max_transfer_blocks(self) -> int:
+        return MAX_TRANSFER_BYTES // self.block_size
+
+    @property
+    def max_write_same_blocks(self) -> int:
+        return MAX_WRITE_SAME_BYTES // self.block_size
+
+    @property
+    def serial(self) -> str:
+        return hashlib.sha256(self.name.encode()).hexdigest()[:20]
+
+    @property
+    def naa(self) -> bytes:
+        """NAA 6 (IEEE Registered Extended) designator, 16 bytes: the 24-bit OUI field holds a
+        locally administered value and the rest comes from the name's hash (SPC-4 7.8.6.6.4)."""
+        digest = hashlib.sha256(b"lazyiscsi-naa\0" + self.name.encode()).digest()
+        oui = 0x000000  # no registered OUI: zero, as LIO does for its default designator
+        value = (0x6 << 124) | (oui << 100) | (int.from_bytes(digest[:13], "big") >> 4)
+        return value.to_bytes(16, "big")

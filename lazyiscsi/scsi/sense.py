@@ -1,0 +1,150 @@
+"""Why a command failed, and the one table that turns each reason into SCSI sense data.
+
+Lower layers raise typed reasons (``SenseError(Reason.X)``, or the store's exceptions, mapped
+in ``STORE_ERRORS``); nothing else in lazyiscsi spells a sense key or an ASC.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from lazyiscsi.store.errors import (
+    NoSource,
+    OutOfRange,
+    SourceIOError,
+    SourceTimeout,
+    StoreError,
+)
+
+
+class Status(enum.IntEnum):
+    """SAM-5 status codes."""
+
+    GOOD = 0x00
+    CHECK_CONDITION = 0x02
+    BUSY = 0x08
+    RESERVATION_CONFLICT = 0x18
+    TASK_SET_FULL = 0x28
+
+
+class SenseKey(enum.IntEnum):
+    NO_SENSE = 0x0
+    NOT_READY = 0x2
+    MEDIUM_ERROR = 0x3
+    HARDWARE_ERROR = 0x4
+    ILLEGAL_REQUEST = 0x5
+    UNIT_ATTENTION = 0x6
+    ABORTED_COMMAND = 0xB
+    MISCOMPARE = 0xE
+
+
+class Reason(enum.Enum):
+    NO_SENSE = "no sense"
+    INVALID_OPCODE = "invalid command operation code"
+    INVALID_FIELD_IN_CDB = "invalid field in CDB"
+    INVALID_FIELD_IN_PARAMETER_LIST = "invalid field in parameter list"
+    PARAMETER_LIST_LENGTH_ERROR = "parameter list length error"
+    LBA_OUT_OF_RANGE = "logical block address out of range"
+    LUN_NOT_SUPPORTED = "logical unit not supported"
+    SAVING_PARAMETERS_NOT_SUPPORTED = "saving parameters not supported"
+    UNRECOVERED_READ_ERROR = "unrecovered read error"
+    WRITE_ERROR = "write error"
+    SOURCE_UNREACHABLE = "source site not answering"
+    MISCOMPARE_DURING_VERIFY = "miscompare during verify operation"
+    POWER_ON_OR_RESET = "power on, reset, or bus device reset occurred"
+    MODE_PARAMETERS_CHANGED = "mode parameters changed"
+    CAPACITY_CHANGED = "capacity data has changed"
+    INTERNAL_ERROR = "internal target failure"
+
+
+#: Reason -> (sense key, ASC, ASCQ). SPC-4 Table D.1 spells every ASC/ASCQ.
+SENSE_TABLE: dict[Reason, tuple[SenseKey, int, int]] = {
+    Reason.NO_SENSE: (SenseKey.NO_SENSE, 0x00, 0x00),  # NO ADDITIONAL SENSE INFORMATION
+    Reason.INVALID_OPCODE: (SenseKey.ILLEGAL_REQUEST, 0x20, 0x00),  # INVALID COMMAND OPERATION CODE
+    Reason.INVALID_FIELD_IN_CDB: (SenseKey.ILLEGAL_REQUEST, 0x24, 0x00),  # INVALID FIELD IN CDB
+    # INVALID FIELD IN PARAMETER LIST
+    Reason.INVALID_FIELD_IN_PARAMETER_LIST: (SenseKey.ILLEGAL_REQUEST, 0x26, 0x00),
+    Reason.PARAMETER_LIST_LENGTH_ERROR: (SenseKey.ILLEGAL_REQUEST, 0x1A, 0x00),  # PARAMETER LIST LENGTH ERROR
+    Reason.LBA_OUT_OF_RANGE: (SenseKey.ILLEGAL_REQUEST, 0x21, 0x00),  # LOGICAL BLOCK ADDRESS OUT OF RANGE
+    Reason.LUN_NOT_SUPPORTED: (SenseKey.ILLEGAL_REQUEST, 0x25, 0x00),  # LOGICAL UNIT NOT SUPPORTED
+    # SAVING PARAMETERS NOT SUPPORTED
+    Reason.SAVING_PARAMETERS_NOT_SUPPORTED: (SenseKey.ILLEGAL_REQUEST, 0x39, 0x00),
+    Reason.UNRECOVERED_READ_ERROR: (SenseKey.MEDIUM_ERROR, 0x11, 0x00),  # UNRECOVERED READ ERROR
+    Reason.WRITE_ERROR: (SenseKey.MEDIUM_ERROR, 0x0C, 0x00),  # WRITE ERROR
+    # The source did not answer within the I/O timeout: NOT READY, LOGICAL UNIT NOT READY, CAUSE
+    # NOT REPORTABLE. Initiators retry NOT READY (the source may come back); a MEDIUM ERROR would
+    # be taken for a bad sector and surface as an I/O error at once.
+    Reason.SOURCE_UNREACHABLE: (SenseKey.NOT_READY, 0x04, 0x00),
+    Reason.MISCOMPARE_DURING_VERIFY: (SenseKey.MISCOMPARE, 0x1D, 0x00),  # MISCOMPARE DURING VERIFY OPERATION
+    # POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
+    Reason.POWER_ON_OR_RESET: (SenseKey.UNIT_ATTENTION, 0x29, 0x00),
+    Reason.MODE_PARAMETERS_CHANGED: (SenseKey.UNIT_ATTENTION, 0x2A, 0x01),  # MODE PARAMETERS CHANGED
+    Reason.CAPACITY_CHANGED: (SenseKey.UNIT_ATTENTION, 0x2A, 0x09),  # CAPACITY DATA HAS CHANGED
+    Reason.INTERNAL_ERROR: (SenseKey.HARDWARE_ERROR, 0x44, 0x00),  # INTERNAL TARGET FAILURE
+}
+
+
+@dataclass(frozen=True)
+class FieldPointer:
+    """Sense-key specific field pointer (SPC-4 4.5.2.4.2): which byte (and bit) was wrong."""
+
+    byte: int
+    bit: int | None = None
+    in_cdb: bool = True
+
+
+class SenseError(Exception):
+    """A command ends in CHECK CONDITION for ``reason``."""
+
+    def __init__(self, reason: Reason, *, field: FieldPointer | None = None, info: int | None = None,
+                 detail: str = "") -> None:
+        super().__init__(detail or reason.value)
+        self.reason = reason
+        self.field = field
+        self.info = info
+
+
+def invalid_cdb(byte: int, bit: int | None = None) -> SenseError:
+    return SenseError(Reason.INVALID_FIELD_IN_CDB, field=FieldPointer(byte, bit))
+
+
+def invalid_param(byte: int, bit: int | None = None) -> SenseError:
+    return SenseError(Reason.INVALID_FIELD_IN_PARAMETER_LIST, field=FieldPointer(byte, bit, in_cdb=False))
+
+
+#: The store's failures, mapped once (most specific class first).
+STORE_ERRORS: tuple[tuple[type[StoreError], Reason], ...] = (
+    (OutOfRange, Reason.LBA_OUT_OF_RANGE),
+    (SourceTimeout, Reason.SOURCE_UNREACHABLE),
+    (NoSource, Reason.UNRECOVERED_READ_ERROR),
+    (SourceIOError, Reason.UNRECOVERED_READ_ERROR),
+    (StoreError, Reason.WRITE_ERROR),
+)
+
+
+def reason_for_store_error(error: StoreError) -> Reason:
+    for cls, reason in STORE_ERRORS:
+        if isinstance(error, cls):
+            return reason
+    raise AssertionError("StoreError is the last row")
+
+
+def fixed_sense(reason: Reason, *, field: FieldPointer | None = None, info: int | None = None) -> bytes:
+    """Fixed-format sense data, response code 0x70 (SPC-4 4.5.3)."""
+    key, asc, ascq = SENSE_TABLE[reason]
+    sense = bytearray(18)
+    sense[0] = 0x70 | (0x80 if info is not None else 0)  # VALID: INFORMATION is meaningful
+    sense[2] = key
+    if info is not None:
+        struct.pack_into(">I", sense, 3, info & 0xFFFFFFFF)
+    sense[7] = 10  # additional sense length
+    sense[12], sense[13] = asc, ascq
+    if field is not None:
+        sksv = 0x80 | (0x40 if field.in_cdb else 0)
+        if field.bit is not None:
+            sksv |= 0x08 | field.bit  # BPV: the bit pointer is valid
+        sense[15] = sksv
+        struct.pack_into(">H", sense, 16, field.byte)
+    return bytes(sense)
