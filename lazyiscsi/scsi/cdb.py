@@ -19,6 +19,7 @@ class Op(enum.IntEnum):
     READ_6 = 0x08
     WRITE_6 = 0x0A
     INQUIRY = 0x12
+    MODE_SELECT_6 = 0x15
     MODE_SENSE_6 = 0x1A
     START_STOP_UNIT = 0x1B
     PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
@@ -30,8 +31,10 @@ class Op(enum.IntEnum):
     SYNCHRONIZE_CACHE_10 = 0x35
     WRITE_SAME_10 = 0x41
     UNMAP = 0x42
+    MODE_SELECT_10 = 0x55
     MODE_SENSE_10 = 0x5A
     READ_16 = 0x88
+    COMPARE_AND_WRITE = 0x89
     WRITE_16 = 0x8A
     WRITE_AND_VERIFY_16 = 0x8E
     VERIFY_16 = 0x8F
@@ -47,6 +50,7 @@ class Op(enum.IntEnum):
 
 class ServiceActionIn(enum.IntEnum):
     READ_CAPACITY_16 = 0x10
+    GET_LBA_STATUS = 0x12
 
 
 CDB_LENGTH_BY_GROUP = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}

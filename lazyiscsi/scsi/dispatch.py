@@ -59,9 +59,12 @@ def _block(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes |
 
 
 def _service_action_in(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes:
-    if cdb[1] & 0x1F != ServiceActionIn.READ_CAPACITY_16:
-        raise invalid_cdb(1, 4)
-    return sbc.read_capacity_16(lun, cdb)
+    action = cdb[1] & 0x1F
+    if action == ServiceActionIn.READ_CAPACITY_16:
+        return sbc.read_capacity_16(lun, cdb)
+    if action == ServiceActionIn.GET_LBA_STATUS:
+        return sbc.get_lba_status(lun, cdb)
+    raise invalid_cdb(1, 4)
 
 
 def _start_stop(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> None:
@@ -87,7 +90,10 @@ HANDLERS: dict[Op, Handler] = {
     Op.REPORT_LUNS: lambda lun, cdb, data, nexus: spc.report_luns(lun.target_luns, cdb),
     Op.READ_CAPACITY_10: lambda lun, cdb, data, nexus: sbc.read_capacity_10(lun),
     Op.SERVICE_ACTION_IN_16: _service_action_in,
+    Op.MODE_SELECT_6: lambda lun, cdb, data, nexus: spc.mode_select(lun, cdb, data, ten=False),
+    Op.MODE_SELECT_10: lambda lun, cdb, data, nexus: spc.mode_select(lun, cdb, data, ten=True),
     Op.UNMAP: lambda lun, cdb, data, nexus: sbc.unmap(lun, cdb, data),
+    Op.COMPARE_AND_WRITE: lambda lun, cdb, data, nexus: sbc.compare_and_write(lun, cdb, data),
     Op.START_STOP_UNIT: _start_stop,
     Op.PREVENT_ALLOW_MEDIUM_REMOVAL: _prevent_allow,
     **dict.fromkeys(LAYOUTS, _block),
@@ -105,8 +111,12 @@ def data_out_length(cdb: bytes, block_size: int) -> int:
         check_length(cdb)
     except (ValueError, IndexError, SenseError):
         return 0
-    if op is Op.UNMAP:
+    if op in (Op.UNMAP, Op.MODE_SELECT_10):
         return struct.unpack_from(">H", cdb, 7)[0]
+    if op is Op.MODE_SELECT_6:
+        return cdb[4]
+    if op is Op.COMPARE_AND_WRITE:
+        return 2 * cdb[13] * block_size
     row = LAYOUTS.get(op)
     if row is None:
         return 0

@@ -6,12 +6,16 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import gevent.lock
+
 from lazyiscsi.scsi.sense import Reason
 
 #: the most blocks one READ/WRITE/VERIFY may move (advertised in the Block Limits VPD page)
 MAX_TRANSFER_BYTES = 8 << 20
 #: the most blocks one WRITE SAME or UNMAP descriptor may cover
 MAX_WRITE_SAME_BYTES = 1 << 30
+#: the most blocks one COMPARE AND WRITE may cover (Block Limits VPD page, byte 5)
+MAX_COMPARE_AND_WRITE_BLOCKS = 32
 
 
 class BlockBackend(Protocol):
@@ -44,6 +48,9 @@ class Lun:
     #: every LUN number of the target this LUN belongs to (REPORT LUNS answers with them)
     target_luns: list[int] = field(default_factory=list)
     unit_attentions: dict[str, list[Reason]] = field(default_factory=dict)  # nexus -> pending
+    #: COMPARE AND WRITE holds it from its read to its write; plain writes do not take it, as
+    #: SBC-4 5.3 asks atomicity only against other COMPARE AND WRITE commands here
+    compare_lock: gevent.lock.Semaphore = field(default_factory=gevent.lock.Semaphore)
 
     def __post_init__(self) -> None:
         if self.block_size not in (512, 4096):

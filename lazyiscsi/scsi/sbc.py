@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 from lazyiscsi.scsi.cdb import BlockCommand
-from lazyiscsi.scsi.lun import Lun
+from lazyiscsi.scsi.lun import MAX_COMPARE_AND_WRITE_BLOCKS, Lun
 from lazyiscsi.scsi.sense import (
     Reason,
     SenseError,
@@ -94,6 +94,43 @@ def unmap(lun: Lun, cdb: bytes, data: memoryview | None) -> None:
     for lba, count in ranges:
         if count:
             lun.backend.write_zeroes(lba * lun.block_size, count * lun.block_size)
+
+
+def compare_and_write(lun: Lun, cdb: bytes, data: memoryview | None) -> None:
+    """SBC-4 5.3: read, compare with the first half of the data-out, and only if equal write
+    the second half; no other COMPARE AND WRITE may run between the read and the write."""
+    if cdb[1] & 0xE0:
+        raise invalid_cdb(1, 7)  # WRPROTECT
+    lba = struct.unpack_from(">Q", cdb, 2)[0]
+    blocks = cdb[13]
+    if blocks > MAX_COMPARE_AND_WRITE_BLOCKS:
+        raise invalid_cdb(13)
+    if lba + blocks > lun.n_blocks:
+        raise SenseError(Reason.LBA_OUT_OF_RANGE)
+    if blocks == 0:
+        return
+    length = blocks * lun.block_size
+    if data is None or len(data) != 2 * length:
+        raise invalid_cdb(13)
+    with lun.compare_lock:
+        stored = bytearray(length)
+        lun.backend.readinto(lba * lun.block_size, memoryview(stored))
+        if stored != data[:length]:
+            first = next(i for i in range(length) if stored[i] != data[i])
+            raise SenseError(Reason.MISCOMPARE_DURING_VERIFY, info=first)
+        lun.backend.write(lba * lun.block_size, data[length:], fua=bool(cdb[1] & 0x08) or not lun.write_cache)
+
+
+def get_lba_status(lun: Lun, cdb: bytes) -> bytes:
+    """One descriptor from the LBA to the end, mapped (SBC-4 5.7): the store does not track
+    deallocation per block, and "mapped" is always a correct answer for a thin device."""
+    lba = struct.unpack_from(">Q", cdb, 2)[0]
+    alloc = struct.unpack_from(">I", cdb, 10)[0]
+    if lba >= lun.n_blocks:
+        raise SenseError(Reason.LBA_OUT_OF_RANGE)
+    count = min(lun.n_blocks - lba, 0xFFFFFFFF)
+    descriptor = struct.pack(">QIB3x", lba, count, 0)
+    return truncate(struct.pack(">I4x", 4 + len(descriptor)) + descriptor, alloc)
 
 
 def read_capacity_10(lun: Lun) -> bytes:

@@ -6,8 +6,8 @@ import enum
 import struct
 
 from lazyiscsi import __version__
-from lazyiscsi.scsi.lun import Lun
-from lazyiscsi.scsi.sense import Reason, SenseError, fixed_sense, invalid_cdb
+from lazyiscsi.scsi.lun import MAX_COMPARE_AND_WRITE_BLOCKS, Lun
+from lazyiscsi.scsi.sense import Reason, SenseError, fixed_sense, invalid_cdb, invalid_param
 
 VENDOR = b"LAZYISCS"
 PRODUCT = b"LAZY DISK".ljust(16)
@@ -88,6 +88,7 @@ def _vpd_identification(lun: Lun) -> bytes:
 def _vpd_block_limits(lun: Lun) -> bytes:
     body = bytearray(0x3C)
     body[0] = 0x01  # WSNZ: WRITE SAME needs a non-zero length
+    body[1] = MAX_COMPARE_AND_WRITE_BLOCKS  # maximum COMPARE AND WRITE length
     granularity = max(1, lun.backend.unit // lun.block_size)
     struct.pack_into(">H", body, 2, granularity)  # optimal transfer length granularity
     struct.pack_into(">I", body, 4, lun.max_transfer_blocks)  # maximum transfer length
@@ -178,6 +179,49 @@ def mode_sense(lun: Lun, cdb: bytes, ten: bool) -> bytes:
         header = struct.pack(">BBBB", 3 + len(descriptor) + len(pages), 0, device_specific,
                              len(descriptor))
     return truncate(header + descriptor + pages, alloc)
+
+
+def mode_select(lun: Lun, cdb: bytes, data: memoryview | None, ten: bool) -> None:
+    """Only WCE may change; every other byte of a page sent must equal the current value
+    (SPC-4 6.11: a field that is not changeable must not be changed)."""
+    if cdb[1] & 0x01:
+        raise invalid_cdb(1, 0)  # SP: saving parameters is not supported
+    length = struct.unpack_from(">H", cdb, 7)[0] if ten else cdb[4]
+    if length == 0:
+        return
+    if data is None or len(data) < length:
+        raise SenseError(Reason.PARAMETER_LIST_LENGTH_ERROR)
+    params = bytes(data[:length])
+    header = 8 if ten else 4
+    if len(params) < header:
+        raise SenseError(Reason.PARAMETER_LIST_LENGTH_ERROR)
+    bd_len = struct.unpack_from(">H", params, 6)[0] if ten else params[3]
+    pos = header + bd_len
+    if pos > len(params):
+        raise SenseError(Reason.PARAMETER_LIST_LENGTH_ERROR)
+    new_wce = lun.write_cache
+    while pos < len(params):
+        if pos + 2 > len(params):
+            raise SenseError(Reason.PARAMETER_LIST_LENGTH_ERROR)
+        code, plen = params[pos] & 0x3F, params[pos + 1]
+        if params[pos] & 0x40:
+            raise invalid_param(pos, 6)  # SPF: no subpages here
+        page = params[pos:pos + 2 + plen]
+        try:
+            build = MODE_PAGES[ModePage(code)]
+        except ValueError:
+            raise invalid_param(pos) from None
+        current = build(lun, 0)
+        if len(page) != len(current):
+            raise invalid_param(pos + 1)
+        if code == ModePage.CACHING:
+            new_wce = bool(page[2] & 0x04)
+            page = page[:2] + bytes([(page[2] & ~0x04) | (current[2] & 0x04)]) + page[3:]
+        diff = next((i for i in range(2, len(page)) if page[i] != current[i]), None)
+        if diff is not None:
+            raise invalid_param(pos + diff)
+        pos += len(page)
+    lun.write_cache = new_wce
 
 
 # -- REPORT LUNS, REQUEST SENSE ------------------------------------------------------------

@@ -290,3 +290,54 @@ def test_source_failure_is_a_medium_error(tmp_path: Path) -> None:
     lun = Lun(disk, "bad")
     expect_sense(run(lun, rw("read", 10, 0, 1)), Reason.UNRECOVERED_READ_ERROR)
     disk.close()
+
+
+# -- COMPARE AND WRITE, MODE SELECT, GET LBA STATUS ---------------------------------------------
+
+def caw_cdb(lba: int, blocks: int, flags: int = 0) -> bytes:
+    return struct.pack(">BBQ3xBBB", 0x89, flags, lba, blocks, 0, 0)
+
+
+def test_compareandwrite_simple_and_miscompare(env) -> None:  # type: ignore[no-untyped-def]
+    lun, data, _ = env
+    old, new = data[10 * BS:12 * BS], b"\x77" * 2 * BS
+    cdb = caw_cdb(10, 2)
+    assert data_out_length(cdb, BS) == 4 * BS
+    expect_good(run(lun, cdb, old + new))
+    assert bytes(run(lun, rw("read", 10, 10, 2)).data_in) == new
+    # the stored data is now `new`: comparing against `old` fails at byte 0 and writes nothing
+    sense = expect_sense(run(lun, cdb, old + b"\x11" * 2 * BS), Reason.MISCOMPARE_DURING_VERIFY)
+    assert struct.unpack_from(">I", sense, 3)[0] == 0
+    assert bytes(run(lun, rw("read", 10, 10, 2)).data_in) == new
+
+
+def test_compareandwrite_invalid(env) -> None:  # type: ignore[no-untyped-def]
+    lun, _, _ = env
+    expect_lba_oob(run(lun, caw_cdb(NBLOCKS - 1, 2), bytes(4 * BS)))
+    expect_invalid_field_in_cdb(run(lun, caw_cdb(0, 33), bytes(66 * BS)), byte=13)
+    expect_invalid_field_in_cdb(run(lun, caw_cdb(0, 1, flags=0x20), bytes(2 * BS)), byte=1)
+
+
+def test_modeselect_changes_wce_only(env) -> None:  # type: ignore[no-untyped-def]
+    lun, _, _ = env
+    page = bytearray(run(lun, bytes([0x1A, 0x08, 0x08, 0, 255, 0])).data_in[4:])  # DBD: page only
+    page[2] &= ~0x04  # WCE off
+    params = bytes(4) + bytes(page)
+    expect_good(run(lun, bytes([0x15, 0x10, 0, 0, len(params), 0]), params))
+    assert lun.write_cache is False
+    assert not run(lun, bytes([0x1A, 0x08, 0x08, 0, 255, 0])).data_in[4 + 2] & 0x04
+    page[3] ^= 0xFF  # a byte that is not changeable
+    bad = bytes(4) + bytes(page)
+    sense = expect_sense(run(lun, bytes([0x15, 0x10, 0, 0, len(bad), 0]), bad),
+                         Reason.INVALID_FIELD_IN_PARAMETER_LIST)
+    assert struct.unpack_from(">H", sense, 16)[0] == 4 + 3
+    expect_invalid_field_in_cdb(run(lun, bytes([0x15, 0x11, 0, 0, len(params), 0]), params), byte=1)
+
+
+def test_getlbastatus(env) -> None:  # type: ignore[no-untyped-def]
+    lun, _, _ = env
+    cdb = bytes([0x9E, 0x12]) + struct.pack(">QI", 100, 64) + bytes(2)
+    out = expect_good(run(lun, cdb)).data_in
+    lba, count, status = struct.unpack_from(">QIB", out, 8)
+    assert (lba, count, status) == (100, NBLOCKS - 100, 0)
+    expect_lba_oob(run(lun, bytes([0x9E, 0x12]) + struct.pack(">QI", NBLOCKS, 64) + bytes(2)))
