@@ -46,11 +46,13 @@ def sample(link: Link, seconds: float, hydrating: bool) -> list[float]:
         latencies: list[float] = []
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not disk.complete:
-            # a unit ahead of the sequential copier, not yet local
-            offset = rnd.randrange(disk.local_bytes + 64 * 2**20, disk.size - 4096) // 4096 * 4096 \
-                if disk.local_bytes + 64 * 2**20 < disk.size - 4096 else None
-            if offset is None or next(disk.missing_runs(offset, 4096), None) is None:
+            # a unit ahead of the sequential copier, not yet local (skip ones read-ahead fetched)
+            low = disk.local_bytes + 64 * 2**20
+            if low >= disk.size - 4096:
                 break
+            offset = rnd.randrange(low, disk.size - 4096) // 4096 * 4096
+            if next(disk.missing_runs(offset, 4096), None) is None:
+                continue
             t0 = time.monotonic()
             disk.read(offset, 4096)
             latencies.append((time.monotonic() - t0) * 1000)
