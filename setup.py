@@ -9,6 +9,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["lazyiscsi", "lazyiscsi.*"]),
     install_requires=[
+        "crc32c>=2.3",
         "gevent>=23.9",
         "structlog>=23.1",
     ],
