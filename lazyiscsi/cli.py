@@ -15,6 +15,7 @@ import time
 from typing import NoReturn
 
 import gevent
+import gevent.event
 import structlog
 
 from lazyiscsi import __version__
@@ -126,6 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--progress-interval", type=_seconds_arg, default=5.0, metavar="SECONDS",
                    help="seconds between progress lines when stderr is not a TTY")
     h.set_defaults(func=cmd_hydrate)
+
+    s = sub.add_parser(
+        "serve",
+        help="export a volume over the embedded iSCSI portal while it hydrates",
+        description=("Serve SOURCE as LUN 0 of an iSCSI target on the embedded userspace portal. "
+                     "The LUN is usable at once: missing blocks are fetched on demand while the "
+                     "background copy fills the cache; guest writes land in the cache."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    s.add_argument("--source", required=True, metavar="URL", help="where the data lives (as for hydrate)")
+    s.add_argument("--cache", required=True, metavar="PATH", help="the cache file (created or resumed)")
+    s.add_argument("--iqn", default="iqn.2026-11.io.lazyiscsi:vol0", help="the target's IQN")
+    s.add_argument("--listen", type=_listen_arg, default=("0.0.0.0", 3260), metavar="HOST:PORT",
+                   help="where the portal listens")
+    s.add_argument("--block-size", type=int, choices=(512, 4096), default=512, help="logical block size")
+    s.add_argument("--unit", type=_size_arg(512, power_of_two=True), default=None, metavar="SIZE",
+                   help="tracking unit of a new cache")
+    s.add_argument("--rate", type=_size_arg(), default=0, metavar="BYTES_PER_S",
+                   help="limit the background copy (0: none)")
+    s.add_argument("--connect-timeout", type=_seconds_arg, default=30.0, metavar="SECONDS",
+                   help="how long to keep trying to reach the source when starting")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -139,6 +162,19 @@ def peak_rss_kib() -> int:
     except OSError:
         pass
     return 0
+
+
+def _listen_arg(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, "3260"
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number (HOST:PORT)") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: port out of range")
+    return host.strip("[]") or "0.0.0.0", number
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> int:
@@ -216,6 +252,49 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
         return fail(f"interrupted; {final.current} of {final.total} bytes are local, run again to resume",
                     EXIT_INTERRUPTED)
     return fail(f"hydration {final.state.value}: {final.error or 'unknown reason'}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lazyiscsi.iscsi.connection import Target
+    from lazyiscsi.iscsi.portal import Portal
+    from lazyiscsi.scsi.lun import Lun
+
+    try:
+        source = open_source(args.source, timeout=args.connect_timeout)
+    except SourceError as e:
+        return fail(f"source: {e}")
+    try:
+        disk = LazyDisk.open(args.cache, source, unit=args.unit)
+    except StoreError as e:
+        source.close()
+        return fail(str(e))
+    job = Hydrator(disk, rate=args.rate or None)
+    lun = Lun(disk, args.iqn, block_size=args.block_size)
+    portal = Portal([Target(args.iqn, {0: lun}, portal=f"{args.listen[0]}:{args.listen[1]}")], args.listen)
+    try:
+        portal.start()
+    except OSError as e:
+        disk.close()
+        return fail(f"--listen {args.listen[0]}:{args.listen[1]}: {e.strerror}")
+    if not disk.complete:
+        job.start()
+    host, port = portal.address
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    sys.stdout.write(
+        f"serving {redact(args.source)} as {args.iqn} LUN 0 on {host}:{port}\n"
+        f"  QEMU:     iscsi://{shown}:{port}/{args.iqn}/0\n"
+        f"  iscsiadm: iscsiadm -m discovery -t sendtargets -p {shown}:{port}\n"
+        f"            iscsiadm -m node -T {args.iqn} -p {shown}:{port} --login\n")
+    sys.stdout.flush()
+    stop = gevent.event.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, stop.set)
+    stop.wait()
+    portal.stop()
+    if job.state in (JobState.RUNNING, JobState.PAUSED):
+        job.cancel()
+    disk.close()
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

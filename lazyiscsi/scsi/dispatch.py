@@ -132,6 +132,21 @@ def data_out_length(cdb: bytes, block_size: int) -> int:
     return 0
 
 
+def execute_no_lun(cdb: bytes, target_luns: list[int]) -> Result:
+    """A command addressed to a LUN the target does not have (SPC-4 4.6.4): REPORT LUNS still
+    answers, INQUIRY says no device is connected (qualifier 011b, type 1Fh), all else fails."""
+    try:
+        if cdb and cdb[0] == Op.REPORT_LUNS:
+            check_length(cdb)
+            return Result(Status.GOOD, spc.report_luns(target_luns, cdb))
+        if cdb and cdb[0] == Op.INQUIRY:
+            check_length(cdb)
+            return Result(Status.GOOD, spc.inquiry_no_lun(cdb))
+    except SenseError as e:
+        return Result(Status.CHECK_CONDITION, sense=fixed_sense(e.reason, field=e.field, info=e.info))
+    return Result(Status.CHECK_CONDITION, sense=fixed_sense(Reason.LUN_NOT_SUPPORTED))
+
+
 def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | None, nexus: str) -> Result:
     """Run one command to completion (it may block on the store) and say how it ended."""
     try:

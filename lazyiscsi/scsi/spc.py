@@ -54,6 +54,13 @@ def inquiry(lun: Lun, cdb: bytes) -> bytes:
     return truncate(bytes([0x00, page]) + struct.pack(">H", len(body)) + body, alloc)
 
 
+def inquiry_no_lun(cdb: bytes) -> bytes:
+    """Standard INQUIRY data for an address with no logical unit behind it."""
+    data = bytearray(_standard_inquiry())
+    data[0] = 0x7F  # peripheral qualifier 011b, device type 1Fh: not capable of a device here
+    return truncate(bytes(data), struct.unpack_from(">H", cdb, 3)[0])
+
+
 def _standard_inquiry() -> bytes:
     data = bytearray(36)
     data[0] = 0x00  # connected direct-access block device

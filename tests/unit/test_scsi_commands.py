@@ -341,3 +341,13 @@ def test_getlbastatus(env) -> None:  # type: ignore[no-untyped-def]
     lba, count, status = struct.unpack_from(">QIB", out, 8)
     assert (lba, count, status) == (100, NBLOCKS - 100, 0)
     expect_lba_oob(run(lun, bytes([0x9E, 0x12]) + struct.pack(">QI", NBLOCKS, 64) + bytes(2)))
+
+
+def test_commands_to_a_missing_lun() -> None:
+    from lazyiscsi.scsi.dispatch import execute_no_lun
+
+    inq = expect_good(execute_no_lun(bytes([0x12, 0, 0, 0, 36, 0]), [0])).data_in
+    assert inq[0] == 0x7F
+    luns = expect_good(execute_no_lun(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), [0, 1])).data_in
+    assert struct.unpack_from(">I", luns)[0] == 16
+    expect_sense(execute_no_lun(bytes(10).replace(b"\0", b"\x28", 1), [0]), Reason.LUN_NOT_SUPPORTED)

@@ -1,0 +1,126 @@
+"""The embedded portal: the only iSCSI module with sockets.
+
+One reader greenlet per connection feeds the framer and the connection state machine; every
+SCSI command runs in its own greenlet (a slow on-demand fetch never holds up another command);
+one writer greenlet sends PDUs in the order the state machine produced them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import gevent
+import gevent.pool
+import gevent.queue
+import structlog
+from gevent.server import StreamServer
+
+from lazyiscsi.iscsi.connection import Action, Close, Connection, Execute, Send, State, Target, Task
+from lazyiscsi.iscsi.pdu import Framer, RemoteProtocolError
+from lazyiscsi.scsi import dispatch
+from lazyiscsi.scsi.lun import Lun
+
+log = structlog.get_logger("lazyiscsi.iscsi")
+
+
+class Portal:
+    """Serves ``targets`` on ``listen`` (host, port)."""
+
+    def __init__(self, targets: list[Target], listen: tuple[str, int], *, max_connections: int = 256) -> None:
+        self._targets = {t.iqn: t for t in targets}
+        self._server = StreamServer(listen, self._handle, spawn=gevent.pool.Pool(max_connections))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.address  # type: ignore[no-any-return]
+
+    def start(self) -> None:
+        self._server.start()
+        log.info("portal_listening", address=f"{self.address[0]}:{self.address[1]}",
+                 targets=sorted(self._targets))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._server.stop(timeout)
+
+    def _handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _Session(sock, f"{address[0]}:{address[1]}", self._targets).run()
+
+
+class _Session:
+    def __init__(self, sock: socket.socket, peer: str, targets: dict[str, Target]) -> None:
+        self.sock, self.peer = sock, peer
+        self.conn = Connection(targets.get, lambda: list(targets.values()), self._data_out_length)
+        self.out: gevent.queue.Queue = gevent.queue.Queue()
+        self.workers: set[gevent.Greenlet] = set()
+        self.closing = False
+
+    def _lun(self, number: int) -> Lun | None:
+        target = self.conn.target
+        return target.luns.get(number) if target is not None else None  # type: ignore[return-value]
+
+    def _data_out_length(self, cdb: bytes, lun_number: int) -> int:
+        lun = self._lun(lun_number)
+        return dispatch.data_out_length(cdb, lun.block_size) if lun is not None else 0
+
+    def run(self) -> None:
+        writer = gevent.spawn(self._write_loop)
+        framer = Framer(max_data=self.conn.max_recv)
+        try:
+            while not self.closing:
+                data = self.sock.recv(262144)
+                if not data:
+                    break
+                framer.receive_data(data)
+                while not self.closing and (pdu := framer.next_pdu()) is not None:
+                    was_login = self.conn.state is State.LOGIN
+                    self._perform(self.conn.receive(pdu))
+                    if was_login and self.conn.state is State.FULL_FEATURE:
+                        framer.set_digests(self.conn.header_digest, self.conn.data_digest)
+                        log.info("session_started", peer=self.peer, initiator=self.conn.initiator,
+                                 target=self.conn.target.iqn if self.conn.target else "discovery")
+        except RemoteProtocolError as e:
+            log.warning("connection_dropped", peer=self.peer, error=str(e))
+        except OSError as e:
+            log.info("connection_lost", peer=self.peer, error=e.strerror or str(e))
+        finally:
+            self.closing = True
+            gevent.joinall(list(self.workers), timeout=30)
+            self.out.put(None)
+            writer.join(timeout=5)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    def _perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.out.put(action.data)
+            elif isinstance(action, Execute):
+                g = gevent.spawn(self._execute, action.task)
+                self.workers.add(g)
+                g.link(self.workers.discard)
+            elif isinstance(action, Close):
+                log.info("connection_closing", peer=self.peer, reason=action.reason)
+                self.closing = True
+
+    def _execute(self, task: Task) -> None:
+        lun = self._lun(task.lun)
+        if lun is None:
+            target = self.conn.target
+            result = dispatch.execute_no_lun(task.cdb, sorted(target.luns) if target else [])
+        else:
+            data = bytes(task.data) if task.data else None
+            result = dispatch.execute(lun, task.cdb, data, self.conn.initiator)
+        self._perform(self.conn.task_done(task, result.status, result.data_in, result.sense))
+
+    def _write_loop(self) -> None:
+        while True:
+            data = self.out.get()
+            if data is None:
+                return
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.closing = True
+                return
