@@ -46,9 +46,14 @@ def _block(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes |
     kind = cmd.kind
     if kind == "read":
         return sbc.read(lun, cmd)
+    want = data_out_length(cdb, lun.block_size)
+    if want and (data is None or len(data) != want):
+        # the transport delivered another amount than the CDB describes (SBC-4 4.2.2)
+        raise invalid_cdb(LAYOUTS[op][0].blocks[0])
     if kind == "write":
-        assert data is not None
-        sbc.write(lun, cmd, data)
+        if cmd.blocks:
+            assert data is not None
+            sbc.write(lun, cmd, data)
     elif kind == "verify":
         sbc.verify(lun, cmd, data)
     elif kind == "sync":
@@ -170,3 +175,6 @@ def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | Non
         log.warning("scsi_command_failed", lun=lun.name, opcode=f"{cdb[0]:#04x}", reason=reason.value,
                     error=str(e))
         return Result(Status.CHECK_CONDITION, sense=fixed_sense(reason))
+    except Exception:  # a lazyiscsi bug: the initiator still gets an answer, the log the details
+        log.error("scsi_internal_error", lun=lun.name, cdb=cdb.hex(), exc_info=True)
+        return Result(Status.CHECK_CONDITION, sense=fixed_sense(Reason.INTERNAL_ERROR))
