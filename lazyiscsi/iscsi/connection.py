@@ -74,8 +74,9 @@ class Task:
     lun: int
     cdb: bytes
     read: bool
-    expected: int
-    want_out: int  # bytes of data-out the command carries
+    expected: int  # the initiator's Expected Data Transfer Length
+    want_out: int  # bytes of data-out to gather (no more than expected)
+    cdb_out: int = 0  # bytes of data-out the CDB itself describes (for the residual)
     data: bytearray = field(default_factory=bytearray)
     next_ttt: int = 0
     executing: bool = False
@@ -163,8 +164,10 @@ class Connection:
         if self.state is State.CLOSED:
             return []
         out: list[Action] = []
-        data = bytes(data_in or b"")[:task.expected] if task.read else b""
-        residual = task.expected - len(data) if task.read else task.expected - len(task.data)
+        full = bytes(data_in or b"") if task.read else b""
+        data = full[:task.expected]
+        # RFC 7143 11.4.5: residual = expected - what the command moves (negative: overflow)
+        residual = task.expected - (len(full) if task.read else task.cdb_out)
         if data and sense is None:
             # Data-In with status in the last PDU (phase collapse, RFC 7143 11.7.4)
             pos = 0
@@ -329,10 +332,9 @@ class Connection:
         self._window(cmd.immediate, cmd.cmdsn, b"")
         assert self.target is not None
         lun = self.target.luns.get(cmd.lun)
-        want = self._data_out_length(cmd.cdb, cmd.lun) if lun is not None else 0
-        if cmd.write:
-            want = min(want, cmd.expected_length) if want else cmd.expected_length
-        task = Task(cmd.itt, cmd.lun, cmd.cdb, cmd.read, cmd.expected_length, want if cmd.write else 0)
+        cdb_out = self._data_out_length(cmd.cdb, cmd.lun) if lun is not None else 0
+        want = min(cdb_out, cmd.expected_length) if cmd.write else 0
+        task = Task(cmd.itt, cmd.lun, cmd.cdb, cmd.read, cmd.expected_length, want, cdb_out)
         self.tasks[cmd.itt] = task
         task.data += cmd.data
         if not cmd.final:

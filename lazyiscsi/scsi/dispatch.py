@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -47,13 +47,17 @@ def _block(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes |
     if kind == "read":
         return sbc.read(lun, cmd)
     want = data_out_length(cdb, lun.block_size)
-    if want and (data is None or len(data) != want):
-        # the transport delivered another amount than the CDB describes (SBC-4 4.2.2)
-        raise invalid_cdb(LAYOUTS[op][0].blocks[0])
+    got = len(data) if data is not None else 0
+    if kind == "write" and got < want:
+        # the initiator expected to send less than the CDB describes (an iSCSI overflow): write
+        # the whole blocks that came, as LIO does; the transport reports the residual
+        cmd = replace(cmd, blocks=got // lun.block_size)
+    elif want and got != want:
+        raise invalid_cdb(LAYOUTS[op][0].blocks[0])  # compare data must be complete
     if kind == "write":
         if cmd.blocks:
             assert data is not None
-            sbc.write(lun, cmd, data)
+            sbc.write(lun, cmd, data[:cmd.blocks * lun.block_size])
     elif kind == "verify":
         sbc.verify(lun, cmd, data)
     elif kind == "sync":

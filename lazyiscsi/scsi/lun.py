@@ -12,8 +12,8 @@ from lazyiscsi.scsi.sense import Reason
 
 #: the most blocks one READ/WRITE/VERIFY may move (advertised in the Block Limits VPD page)
 MAX_TRANSFER_BYTES = 8 << 20
-#: the most blocks one WRITE SAME or UNMAP descriptor may cover
-MAX_WRITE_SAME_BYTES = 1 << 30
+#: the most blocks one WRITE SAME or UNMAP descriptor may cover (1 Mi blocks of 512 bytes)
+MAX_WRITE_SAME_BYTES = 512 << 20
 #: the most blocks one COMPARE AND WRITE may cover (Block Limits VPD page, byte 5)
 MAX_COMPARE_AND_WRITE_BLOCKS = 32
 

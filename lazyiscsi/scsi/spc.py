@@ -61,8 +61,12 @@ def inquiry_no_lun(cdb: bytes) -> bytes:
     return truncate(bytes(data), struct.unpack_from(">H", cdb, 3)[0])
 
 
+#: version descriptors (SPC-4 Table 34): SAM-5, iSCSI, SPC-4, SBC-3
+VERSION_DESCRIPTORS = (0x00A0, 0x0960, 0x0460, 0x04C0)
+
+
 def _standard_inquiry() -> bytes:
-    data = bytearray(36)
+    data = bytearray(58 + 2 * 8)
     data[0] = 0x00  # connected direct-access block device
     data[2] = 0x06  # SPC-4
     data[3] = 0x12  # HISUP, response data format 2
@@ -71,6 +75,8 @@ def _standard_inquiry() -> bytes:
     data[8:16] = VENDOR
     data[16:32] = PRODUCT
     data[32:36] = REVISION
+    for i, descriptor in enumerate(VERSION_DESCRIPTORS):
+        struct.pack_into(">H", data, 58 + 2 * i, descriptor)
     return bytes(data)
 
 

@@ -216,7 +216,8 @@ def test_unmap_invalid_param_list_length(env) -> None:  # type: ignore[no-untype
 def test_inquiry_standard_and_vpd(env) -> None:  # type: ignore[no-untyped-def]
     lun, _, _ = env
     std = expect_good(run(lun, bytes([0x12, 0, 0, 0, 96, 0]))).data_in
-    assert std[0] == 0 and std[2] == 6 and std[8:16] == b"LAZYISCS" and len(std) == 36
+    assert std[0] == 0 and std[2] == 6 and std[8:16] == b"LAZYISCS" and len(std) == 74
+    assert struct.unpack_from(">4H", std, 58) == (0x00A0, 0x0960, 0x0460, 0x04C0)
     assert len(run(lun, bytes([0x12, 0, 0, 0, 5, 0])).data_in) == 5  # allocation length
     pages = run(lun, bytes([0x12, 1, 0, 0, 255, 0])).data_in
     assert list(pages[4:]) == [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]
