@@ -31,4 +31,6 @@ def redact(url: str) -> str:
             else:
                 masked.append(item)
         query = "&".join(masked)
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing to hide: keep it as written (urlunsplit drops "//" of an empty host)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
