@@ -182,17 +182,30 @@ def fail(message: str, code: int = EXIT_ERROR) -> int:
     return code
 
 
-def cmd_hydrate(args: argparse.Namespace) -> int:
-    log = structlog.get_logger("lazyiscsi.cli")
+class CliError(Exception):
+    """Ends the command with one line on stderr and ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def open_volume(args: argparse.Namespace) -> LazyDisk:
+    """The source named by --source and the cache at --cache (created or resumed)."""
     try:
         source = open_source(args.source, timeout=args.connect_timeout)
     except SourceError as e:
-        return fail(f"source: {e}")
+        raise CliError(f"source: {e}") from None
     try:
-        disk = LazyDisk.open(args.cache, source, unit=args.unit)
+        return LazyDisk.open(args.cache, source, unit=args.unit)
     except StoreError as e:
         source.close()
-        return fail(str(e))
+        raise CliError(str(e)) from None
+
+
+def cmd_hydrate(args: argparse.Namespace) -> int:
+    log = structlog.get_logger("lazyiscsi.cli")
+    disk = open_volume(args)
 
     job = Hydrator(disk, run_size=args.run_size, rate=args.rate or None)
     display = ProgressDisplay(sys.stderr)
@@ -259,15 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lazyiscsi.iscsi.portal import Portal
     from lazyiscsi.scsi.lun import Lun
 
-    try:
-        source = open_source(args.source, timeout=args.connect_timeout)
-    except SourceError as e:
-        return fail(f"source: {e}")
-    try:
-        disk = LazyDisk.open(args.cache, source, unit=args.unit)
-    except StoreError as e:
-        source.close()
-        return fail(str(e))
+    disk = open_volume(args)
     job = Hydrator(disk, rate=args.rate or None)
     lun = Lun(disk, args.iqn, block_size=args.block_size)
     portal = Portal([Target(args.iqn, {0: lun}, portal=f"{args.listen[0]}:{args.listen[1]}")], args.listen)
@@ -303,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.configure(args.log_level)
     try:
         return int(args.func(args))
+    except CliError as e:
+        return fail(str(e), e.code)
     except Exception as e:  # a lazyiscsi bug: one line for the operator, the traceback in debug
         structlog.get_logger("lazyiscsi.cli").debug("internal_error", exc_info=True)
         return fail(f"internal error: {type(e).__name__}: {e} (--log-level debug shows where)")
