@@ -18,7 +18,7 @@ import gevent
 import gevent.event
 import structlog
 
-from lazyiscsi import __version__
+from lazyiscsi import __version__, config
 from lazyiscsi import log as logsetup
 from lazyiscsi.progress import ProgressDisplay, human_bytes
 from lazyiscsi.source import SourceError, open_source, redact
@@ -136,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "background copy fills the cache; guest writes land in the cache."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    s.add_argument("--source", required=True, metavar="URL", help="where the data lives (as for hydrate)")
-    s.add_argument("--cache", required=True, metavar="PATH", help="the cache file (created or resumed)")
+    s.add_argument("--config", metavar="FILE",
+                   help="serve the volumes of a TOML file (see lazyiscsi/config.py); excludes --source")
+    s.add_argument("--source", metavar="URL", help="where the data lives (as for hydrate)")
+    s.add_argument("--cache", metavar="PATH", help="the cache file (created or resumed)")
     s.add_argument("--iqn", default="iqn.2026-11.io.lazyiscsi:vol0", help="the target's IQN")
     s.add_argument("--listen", type=_listen_arg, default=("0.0.0.0", 3260), metavar="HOST:PORT",
-                   help="where the portal listens")
+                   help="where the portal listens (with --config: [portal] listen)")
     s.add_argument("--block-size", type=int, choices=(512, 4096), default=512, help="logical block size")
     s.add_argument("--unit", type=_size_arg(512, power_of_two=True), default=None, metavar="SIZE",
                    help="tracking unit of a new cache")
@@ -165,16 +167,10 @@ def peak_rss_kib() -> int:
 
 
 def _listen_arg(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, "3260"
     try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number (HOST:PORT)") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: port out of range")
-    return host.strip("[]") or "0.0.0.0", number
+        return config.parse_listen(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> int:
@@ -190,14 +186,14 @@ class CliError(Exception):
         self.code = code
 
 
-def open_volume(args: argparse.Namespace) -> LazyDisk:
-    """The source named by --source and the cache at --cache (created or resumed)."""
+def open_volume(source_url: str, cache: str, unit: int | None, timeout: float) -> LazyDisk:
+    """The source and its cache (created or resumed), or a one-line CliError."""
     try:
-        source = open_source(args.source, timeout=args.connect_timeout)
+        source = open_source(source_url, timeout=timeout)
     except SourceError as e:
         raise CliError(f"source: {e}") from None
     try:
-        return LazyDisk.open(args.cache, source, unit=args.unit)
+        return LazyDisk.open(cache, source, unit=unit)
     except StoreError as e:
         source.close()
         raise CliError(str(e)) from None
@@ -205,7 +201,7 @@ def open_volume(args: argparse.Namespace) -> LazyDisk:
 
 def cmd_hydrate(args: argparse.Namespace) -> int:
     log = structlog.get_logger("lazyiscsi.cli")
-    disk = open_volume(args)
+    disk = open_volume(args.source, args.cache, args.unit, args.connect_timeout)
 
     job = Hydrator(disk, run_size=args.run_size, rate=args.rate or None)
     display = ProgressDisplay(sys.stderr)
@@ -267,38 +263,76 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
     return fail(f"hydration {final.state.value}: {final.error or 'unknown reason'}")
 
 
+def serve_config(args: argparse.Namespace) -> config.Config:
+    """The volumes to serve: from --config, or the one volume the other options describe."""
+    if args.config:
+        if args.source or args.cache:
+            raise CliError("--config and --source/--cache exclude each other", EXIT_USAGE)
+        try:
+            return config.load(args.config)
+        except config.ConfigError as e:
+            raise CliError(str(e)) from None
+    if not args.source or not args.cache:
+        raise CliError("serve needs --source and --cache, or --config FILE", EXIT_USAGE)
+    volume = config.VolumeConfig(name="vol0", source=args.source, cache=args.cache, target=args.iqn,
+                                 unit=args.unit, block_size=args.block_size, rate=args.rate)
+    return config.Config(args.listen, (volume,))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from lazyiscsi.iscsi.connection import Target
     from lazyiscsi.iscsi.portal import Portal
     from lazyiscsi.scsi.lun import Lun
 
-    disk = open_volume(args)
-    job = Hydrator(disk, rate=args.rate or None)
-    lun = Lun(disk, args.iqn, block_size=args.block_size)
-    portal = Portal([Target(args.iqn, {0: lun}, portal=f"{args.listen[0]}:{args.listen[1]}")], args.listen)
+    cfg = serve_config(args)
+    disks: list[LazyDisk] = []
+    jobs: list[Hydrator] = []
+    luns: dict[str, dict[int, Lun]] = {}
+    try:
+        for vol in cfg.volumes:
+            disk = open_volume(vol.source, vol.cache, vol.unit, args.connect_timeout)
+            disks.append(disk)
+            jobs.append(Hydrator(disk, rate=vol.rate or None))
+            luns.setdefault(vol.target, {})[vol.lun] = Lun(disk, vol.name, block_size=vol.block_size,
+                                                           number=vol.lun)
+    except CliError:
+        for disk in disks:
+            disk.close()
+        raise
+    for target_luns in luns.values():
+        for lun in target_luns.values():
+            lun.target_luns = sorted(target_luns)
+    first = {vol.target: vol for vol in reversed(cfg.volumes)}
+    portal_addr = f"{cfg.listen[0]}:{cfg.listen[1]}"
+    targets = [Target(iqn, target_luns, frozenset(first[iqn].allowed_initiators), first[iqn].chap,
+                      portal=portal_addr) for iqn, target_luns in luns.items()]
+    portal = Portal(targets, cfg.listen)
     try:
         portal.start()
     except OSError as e:
-        disk.close()
-        return fail(f"--listen {args.listen[0]}:{args.listen[1]}: {e.strerror}")
-    if not disk.complete:
-        job.start()
+        for disk in disks:
+            disk.close()
+        raise CliError(f"listen {portal_addr}: {e.strerror}") from None
+    for job, disk in zip(jobs, disks, strict=True):
+        if not disk.complete:
+            job.start()
     host, port = portal.address
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    sys.stdout.write(
-        f"serving {redact(args.source)} as {args.iqn} LUN 0 on {host}:{port}\n"
-        f"  QEMU:     iscsi://{shown}:{port}/{args.iqn}/0\n"
-        f"  iscsiadm: iscsiadm -m discovery -t sendtargets -p {shown}:{port}\n"
-        f"            iscsiadm -m node -T {args.iqn} -p {shown}:{port} --login\n")
+    for vol in cfg.volumes:
+        sys.stdout.write(f"serving {redact(vol.source)} as {vol.target} LUN {vol.lun} on {host}:{port}\n"
+                         f"  QEMU:     iscsi://{shown}:{port}/{vol.target}/{vol.lun}\n")
+    sys.stdout.write(f"  iscsiadm: iscsiadm -m discovery -t sendtargets -p {shown}:{port}\n"
+                     f"            iscsiadm -m node -T {cfg.volumes[0].target} -p {shown}:{port} --login\n")
     sys.stdout.flush()
     stop = gevent.event.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, stop.set)
     stop.wait()
     portal.stop()
-    if job.state in (JobState.RUNNING, JobState.PAUSED):
-        job.cancel()
-    disk.close()
+    for job, disk in zip(jobs, disks, strict=True):
+        if job.state in (JobState.RUNNING, JobState.PAUSED):
+            job.cancel()
+        disk.close()
     return EXIT_OK
 
 

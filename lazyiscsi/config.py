@@ -1,0 +1,172 @@
+"""The daemon's TOML configuration: volumes, the targets and LUNs they appear as, ACLs and CHAP.
+
+    [portal]
+    listen = "0.0.0.0:3260"
+
+    [[volume]]
+    name = "vm1"
+    source = "nbd://src.example/vm1"
+    cache = "/var/lib/lazyiscsi/vm1.img"
+    target = "iqn.2026-11.com.example:vm1"
+    lun = 0                       # optional, default 0
+    unit = 4096                   # optional: tracking unit of a new cache
+    block_size = 512              # optional: 512 or 4096
+    rate = 0                      # optional: background copy limit in bytes/s
+    allowed_initiators = ["iqn.1993-08.org.debian:01:host1"]   # optional ACL of the target
+    chap = { user = "host1", secret = "at-least-12-chars" }    # optional, for the target
+
+Volumes naming the same target become LUNs of one target; its ACL and CHAP must then agree.
+Every mistake is one line naming the file, the field and the reason (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+
+from lazyiscsi.iscsi.chap import ChapSecrets
+
+
+class ConfigError(Exception):
+    """A bad configuration value; ``str()`` names the file and the field."""
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    name: str
+    source: str = field(repr=False)  # may hold a password: never printed whole
+    cache: str
+    target: str
+    lun: int = 0
+    unit: int | None = None
+    block_size: int = 512
+    rate: int = 0
+    allowed_initiators: tuple[str, ...] = ()
+    chap: ChapSecrets | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[str, int]
+    volumes: tuple[VolumeConfig, ...]
+
+
+_VOLUME_KEYS = {"name", "source", "cache", "target", "lun", "unit", "block_size", "rate",
+                "allowed_initiators", "chap"}
+_CHAP_KEYS = {"user", "secret", "mutual_user", "mutual_secret"}
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, "3260"
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{text!r}: the port must be a number (HOST:PORT)") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"{text!r}: port out of range")
+    return host.strip("[]") or "0.0.0.0", number
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return parse(data, path)
+
+
+def parse(data: dict, path: str = "config") -> Config:  # type: ignore[type-arg]
+    unknown = set(data) - {"portal", "volume"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {sorted(unknown)[0]!r} (expected portal, volume)")
+    portal = data.get("portal", {})
+    try:
+        listen = parse_listen(str(portal.get("listen", "0.0.0.0:3260")))
+    except ValueError as e:
+        raise ConfigError(f"{path}: portal.listen: {e}") from None
+    raw_volumes = data.get("volume", [])
+    if not isinstance(raw_volumes, list) or not raw_volumes:
+        raise ConfigError(f"{path}: no [[volume]] defined")
+    volumes = tuple(_volume(v, f"{path}: volume[{i}]") for i, v in enumerate(raw_volumes))
+    _check_consistency(volumes, path)
+    return Config(listen, volumes)
+
+
+def _volume(v: object, where: str) -> VolumeConfig:
+    if not isinstance(v, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = set(v) - _VOLUME_KEYS
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+    for key in ("name", "source", "cache", "target"):
+        if not isinstance(v.get(key), str) or not v[key]:
+            raise ConfigError(f"{where}.{key}: required, a non-empty string")
+    if not v["target"].startswith(("iqn.", "eui.", "naa.")):
+        raise ConfigError(f"{where}.target: {v['target']!r} is not an iSCSI name (iqn., eui. or naa.)")
+    lun = _int(v, "lun", 0, 0, 16383, where)
+    unit = v.get("unit")
+    if unit is not None:
+        unit = _int(v, "unit", 0, 512, 1 << 30, where)
+        if unit & (unit - 1):
+            raise ConfigError(f"{where}.unit: {unit} is not a power of two")
+    block_size = _int(v, "block_size", 512, 512, 4096, where)
+    if block_size not in (512, 4096):
+        raise ConfigError(f"{where}.block_size: must be 512 or 4096")
+    rate = _int(v, "rate", 0, 0, 1 << 62, where)
+    acl = v.get("allowed_initiators", [])
+    if not isinstance(acl, list) or not all(isinstance(a, str) and a for a in acl):
+        raise ConfigError(f"{where}.allowed_initiators: a list of initiator names")
+    return VolumeConfig(v["name"], v["source"], v["cache"], v["target"], lun, unit, block_size, rate,
+                        tuple(acl), _chap(v.get("chap"), f"{where}.chap"))
+
+
+def _int(v: dict, key: str, default: int, low: int, high: int, where: str) -> int:  # type: ignore[type-arg]
+    value = v.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where}.{key}: must be an integer from {low} to {high}")
+    return value
+
+
+def _chap(c: object, where: str) -> ChapSecrets | None:
+    if c is None:
+        return None
+    if not isinstance(c, dict):
+        raise ConfigError(f"{where}: must be a table with user and secret")
+    unknown = set(c) - _CHAP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+    if not isinstance(c.get("user"), str) or not isinstance(c.get("secret"), str):
+        raise ConfigError(f"{where}: user and secret are required strings")
+    if ("mutual_user" in c) != ("mutual_secret" in c):
+        raise ConfigError(f"{where}: mutual_user and mutual_secret go together")
+    try:
+        return ChapSecrets(c["user"], c["secret"], c.get("mutual_user"), c.get("mutual_secret"))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None  # the message never holds the secret
+
+
+def _check_consistency(volumes: tuple[VolumeConfig, ...], path: str) -> None:
+    names: set[str] = set()
+    caches: set[str] = set()
+    luns: set[tuple[str, int]] = set()
+    by_target: dict[str, VolumeConfig] = {}
+    for i, vol in enumerate(volumes):
+        where = f"{path}: volume[{i}]"
+        if vol.name in names:
+            raise ConfigError(f"{where}.name: {vol.name!r} is used twice")
+        if vol.cache in caches:
+            raise ConfigError(f"{where}.cache: {vol.cache!r} is used by another volume")
+        if (vol.target, vol.lun) in luns:
+            raise ConfigError(f"{where}.lun: LUN {vol.lun} of {vol.target} is used twice")
+        first = by_target.setdefault(vol.target, vol)
+        if first.allowed_initiators != vol.allowed_initiators or first.chap != vol.chap:
+            raise ConfigError(f"{where}: volumes of target {vol.target} must share its "
+                              "allowed_initiators and chap")
+        names.add(vol.name)
+        caches.add(vol.cache)
+        luns.add((vol.target, vol.lun))
