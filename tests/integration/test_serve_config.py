@@ -68,10 +68,12 @@ target = "iqn.2026-11.test:open"
         assert inq(f"iscsi://127.0.0.1:{port}/iqn.2026-11.test:secure/0", ALLOWED).returncode != 0
         assert inq(f"{secure}/0", "iqn.2024-01.test:stranger").returncode != 0
         # the open target and the secure one still serve
-        assert inq(f"iscsi://127.0.0.1:{port}/iqn.2026-11.test:open/0", "iqn.2024-01.test:any").returncode == 0
+        open_url = f"iscsi://127.0.0.1:{port}/iqn.2026-11.test:open/0"
+        assert inq(open_url, "iqn.2024-01.test:any").returncode == 0
         assert inq(f"{secure}/1", ALLOWED).returncode == 0
         listing = subprocess.run(["iscsi-ls", "-i", "iqn.2024-01.test:stranger", "-s",
-                                  f"iscsi://127.0.0.1:{port}"], capture_output=True, text=True, timeout=30).stdout
+                                  f"iscsi://127.0.0.1:{port}"],
+                                 capture_output=True, text=True, timeout=30).stdout
         assert "test:open" in listing and "test:secure" not in listing  # discovery honours the ACL
     finally:
         proc.send_signal(signal.SIGTERM)

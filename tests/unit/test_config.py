@@ -44,7 +44,7 @@ def test_conflicts_between_volumes() -> None:
     with pytest.raises(ConfigError, match="must share"):
         parse({"volume": [GOOD, {**GOOD, "name": "b", "cache": "/c2", "lun": 1,
                                  "allowed_initiators": ["iqn.x:y"]}]})
-    with pytest.raises(ConfigError, match="portal.listen"):
+    with pytest.raises(ConfigError, match=r"portal\.listen"):
         parse({"portal": {"listen": "h:port"}, "volume": [GOOD]})
     with pytest.raises(ConfigError, match=re.escape("no [[volume]]")):
         parse({})
