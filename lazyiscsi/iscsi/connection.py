@@ -345,6 +345,7 @@ class Connection:
         """Ask for the rest of the data-out with one R2T at a time, or execute."""
         if len(task.data) >= task.want_out:
             task.executing = True
+            # an initiator may send up to its EDTL: each command judges what it got (scsi layer)
             return [Execute(task)]
         missing = task.want_out - len(task.data)
         length = min(missing, int(self.values.get("MaxBurstLength", "262144")))
@@ -359,7 +360,8 @@ class Connection:
         task = self.tasks.get(d.itt)
         if task is None or task.executing:
             raise RemoteProtocolError(f"Data-Out for unknown task {d.itt:#x}", RejectReason.INVALID_PDU_FIELD)
-        if d.offset != len(task.data) or len(task.data) + len(d.data) > task.want_out:
+        if d.offset != len(task.data) or len(task.data) + len(d.data) > task.expected:
+            # beyond the Expected Data Transfer Length the initiator itself declared
             raise RemoteProtocolError("Data-Out out of order or beyond the expected length",
                                       RejectReason.PROTOCOL_ERROR)
         task.data += d.data

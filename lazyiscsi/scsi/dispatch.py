@@ -48,12 +48,13 @@ def _block(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes |
         return sbc.read(lun, cmd)
     want = data_out_length(cdb, lun.block_size)
     got = len(data) if data is not None else 0
-    if kind == "write" and got < want:
-        # the initiator expected to send less than the CDB describes (an iSCSI overflow): write
-        # the whole blocks that came, as LIO does; the transport reports the residual
-        cmd = replace(cmd, blocks=got // lun.block_size)
+    if kind == "write":
+        # the initiator may send more than the CDB describes (only that much is written) or less
+        # (the whole blocks that came are written, as LIO does); the transport reports residuals
+        if got < want:
+            cmd = replace(cmd, blocks=got // lun.block_size)
     elif want and got != want:
-        raise invalid_cdb(LAYOUTS[op][0].blocks[0])  # compare data must be complete
+        raise invalid_cdb(LAYOUTS[op][0].blocks[0])  # compare and pattern data must be exact
     if kind == "write":
         if cmd.blocks:
             assert data is not None
