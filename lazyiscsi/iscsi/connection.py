@@ -164,8 +164,8 @@ class Connection:
         if self.state is State.CLOSED:
             return []
         out: list[Action] = []
-        full = bytes(data_in or b"") if task.read else b""
-        data = full[:task.expected]
+        full = memoryview(data_in) if task.read and data_in else memoryview(b"")
+        data = full[:task.expected]  # slices of a memoryview: no copy until the PDU is encoded
         # RFC 7143 11.4.5: residual = expected - what the command moves (negative: overflow)
         residual = task.expected - (len(full) if task.read else task.cdb_out)
         if data and sense is None:

@@ -143,19 +143,20 @@ class Framer:
         return RawPdu(bhs, raw[BHS_LEN:header_end], data)
 
 
-def encode(bhs: bytearray, data: bytes = b"", *, header_digest: bool = False,
+def encode(bhs: bytearray, data: bytes | memoryview = b"", *, header_digest: bool = False,
            data_digest: bool = False) -> bytes:
-    """Serialize a target PDU: fill DataSegmentLength, pad, add the negotiated digests."""
+    """Serialize a target PDU: fill DataSegmentLength, pad, add the negotiated digests (one
+    copy of the data, into the PDU)."""
     bhs[5:8] = len(data).to_bytes(3, "big")
-    out = bytes(bhs)
+    parts: list[bytes | memoryview] = [bhs]
     if header_digest:
-        out += digest(bhs)
-    if data:
-        padded = data + bytes(pad(len(data)))
-        out += padded
+        parts.append(digest(bhs))
+    if len(data):
+        padding = bytes(pad(len(data)))
+        parts += [data, padding]
         if data_digest:
-            out += digest(padded)
-    return out
+            parts.append(struct.pack("<I", crc32c.crc32c(padding, crc32c.crc32c(data))))
+    return b"".join(parts)
 
 
 # -- decoded initiator PDUs (the fields the target acts on) ----------------------------------

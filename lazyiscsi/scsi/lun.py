@@ -23,6 +23,8 @@ class BlockBackend(Protocol):
 
     size: int
     unit: int
+    #: every byte is local: I/O never waits for a source
+    complete: bool
 
     def readinto(self, offset: int, buf: memoryview) -> None: ...
 
