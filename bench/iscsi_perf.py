@@ -39,7 +39,8 @@ def start_lazyiscsi(image: Path, work: Path) -> tuple[subprocess.Popen[bytes], s
     port = free_port()
     iqn = "iqn.2026-11.io.lazyiscsi:perf"
     proc = subprocess.Popen([LAZYISCSI, "--log-level", "warning", "serve", "--source", str(image),
-                             "--cache", str(work / "cache.img"), "--iqn", iqn, "--listen", f"127.0.0.1:{port}"],
+                             "--cache", str(work / "cache.img"), "--iqn", iqn,
+                             "--listen", f"127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     meta = work / "cache.img.meta"
     deadline = time.monotonic() + 120
