@@ -42,7 +42,7 @@ from lazyiscsi.iscsi.pdu import (
     build_reject,
     build_scsi_response,
     decode,
-    encode,
+    encode_parts,
 )
 
 QUEUE_DEPTH = 64
@@ -84,7 +84,9 @@ class Task:
 
 @dataclass(frozen=True)
 class Send:
-    data: bytes
+    """One PDU, as the buffers that make it up (header, data, padding, digests)."""
+
+    parts: list[bytes | bytearray | memoryview]
 
 
 @dataclass(frozen=True)
@@ -441,8 +443,8 @@ class Connection:
         self.statsn = (self.statsn + 1) & 0xFFFFFFFF
         return s
 
-    def _encode(self, bhs: bytearray, data: bytes = b"") -> bytes:
-        return encode(bhs, data, header_digest=self.header_digest, data_digest=self.data_digest)
+    def _encode(self, bhs: bytearray, data: bytes | memoryview = b"") -> list[bytes | bytearray | memoryview]:
+        return encode_parts(bhs, data, header_digest=self.header_digest, data_digest=self.data_digest)
 
 
 _HANDLERS: dict[tuple[State, type], Callable[[Connection, object], list[Action]]] = {

@@ -143,20 +143,30 @@ class Framer:
         return RawPdu(bhs, raw[BHS_LEN:header_end], data)
 
 
-def encode(bhs: bytearray, data: bytes | memoryview = b"", *, header_digest: bool = False,
-           data_digest: bool = False) -> bytes:
-    """Serialize a target PDU: fill DataSegmentLength, pad, add the negotiated digests (one
-    copy of the data, into the PDU)."""
+def encode_parts(bhs: bytearray, data: bytes | memoryview = b"", *, header_digest: bool = False,
+                 data_digest: bool = False) -> list[bytes | bytearray | memoryview]:
+    """Serialize a target PDU as the buffers to send one after another (a gathered write):
+    fill DataSegmentLength, pad, add the negotiated digests. The data itself is not copied,
+    so a Data-In PDU costs one copy from the page cache into the read buffer and one into
+    the socket."""
     bhs[5:8] = len(data).to_bytes(3, "big")
-    parts: list[bytes | memoryview] = [bhs]
+    parts: list[bytes | bytearray | memoryview] = [bhs]
     if header_digest:
         parts.append(digest(bhs))
     if len(data):
         padding = bytes(pad(len(data)))
-        parts += [data, padding]
+        parts.append(data)
+        if padding:
+            parts.append(padding)
         if data_digest:
             parts.append(struct.pack("<I", crc32c.crc32c(padding, crc32c.crc32c(data))))
-    return b"".join(parts)
+    return parts
+
+
+def encode(bhs: bytearray, data: bytes | memoryview = b"", *, header_digest: bool = False,
+           data_digest: bool = False) -> bytes:
+    """A target PDU as one buffer (for initiators in tests and small PDUs)."""
+    return b"".join(encode_parts(bhs, data, header_digest=header_digest, data_digest=data_digest))
 
 
 # -- decoded initiator PDUs (the fields the target acts on) ----------------------------------

@@ -24,8 +24,10 @@ from lazyiscsi.scsi.lun import Lun
 
 log = structlog.get_logger("lazyiscsi.iscsi")
 
-#: queued PDUs are joined into one send up to about this many bytes
+#: queued PDUs are gathered into one send up to about this many bytes
 _COALESCE = 256 * 1024
+#: and no more buffers than one sendmsg takes (IOV_MAX is 1024 on Linux)
+_MAX_IOV = 512
 #: READ(6/10/12/16) opcodes, as CDB prefixes
 _INLINE_READS = frozenset(bytes([op]) for op in (Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16))
 
@@ -101,7 +103,7 @@ class _Session:
     def _perform(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self.out.put(action.data)
+                self.out.put(action.parts)
             elif isinstance(action, Execute):
                 if self._never_blocks(action.task):
                     self._execute(action.task)  # no greenlet to spawn or switch to
@@ -131,22 +133,36 @@ class _Session:
         self._perform(self.conn.task_done(task, result.status, result.data_in, result.sense))
 
     def _write_loop(self) -> None:
-        """Send PDUs in order. Whatever has queued up meanwhile goes out in one send: many small
-        responses (4 KiB reads at QD16) then cost one system call, not one each."""
+        """Send PDUs in order. Whatever has queued up meanwhile goes out in one gathered write:
+        many small responses (4 KiB reads at QD16) then cost one system call, not one each, and
+        Data-In payloads go to the socket straight from the read buffer."""
         while True:
             item = self.out.get()
             if item is None:
                 return
-            batch = [item]
-            size = len(item)
-            while size < _COALESCE and not self.out.empty():
+            batch = list(item)
+            size = sum(map(len, batch))
+            while size < _COALESCE and len(batch) < _MAX_IOV and not self.out.empty():
                 nxt = self.out.peek()
                 if nxt is None:
                     break
-                batch.append(self.out.get())
-                size += len(nxt)
+                batch += self.out.get()
+                size += sum(map(len, nxt))
             try:
-                self.sock.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
+                _send_all(self.sock, batch)
             except OSError:
                 self.closing = True
                 return
+
+
+def _send_all(sock: socket.socket, buffers: list[bytes | bytearray | memoryview]) -> None:
+    """sendmsg until every byte is out, resuming mid-buffer after a short write."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i:i + _MAX_IOV])
+        while i < len(views) and sent >= len(views[i]):
+            sent -= len(views[i])
+            i += 1
+        if sent:
+            views[i] = views[i][sent:]
