@@ -44,6 +44,7 @@ from lazyiscsi.iscsi.pdu import (
     decode,
     encode_parts,
 )
+from lazyiscsi.scsi.sense import Reason, Status, fixed_sense
 
 QUEUE_DEPTH = 64
 SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
@@ -79,7 +80,20 @@ class Task:
     cdb_out: int = 0  # bytes of data-out the CDB itself describes (for the residual)
     data: bytearray = field(default_factory=bytearray)
     next_ttt: int = 0
+    next_datasn: int = 0  # of the current unsolicited or solicited sequence (RFC 7143 11.7.5)
+    sequence_error: str = ""  # why its data-out cannot be trusted: it fails, it is not run
     executing: bool = False
+    aborted: bool = False  # an ABORT TASK (or a reset) came while it ran: no status goes out
+
+
+@dataclass
+class _PendingTmf:
+    """A task management response that waits for the running tasks it aborted to finish:
+    SAM-5 has the function complete only once those tasks can no longer affect the medium."""
+
+    itt: int
+    response: int
+    waiting: set[int]
 
 
 @dataclass(frozen=True)
@@ -99,7 +113,21 @@ class Close:
     reason: str
 
 
-Action = Send | Execute | Close
+@dataclass(frozen=True)
+class Fault:
+    """Something the initiator did wrong that does not end the connection: for the log."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Reset:
+    """A LUN RESET (``lun``) or TARGET WARM RESET (``lun`` None) for the SCSI layer to apply."""
+
+    lun: int | None
+
+
+Action = Send | Execute | Close | Reset | Fault
 
 
 class LoginStatus(enum.IntEnum):
@@ -140,7 +168,13 @@ class Connection:
         self.statsn = 0
         self.expcmdsn = 0
         self.tasks: dict[int, Task] = {}
+        self._pending_tmfs: list[_PendingTmf] = []
         self._ttt = 1
+
+    @property
+    def nexus(self) -> str:
+        """The initiator port name (RFC 7143 13.1): what SCSI calls this I_T nexus."""
+        return f"{self.initiator},i,0x{self._isid.hex()}"
 
     # -- entry points --------------------------------------------------------------------------
 
@@ -162,9 +196,12 @@ class Connection:
 
     def task_done(self, task: Task, status: int, data_in: bytes | bytearray | None,
                   sense: bytes | None) -> list[Action]:
-        self.tasks.pop(task.itt, None)
+        if self.tasks.get(task.itt) is task:
+            del self.tasks[task.itt]
         if self.state is State.CLOSED:
             return []
+        if task.aborted:
+            return self._tmf_progress(task.itt)
         out: list[Action] = []
         full = memoryview(data_in) if task.read and data_in else memoryview(b"")
         data = full[:task.expected]  # slices of a memoryview: no copy until the PDU is encoded
@@ -354,6 +391,7 @@ class Connection:
         ttt = self._ttt
         self._ttt = (self._ttt + 1) & 0x7FFFFFFF or 1
         task.next_ttt = ttt
+        task.next_datasn = 0  # each R2T starts a new sequence
         bhs = build_r2t(task.itt, task.lun, ttt, self.statsn, self.expcmdsn, self._maxcmdsn(), 0,
                         len(task.data), length)
         return [Send(self._encode(bhs))]
@@ -366,9 +404,21 @@ class Connection:
             # beyond the Expected Data Transfer Length the initiator itself declared
             raise RemoteProtocolError("Data-Out out of order or beyond the expected length",
                                       RejectReason.PROTOCOL_ERROR)
+        if d.datasn != task.next_datasn and not task.sequence_error:
+            # a lost or reordered Data-Out: the data cannot be trusted, but the connection can
+            task.sequence_error = f"Data-Out DataSN {d.datasn} while expecting {task.next_datasn}"
+        task.next_datasn = d.datasn + 1
         task.data += d.data
+        if not d.final:
+            return []
+        if task.sequence_error:
+            # at the end of the burst: fail the command (ABORTED COMMAND, which initiators retry)
+            # instead of writing data that may be in the wrong place
+            del self.tasks[task.itt]
+            return [Fault(task.sequence_error), *self.task_done(
+                task, Status.CHECK_CONDITION, None, fixed_sense(Reason.DATA_PHASE_ERROR))]
         # the end of a burst, unsolicited or solicited: execute, or solicit the rest
-        return self._advance(task) if d.final else []
+        return self._advance(task)
 
     def _nop_out(self, nop: NopOut) -> list[Action]:
         if nop.itt == 0xFFFFFFFF:
@@ -412,26 +462,56 @@ class Connection:
         return [Send(self._encode(b)), Close("logout")]
 
     def _task_mgmt(self, req: TaskManagementRequest) -> list[Action]:
-        """ABORT TASK and friends: at ERL 0 with commands that cannot be recalled from the
-        store, the answer for a running task is "function complete" once nothing more is sent
-        for it; a task not found is "task does not exist" (RFC 7143 11.6.1)."""
+        """ABORT TASK and friends. A task still gathering data is dropped at once; a running
+        one cannot be recalled from the store, so it is marked aborted, its status is never
+        sent, and the response waits until it has finished (RFC 7143 11.5.1, SAM-5 7.2).
+        A task not found is "task does not exist" (RFC 7143 11.6.1)."""
         self._window(req.immediate, req.cmdsn, b"")
         response = 0  # function complete
+        hit: list[Task] = []
         if req.function == 1:  # ABORT TASK
             task = self.tasks.get(req.rtt)
             if task is None:
                 response = 1  # task does not exist
-            elif not task.executing:
-                del self.tasks[req.rtt]
-        elif req.function in (2, 3, 5, 6):  # ABORT TASK SET, CLEAR ACA, LUN RESET, TARGET WARM RESET
-            for itt in [i for i, t in self.tasks.items() if not t.executing]:
-                del self.tasks[itt]
+            else:
+                hit = [task]
+        elif req.function in (2, 5):  # ABORT TASK SET, LUN RESET: the tasks of that LUN
+            hit = [t for t in self.tasks.values() if t.lun == req.lun]
+        elif req.function in (3, 6):  # CLEAR ACA, TARGET WARM RESET
+            hit = list(self.tasks.values())
         else:
             response = 5  # task management function not supported
+        waiting = set()
+        for task in hit:
+            if task.executing:
+                task.aborted = True
+                waiting.add(task.itt)
+            del self.tasks[task.itt]
+        actions: list[Action] = []
+        if req.function in (5, 6):
+            actions.append(Reset(req.lun if req.function == 5 else None))
+        pending = _PendingTmf(req.itt, response, waiting)
+        if waiting:
+            self._pending_tmfs.append(pending)
+            return actions
+        return [*actions, self._tmf_response(pending)]
+
+    def _tmf_progress(self, itt: int) -> list[Action]:
+        """An aborted task finished: send the responses that were waiting only for it."""
+        out: list[Action] = []
+        for pending in list(self._pending_tmfs):
+            pending.waiting.discard(itt)
+            if not pending.waiting:
+                self._pending_tmfs.remove(pending)
+                out.append(self._tmf_response(pending))
+        return out
+
+    def _tmf_response(self, pending: _PendingTmf) -> Send:
         b = bytearray(BHS_LEN)
-        b[0], b[1], b[2] = Opcode.TASK_MGMT_RESPONSE, 0x80, response
-        struct.pack_into(">IIIII", b, 16, req.itt, 0, self._next_statsn(), self.expcmdsn, self._maxcmdsn())
-        return [Send(self._encode(b))]
+        b[0], b[1], b[2] = Opcode.TASK_MGMT_RESPONSE, 0x80, pending.response
+        struct.pack_into(">IIIII", b, 16, pending.itt, 0, self._next_statsn(), self.expcmdsn,
+                         self._maxcmdsn())
+        return Send(self._encode(b))
 
     # -- helpers ---------------------------------------------------------------------------------
 

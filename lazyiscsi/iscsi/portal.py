@@ -16,7 +16,18 @@ import gevent.queue
 import structlog
 from gevent.server import StreamServer
 
-from lazyiscsi.iscsi.connection import Action, Close, Connection, Execute, Send, State, Target, Task
+from lazyiscsi.iscsi.connection import (
+    Action,
+    Close,
+    Connection,
+    Execute,
+    Fault,
+    Reset,
+    Send,
+    State,
+    Target,
+    Task,
+)
 from lazyiscsi.iscsi.pdu import Framer, RemoteProtocolError
 from lazyiscsi.scsi import dispatch
 from lazyiscsi.scsi.cdb import Op
@@ -95,6 +106,8 @@ class _Session:
         finally:
             self.closing = True
             gevent.joinall(list(self.workers), timeout=30)
+            for lun in self._luns(None):  # the I_T nexus is gone: so are its SPC-2 reservations
+                lun.reservations.nexus_lost(self.conn.nexus)
             self.out.put(None)
             writer.join(timeout=5)
             with contextlib.suppress(OSError):
@@ -111,9 +124,25 @@ class _Session:
                 g = gevent.spawn(self._execute, action.task)
                 self.workers.add(g)
                 g.link(self.workers.discard)
+            elif isinstance(action, Fault):
+                log.warning("initiator_fault", peer=self.peer, initiator=self.conn.initiator,
+                            error=action.message)
+            elif isinstance(action, Reset):
+                for lun in self._luns(action.lun):
+                    lun.reservations.reset()
+                log.info("lun_reset" if action.lun is not None else "target_reset", peer=self.peer,
+                         initiator=self.conn.initiator, lun=action.lun)
             elif isinstance(action, Close):
                 log.info("connection_closing", peer=self.peer, reason=action.reason)
                 self.closing = True
+
+    def _luns(self, number: int | None) -> list[Lun]:
+        """The LUN ``number`` of this session's target, or all of them for None."""
+        target = self.conn.target
+        if target is None:
+            return []
+        luns: list[Lun] = list(target.luns.values())  # type: ignore[arg-type]
+        return [lun for lun in luns if number is None or lun.number == number]
 
     def _never_blocks(self, task: Task) -> bool:
         """A READ of a fully local LUN is a pread from the page cache: run it in the reader. Every
@@ -129,7 +158,7 @@ class _Session:
             result = dispatch.execute_no_lun(task.cdb, sorted(target.luns) if target else [])
         else:
             data = bytes(task.data) if task.data else None
-            result = dispatch.execute(lun, task.cdb, data, self.conn.initiator)
+            result = dispatch.execute(lun, task.cdb, data, self.conn.nexus)
         self._perform(self.conn.task_done(task, result.status, result.data_in, result.sense))
 
     def _write_loop(self) -> None:

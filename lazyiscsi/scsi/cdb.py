@@ -20,6 +20,8 @@ class Op(enum.IntEnum):
     WRITE_6 = 0x0A
     INQUIRY = 0x12
     MODE_SELECT_6 = 0x15
+    RESERVE_6 = 0x16
+    RELEASE_6 = 0x17
     MODE_SENSE_6 = 0x1A
     START_STOP_UNIT = 0x1B
     PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
@@ -28,13 +30,19 @@ class Op(enum.IntEnum):
     WRITE_10 = 0x2A
     WRITE_AND_VERIFY_10 = 0x2E
     VERIFY_10 = 0x2F
+    PRE_FETCH_10 = 0x34
     SYNCHRONIZE_CACHE_10 = 0x35
     WRITE_SAME_10 = 0x41
     UNMAP = 0x42
     MODE_SELECT_10 = 0x55
+    RESERVE_10 = 0x56
+    RELEASE_10 = 0x57
     MODE_SENSE_10 = 0x5A
+    PERSISTENT_RESERVE_IN = 0x5E
+    PERSISTENT_RESERVE_OUT = 0x5F
     READ_16 = 0x88
     COMPARE_AND_WRITE = 0x89
+    PRE_FETCH_16 = 0x90
     WRITE_16 = 0x8A
     WRITE_AND_VERIFY_16 = 0x8E
     VERIFY_16 = 0x8F
@@ -42,6 +50,7 @@ class Op(enum.IntEnum):
     WRITE_SAME_16 = 0x93
     SERVICE_ACTION_IN_16 = 0x9E
     REPORT_LUNS = 0xA0
+    MAINTENANCE_IN = 0xA3
     READ_12 = 0xA8
     WRITE_12 = 0xAA
     WRITE_AND_VERIFY_12 = 0xAE
@@ -51,6 +60,10 @@ class Op(enum.IntEnum):
 class ServiceActionIn(enum.IntEnum):
     READ_CAPACITY_16 = 0x10
     GET_LBA_STATUS = 0x12
+
+
+class MaintenanceIn(enum.IntEnum):
+    REPORT_SUPPORTED_OPERATION_CODES = 0x0C
 
 
 CDB_LENGTH_BY_GROUP = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}
@@ -82,6 +95,7 @@ LAYOUTS: dict[Op, tuple[Layout, str]] = {
     Op.WRITE_AND_VERIFY_16: (_L16, "write"),
     Op.SYNCHRONIZE_CACHE_10: (_L10, "sync"), Op.SYNCHRONIZE_CACHE_16: (_L16, "sync"),
     Op.WRITE_SAME_10: (_L10, "write_same"), Op.WRITE_SAME_16: (_L16, "write_same"),
+    Op.PRE_FETCH_10: (_L10, "prefetch"), Op.PRE_FETCH_16: (_L16, "prefetch"),
 }
 
 _WRITE_AND_VERIFY = frozenset({Op.WRITE_AND_VERIFY_10, Op.WRITE_AND_VERIFY_12, Op.WRITE_AND_VERIFY_16})
@@ -99,6 +113,7 @@ class BlockCommand:
     bytchk: bool = False
     unmap: bool = False
     ndob: bool = False
+    immed: bool = False
 
 
 def _field(cdb: bytes, where: tuple[int, int]) -> int:
@@ -145,14 +160,15 @@ def parse_block(cdb: bytes, op: Op, n_blocks: int, max_blocks: int) -> BlockComm
             raise invalid_cdb(layout.blocks[0])
         if blocks > max_blocks:
             raise invalid_cdb(layout.blocks[0])
-    if kind == "sync" and blocks == 0:
-        blocks = max(0, n_blocks - lba)  # 0: to the end of the medium (SBC-4 5.24)
+    if kind in ("sync", "prefetch") and blocks == 0:
+        blocks = max(0, n_blocks - lba)  # 0: to the end of the medium (SBC-4 5.9, 5.24)
     # the transfer length is judged before the range, as LIO does (sbc_parse_cdb)
     if kind in ("read", "write", "verify") and blocks > max_blocks:
         raise invalid_cdb(layout.blocks[0])
     if lba > n_blocks or lba + blocks > n_blocks:
         raise SenseError(Reason.LBA_OUT_OF_RANGE, detail=f"LBA {lba}+{blocks} past {n_blocks}")
-    return BlockCommand(op, kind, lba, blocks, fua=fua, bytchk=bytchk, unmap=unmap, ndob=ndob)
+    immed = kind in ("sync", "prefetch") and bool(flags & 0x02)
+    return BlockCommand(op, kind, lba, blocks, fua=fua, bytchk=bytchk, unmap=unmap, ndob=ndob, immed=immed)
 
 
 def allocation_length(cdb: bytes, where: tuple[int, int]) -> int:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 import structlog
 
 from lazyiscsi.scsi import sbc, spc
-from lazyiscsi.scsi.cdb import LAYOUTS, Op, ServiceActionIn, check_length, parse_block
-from lazyiscsi.scsi.lun import Lun
+from lazyiscsi.scsi.cdb import LAYOUTS, MaintenanceIn, Op, ServiceActionIn, check_length, parse_block
+from lazyiscsi.scsi.lun import MAX_TRANSFER_BYTES, Lun
+from lazyiscsi.scsi.reservations import Conflict, PrIn, PrOut
 from lazyiscsi.scsi.sense import (
     Reason,
     SenseError,
@@ -63,6 +64,8 @@ def _block(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes |
         sbc.verify(lun, cmd, data)
     elif kind == "sync":
         sbc.sync(lun, cmd)
+    elif kind == "prefetch":
+        sbc.prefetch(lun, cmd)
     else:
         sbc.write_same(lun, cmd, data)
     return None
@@ -91,6 +94,27 @@ def _prevent_allow(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) ->
     return None
 
 
+def _reserve(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> None:
+    """RESERVE(6/10) of the whole LUN; third-party and extent reservations are obsolete."""
+    if cdb[1] & (0x01 if cdb[0] == Op.RESERVE_6 else 0x12):
+        raise invalid_cdb(1)
+    lun.reservations.reserve(nexus)
+
+
+def _maintenance_in(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes:
+    if cdb[1] & 0x1F != MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES:
+        raise invalid_cdb(1, 4)
+    return spc.report_supported_opcodes(cdb, SUPPORTED)
+
+
+def _persistent_in(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes:
+    return spc.truncate(lun.reservations.persistent_in(cdb), struct.unpack_from(">H", cdb, 7)[0])
+
+
+def _persistent_out(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> None:
+    lun.reservations.persistent_out(cdb, data, nexus, lun.unit_attentions)
+
+
 HANDLERS: dict[Op, Handler] = {
     Op.TEST_UNIT_READY: lambda lun, cdb, data, nexus: None,
     Op.INQUIRY: lambda lun, cdb, data, nexus: spc.inquiry(lun, cdb),
@@ -106,8 +130,29 @@ HANDLERS: dict[Op, Handler] = {
     Op.COMPARE_AND_WRITE: lambda lun, cdb, data, nexus: sbc.compare_and_write(lun, cdb, data),
     Op.START_STOP_UNIT: _start_stop,
     Op.PREVENT_ALLOW_MEDIUM_REMOVAL: _prevent_allow,
+    Op.RESERVE_6: _reserve,
+    Op.RESERVE_10: _reserve,
+    Op.RELEASE_6: lambda lun, cdb, data, nexus: lun.reservations.release(nexus),
+    Op.RELEASE_10: lambda lun, cdb, data, nexus: lun.reservations.release(nexus),
+    Op.PERSISTENT_RESERVE_IN: _persistent_in,
+    Op.PERSISTENT_RESERVE_OUT: _persistent_out,
+    Op.MAINTENANCE_IN: _maintenance_in,
     **dict.fromkeys(LAYOUTS, _block),
 }
+
+#: the service actions each multiplexed opcode runs
+SERVICE_ACTIONS: dict[Op, tuple[int, ...]] = {
+    Op.SERVICE_ACTION_IN_16: tuple(ServiceActionIn),
+    Op.MAINTENANCE_IN: tuple(MaintenanceIn),
+    Op.PERSISTENT_RESERVE_IN: tuple(PrIn),
+    Op.PERSISTENT_RESERVE_OUT: tuple(PrOut),
+}
+
+#: (opcode, service action or None) for REPORT SUPPORTED OPERATION CODES
+SUPPORTED: list[tuple[int, int | None]] = sorted(
+    [(int(op), None) for op in HANDLERS if op not in SERVICE_ACTIONS]
+    + [(int(op), int(sa)) for op, actions in SERVICE_ACTIONS.items() for sa in actions],
+    key=lambda c: (c[0], c[1] or 0))
 
 #: commands that run even with a unit attention pending (SAM-5 5.14, SPC-4 6.6/6.33/6.39)
 _UA_EXEMPT = frozenset({Op.INQUIRY, Op.REPORT_LUNS, Op.REQUEST_SENSE})
@@ -121,8 +166,16 @@ def data_out_length(cdb: bytes, block_size: int) -> int:
         check_length(cdb)
     except (ValueError, IndexError, SenseError):
         return 0
+    length = _data_out_length(op, cdb, block_size)
+    # more than any command takes: solicit nothing, and let the command fail on its CDB
+    return length if length <= MAX_TRANSFER_BYTES else 0
+
+
+def _data_out_length(op: Op, cdb: bytes, block_size: int) -> int:
     if op in (Op.UNMAP, Op.MODE_SELECT_10):
         return struct.unpack_from(">H", cdb, 7)[0]
+    if op is Op.PERSISTENT_RESERVE_OUT:
+        return struct.unpack_from(">I", cdb, 5)[0]
     if op is Op.MODE_SELECT_6:
         return cdb[4]
     if op is Op.COMPARE_AND_WRITE:
@@ -171,8 +224,11 @@ def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | Non
         pending = lun.unit_attentions.get(nexus)
         if pending and op not in _UA_EXEMPT:
             raise SenseError(pending.pop(0))
+        lun.reservations.check(op, cdb, nexus)
         data = memoryview(data_out) if data_out is not None else None
         return Result(Status.GOOD, handler(lun, cdb, data, nexus))
+    except Conflict:
+        return Result(Status.RESERVATION_CONFLICT)
     except SenseError as e:
         return Result(Status.CHECK_CONDITION, sense=fixed_sense(e.reason, field=e.field, info=e.info))
     except StoreError as e:

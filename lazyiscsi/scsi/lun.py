@@ -8,6 +8,7 @@ from typing import Protocol
 
 import gevent.lock
 
+from lazyiscsi.scsi.reservations import Reservations
 from lazyiscsi.scsi.sense import Reason
 
 #: the most blocks one READ/WRITE/VERIFY may move (advertised in the Block Limits VPD page)
@@ -36,6 +37,8 @@ class BlockBackend(Protocol):
 
     def flush(self) -> None: ...
 
+    def prefetch(self, offset: int, length: int, *, wait: bool = True) -> None: ...
+
 
 @dataclass
 class Lun:
@@ -53,6 +56,7 @@ class Lun:
     #: COMPARE AND WRITE holds it from its read to its write; plain writes do not take it, as
     #: SBC-4 5.3 asks atomicity only against other COMPARE AND WRITE commands here
     compare_lock: gevent.lock.Semaphore = field(default_factory=gevent.lock.Semaphore)
+    reservations: Reservations = field(default_factory=Reservations)
 
     def __post_init__(self) -> None:
         if self.block_size not in (512, 4096):

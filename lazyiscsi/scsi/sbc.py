@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 from lazyiscsi.scsi.cdb import BlockCommand
-from lazyiscsi.scsi.lun import MAX_COMPARE_AND_WRITE_BLOCKS, Lun
+from lazyiscsi.scsi.lun import MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES, Lun
 from lazyiscsi.scsi.sense import (
     Reason,
     SenseError,
@@ -47,13 +47,22 @@ def sync(lun: Lun, cmd: BlockCommand) -> None:
     lun.backend.flush()
 
 
+def prefetch(lun: Lun, cmd: BlockCommand) -> None:
+    """PRE-FETCH makes blocks local ahead of the reads that will want them: here that means
+    fetching them from the source site now. At most one transfer's worth is fetched per command
+    (SBC-4 5.9 lets a device prefetch less, and GOOD then says so); with IMMED the fetch runs
+    after the status is sent."""
+    length = min(cmd.blocks * lun.block_size, MAX_TRANSFER_BYTES)
+    lun.backend.prefetch(cmd.lba * lun.block_size, length, wait=not cmd.immed)
+
+
 def write_same(lun: Lun, cmd: BlockCommand, data: memoryview | None) -> None:
-    """Zeros (NDOB, or an all-zero block) and UNMAP go through write_zeroes, which deallocates
+    """Zeros (NDOB, or an all-zero block, with or without UNMAP) go through write_zeroes, which deallocates
     whole units; any other pattern is written out in chunks (never one huge buffer)."""
     offset, length = cmd.lba * lun.block_size, cmd.blocks * lun.block_size
     block = bytes(lun.block_size) if cmd.ndob or data is None else bytes(data)
-    if cmd.unmap and any(block):
-        raise invalid_cdb(1, 3)  # UNMAP with a non-zero pattern: LBPRZ=1 would not hold
+    # UNMAP may deallocate only where a deallocated block would read back as the pattern
+    # (LBPRZ=1: zeros); with any other pattern the blocks are written (SBC-4 4.7.3.4)
     if not any(block):
         lun.backend.write_zeroes(offset, length, fua=not lun.write_cache)
         return
@@ -108,6 +117,8 @@ def compare_and_write(lun: Lun, cdb: bytes, data: memoryview | None) -> None:
     if lba + blocks > lun.n_blocks:
         raise SenseError(Reason.LBA_OUT_OF_RANGE)
     if blocks == 0:
+        if data:  # no blocks, yet data: the initiator and its CDB disagree about the length
+            raise invalid_cdb(13)
         return
     length = blocks * lun.block_size
     if data is None or len(data) != 2 * length:

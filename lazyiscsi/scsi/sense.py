@@ -56,6 +56,11 @@ class Reason(enum.Enum):
     POWER_ON_OR_RESET = "power on, reset, or bus device reset occurred"
     MODE_PARAMETERS_CHANGED = "mode parameters changed"
     CAPACITY_CHANGED = "capacity data has changed"
+    RESERVATIONS_PREEMPTED = "reservations preempted"
+    RESERVATIONS_RELEASED = "reservations released"
+    REGISTRATIONS_PREEMPTED = "registrations preempted"
+    INVALID_RELEASE_OF_PERSISTENT_RESERVATION = "invalid release of persistent reservation"
+    DATA_PHASE_ERROR = "data phase error"
     INTERNAL_ERROR = "internal target failure"
 
 
@@ -82,6 +87,13 @@ SENSE_TABLE: dict[Reason, tuple[SenseKey, int, int]] = {
     Reason.POWER_ON_OR_RESET: (SenseKey.UNIT_ATTENTION, 0x29, 0x00),
     Reason.MODE_PARAMETERS_CHANGED: (SenseKey.UNIT_ATTENTION, 0x2A, 0x01),  # MODE PARAMETERS CHANGED
     Reason.CAPACITY_CHANGED: (SenseKey.UNIT_ATTENTION, 0x2A, 0x09),  # CAPACITY DATA HAS CHANGED
+    Reason.RESERVATIONS_PREEMPTED: (SenseKey.UNIT_ATTENTION, 0x2A, 0x03),  # RESERVATIONS PREEMPTED
+    Reason.RESERVATIONS_RELEASED: (SenseKey.UNIT_ATTENTION, 0x2A, 0x04),  # RESERVATIONS RELEASED
+    Reason.REGISTRATIONS_PREEMPTED: (SenseKey.UNIT_ATTENTION, 0x2A, 0x05),  # REGISTRATIONS PREEMPTED
+    # INVALID RELEASE OF PERSISTENT RESERVATION
+    Reason.INVALID_RELEASE_OF_PERSISTENT_RESERVATION: (SenseKey.ILLEGAL_REQUEST, 0x26, 0x04),
+    # the transport lost or reordered data-out: ABORTED COMMAND, which initiators retry
+    Reason.DATA_PHASE_ERROR: (SenseKey.ABORTED_COMMAND, 0x4B, 0x00),
     Reason.INTERNAL_ERROR: (SenseKey.HARDWARE_ERROR, 0x44, 0x00),  # INTERNAL TARGET FAILURE
 }
 

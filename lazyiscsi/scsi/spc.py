@@ -6,6 +6,7 @@ import enum
 import struct
 
 from lazyiscsi import __version__
+from lazyiscsi.scsi.cdb import cdb_length
 from lazyiscsi.scsi.lun import MAX_COMPARE_AND_WRITE_BLOCKS, Lun
 from lazyiscsi.scsi.sense import Reason, SenseError, fixed_sense, invalid_cdb, invalid_param
 
@@ -262,3 +263,37 @@ def request_sense(lun: Lun, cdb: bytes, nexus: str) -> bytes:
     pending = lun.unit_attentions.get(nexus)
     reason = pending.pop(0) if pending else Reason.NO_SENSE
     return truncate(fixed_sense(reason), cdb[4])
+
+
+def report_supported_opcodes(cdb: bytes, commands: list[tuple[int, int | None]]) -> bytes:
+    """REPORT SUPPORTED OPERATION CODES (SPC-4 6.35): ``commands`` lists (opcode, service
+    action or None) for everything ``execute`` runs. Timeout descriptors carry no figures (0:
+    not specified): a command's time depends on the source site, not on the device."""
+    rctd = bool(cdb[2] & 0x80)
+    options = cdb[2] & 0x07
+    alloc = struct.unpack_from(">I", cdb, 6)[0]
+    timeout = struct.pack(">HBBII", 0x0A, 0, 0, 0, 0) if rctd else b""
+    if options == 0:
+        body = bytearray()
+        for opcode, action in commands:
+            flags = (0x02 if rctd else 0) | (0x01 if action is not None else 0)
+            body += struct.pack(">BxHxBH", opcode, action or 0, flags, cdb_length(opcode) or 0) + timeout
+        return truncate(struct.pack(">I", len(body)) + bytes(body), alloc)
+    opcode, wanted = cdb[3], struct.unpack_from(">H", cdb, 4)[0]
+    with_actions = {op for op, action in commands if action is not None}
+    if options == 1 and opcode in with_actions:
+        raise invalid_cdb(2, 2)  # this opcode has service actions: ask with one
+    if options == 2 and opcode not in with_actions and (opcode, None) in commands:
+        raise invalid_cdb(2, 2)  # no service actions to ask about
+    if options not in (1, 2, 3):
+        raise invalid_cdb(2, 2)
+    action = wanted if opcode in with_actions else None
+    if (opcode, action) not in commands:
+        return truncate(struct.pack(">xBH", 0x01, 0), alloc)  # SUPPORT 001b: not supported
+    size = cdb_length(opcode) or 0
+    usage = bytearray(b"\xff" * size)
+    usage[0] = opcode
+    if action is not None:
+        usage[1] = action  # the service action where the CDB carries it (byte 1 in these forms)
+    usage[size - 1] = 0x04  # CONTROL: only NACA is looked at (and must be 0)
+    return truncate(struct.pack(">xBH", (0x80 if rctd else 0) | 0x03, size) + bytes(usage) + timeout, alloc)

@@ -266,6 +266,28 @@ class LazyDisk:
         """Make every write acknowledged so far durable, with its map bits."""
         self.commit()
 
+    def prefetch(self, offset: int, length: int, *, wait: bool = True) -> None:
+        """Fetch the range ahead of the reads that will want it (SCSI PRE-FETCH), at foreground
+        priority. Without ``wait`` it runs in the background and a failure is only logged: the
+        reads that follow fetch again, and fail, on their own."""
+        self._check(offset, length)
+        if self._complete or not length:
+            return
+        a, b = self._units(offset, length)
+        if next(self._map.missing_runs(a, b), None) is None:
+            return
+        if wait:
+            self._await(a, b)
+        else:
+            gevent.spawn(self._prefetch_quietly, a, b)
+
+    def _prefetch_quietly(self, a: int, b: int) -> None:
+        try:
+            self._await(a, b)
+        except StoreError as e:
+            log.warning("prefetch_failed", path=self.path, offset=a * self.unit,
+                        length=(b - a) * self.unit, error=str(e))
+
     # -- what the hydrator uses ------------------------------------------------------------
 
     def missing_runs(self, offset: int, length: int) -> Iterator[tuple[int, int]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.integration.peers import free_port, wait_listening
 
-FLOOR = 223
+FLOOR = 228
 INITIATOR = "iqn.2024-01.test:conformance"
 
 

@@ -7,6 +7,7 @@ import random
 import struct
 from pathlib import Path
 
+import gevent
 import pytest
 
 from lazyiscsi.scsi.dispatch import Result, data_out_length, execute
@@ -163,7 +164,9 @@ def test_write_same_patterns_and_unmap(env, size: int) -> None:  # type: ignore[
     assert bytes(run(lun, rw("read", 10, 50, 300)).data_in) == b"\xab" * BS * 300
     expect_good(run(lun, rw("writesame", size, 50, 16, flags=0x08), bytes(BS)))  # UNMAP bit
     assert bytes(run(lun, rw("read", 10, 50, 16)).data_in) == bytes(16 * BS)
-    expect_invalid_field_in_cdb(run(lun, rw("writesame", size, 50, 16, flags=0x08), b"\x01" * BS))
+    # UNMAP with a pattern that is not what deallocated blocks read as: the pattern is written
+    expect_good(run(lun, rw("writesame", size, 51, 7, flags=0x08), b"\x01" * BS))
+    assert bytes(run(lun, rw("read", 10, 50, 16)).data_in) == bytes(BS) + b"\x01" * 7 * BS + bytes(8 * BS)
 
 
 @pytest.mark.parametrize("size", [10, 16])
@@ -316,6 +319,8 @@ def test_compareandwrite_invalid(env) -> None:  # type: ignore[no-untyped-def]
     lun, _, _ = env
     expect_lba_oob(run(lun, caw_cdb(NBLOCKS - 1, 2), bytes(4 * BS)))
     expect_invalid_field_in_cdb(run(lun, caw_cdb(0, 33), bytes(66 * BS)), byte=13)
+    expect_good(run(lun, caw_cdb(0, 0)))  # no blocks: nothing to do (SBC-4 5.3)
+    expect_invalid_field_in_cdb(run(lun, caw_cdb(0, 0), bytes(2 * BS)), byte=13)  # yet data came
     expect_invalid_field_in_cdb(run(lun, caw_cdb(0, 1, flags=0x20), bytes(2 * BS)), byte=1)
 
 
@@ -352,3 +357,22 @@ def test_commands_to_a_missing_lun() -> None:
     luns = expect_good(execute_no_lun(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), [0, 1])).data_in
     assert struct.unpack_from(">I", luns)[0] == 16
     expect_sense(execute_no_lun(bytes(10).replace(b"\0", b"\x28", 1), [0]), Reason.LUN_NOT_SUPPORTED)
+
+
+# -- PRE-FETCH -----------------------------------------------------------------------------------
+
+def test_prefetch_makes_blocks_local_without_returning_data(env: tuple[Lun, bytes, LazyDisk]) -> None:
+    lun, data, disk = env
+    r = expect_good(run(lun, struct.pack(">BBIBHB", 0x34, 0, 64, 0, 16, 0)))  # PRE-FETCH(10)
+    assert r.data_in is None
+    assert list(disk.missing_runs(64 * BS, 16 * BS)) == []
+    assert list(disk.missing_runs(SIZE // 2, 64 * BS)) != []  # not the whole LUN
+    # IMMED: status first, the fetch follows in the background
+    expect_good(run(lun, struct.pack(">BBQIBB", 0x90, 0x02, 2048, 8, 0, 0)))  # PRE-FETCH(16)
+    gevent.sleep(0.1)
+    assert list(disk.missing_runs(2048 * BS, 8 * BS)) == []
+    # length 0 runs to the end of the LUN, of which one transfer's worth is fetched
+    expect_good(run(lun, struct.pack(">BBIBHB", 0x34, 0, NBLOCKS - 4, 0, 0, 0)))
+    assert list(disk.missing_runs(SIZE - 4 * BS, 4 * BS)) == []
+    expect_lba_oob(run(lun, struct.pack(">BBIBHB", 0x34, 0, NBLOCKS - 1, 0, 2, 0)))
+    assert bytes(expect_good(run(lun, rw("read", 10, 64, 16))).data_in or b"") == data[64 * BS:80 * BS]
