@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="limit the background copy (0: none)")
     s.add_argument("--connect-timeout", type=_seconds_arg, default=30.0, metavar="SECONDS",
                    help="how long to keep trying to reach the source when starting")
+    s.add_argument("--nop-interval", type=_seconds_arg, default=15.0, metavar="SECONDS",
+                   help="ping an initiator silent this long; drop it after as long again (0: never)")
     s.set_defaults(func=cmd_serve)
     return parser
 
@@ -306,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     portal_addr = f"{cfg.listen[0]}:{cfg.listen[1]}"
     targets = [Target(iqn, target_luns, frozenset(first[iqn].allowed_initiators), first[iqn].chap,
                       portal=portal_addr) for iqn, target_luns in luns.items()]
-    portal = Portal(targets, cfg.listen)
+    portal = Portal(targets, cfg.listen, nop_interval=args.nop_interval)
     try:
         portal.start()
     except OSError as e:

@@ -79,8 +79,12 @@ class Task:
     want_out: int  # bytes of data-out to gather (no more than expected)
     cdb_out: int = 0  # bytes of data-out the CDB itself describes (for the residual)
     data: bytearray = field(default_factory=bytearray)
-    next_ttt: int = 0
-    next_datasn: int = 0  # of the current unsolicited or solicited sequence (RFC 7143 11.7.5)
+    #: outstanding R2Ts: Target Transfer Tag -> end offset of the burst it asked for
+    r2ts: dict[int, int] = field(default_factory=dict)
+    solicited_to: int = -1  # data-out offset up to which R2Ts were sent (-1: none yet)
+    r2tsn: int = 0
+    seq_ttt: int = 0xFFFFFFFF  # the sequence now arriving (all ones: the unsolicited one)
+    next_datasn: int = 0  # of that sequence (RFC 7143 11.7.5)
     sequence_error: str = ""  # why its data-out cannot be trusted: it fails, it is not run
     executing: bool = False
     aborted: bool = False  # an ABORT TASK (or a reset) came while it ran: no status goes out
@@ -169,6 +173,7 @@ class Connection:
         self.expcmdsn = 0
         self.tasks: dict[int, Task] = {}
         self._pending_tmfs: list[_PendingTmf] = []
+        self.ping_outstanding: int | None = None  # Target Transfer Tag of an unanswered ping
         self._ttt = 1
 
     @property
@@ -310,7 +315,7 @@ class Connection:
         ours = {"HeaderDigest": "None,CRC32C", "DataDigest": "None,CRC32C", "MaxConnections": "1",
                 "InitialR2T": "No", "ImmediateData": "Yes", "MaxBurstLength": "1048576",
                 "FirstBurstLength": "262144", "DefaultTime2Wait": "2", "DefaultTime2Retain": "0",
-                "MaxOutstandingR2T": "1", "DataPDUInOrder": "Yes", "DataSequenceInOrder": "Yes",
+                "MaxOutstandingR2T": "8", "DataPDUInOrder": "Yes", "DataSequenceInOrder": "Yes",
                 "ErrorRecoveryLevel": "0"}
         out: list[tuple[str, str]] = []
         for key, value in keys.items():
@@ -381,20 +386,29 @@ class Connection:
         return self._advance(task)
 
     def _advance(self, task: Task) -> list[Action]:
-        """Ask for the rest of the data-out with one R2T at a time, or execute."""
+        """Execute once all data-out is in; until then keep up to MaxOutstandingR2T R2Ts of at
+        most MaxBurstLength each outstanding, in offset order (DataSequenceInOrder=Yes)."""
         if len(task.data) >= task.want_out:
             task.executing = True
             # an initiator may send up to its EDTL: each command judges what it got (scsi layer)
             return [Execute(task)]
-        missing = task.want_out - len(task.data)
-        length = min(missing, int(self.values.get("MaxBurstLength", "262144")))
-        ttt = self._ttt
-        self._ttt = (self._ttt + 1) & 0x7FFFFFFF or 1
-        task.next_ttt = ttt
-        task.next_datasn = 0  # each R2T starts a new sequence
-        bhs = build_r2t(task.itt, task.lun, ttt, self.statsn, self.expcmdsn, self._maxcmdsn(), 0,
-                        len(task.data), length)
-        return [Send(self._encode(bhs))]
+        if task.solicited_to < 0:
+            task.solicited_to = len(task.data)  # after the unsolicited burst, if any
+        burst = int(self.values.get("MaxBurstLength", "262144"))
+        most = int(self.values.get("MaxOutstandingR2T", "1"))
+        out: list[Action] = []
+        while len(task.r2ts) < most and task.solicited_to < task.want_out:
+            offset = task.solicited_to
+            length = min(burst, task.want_out - offset)
+            ttt = self._ttt
+            self._ttt = (self._ttt + 1) & 0x7FFFFFFF or 1
+            task.r2ts[ttt] = offset + length
+            task.solicited_to = offset + length
+            bhs = build_r2t(task.itt, task.lun, ttt, self.statsn, self.expcmdsn, self._maxcmdsn(), task.r2tsn,
+                            offset, length)
+            task.r2tsn += 1
+            out.append(Send(self._encode(bhs)))
+        return out
 
     def _data_out(self, d: DataOut) -> list[Action]:
         task = self.tasks.get(d.itt)
@@ -404,6 +418,11 @@ class Connection:
             # beyond the Expected Data Transfer Length the initiator itself declared
             raise RemoteProtocolError("Data-Out out of order or beyond the expected length",
                                       RejectReason.PROTOCOL_ERROR)
+        if d.ttt != 0xFFFFFFFF and d.ttt not in task.r2ts:
+            raise RemoteProtocolError(f"Data-Out with Target Transfer Tag {d.ttt:#x} that no R2T gave",
+                                      RejectReason.INVALID_PDU_FIELD)
+        if d.ttt != task.seq_ttt:
+            task.seq_ttt, task.next_datasn = d.ttt, 0  # the next sequence begins
         if d.datasn != task.next_datasn and not task.sequence_error:
             # a lost or reordered Data-Out: the data cannot be trusted, but the connection can
             task.sequence_error = f"Data-Out DataSN {d.datasn} while expecting {task.next_datasn}"
@@ -411,6 +430,7 @@ class Connection:
         task.data += d.data
         if not d.final:
             return []
+        task.r2ts.pop(d.ttt, None)
         if task.sequence_error:
             # at the end of the burst: fail the command (ABORTED COMMAND, which initiators retry)
             # instead of writing data that may be in the wrong place
@@ -420,9 +440,26 @@ class Connection:
         # the end of a burst, unsolicited or solicited: execute, or solicit the rest
         return self._advance(task)
 
+    def ping(self) -> list[Action]:
+        """A target NOP-In that asks for an answer (RFC 7143 11.19): the portal sends one when
+        the initiator has been silent, and drops the connection if ``ping_outstanding`` stays
+        set, so that a dead initiator's tasks and reservations do not linger."""
+        if self.state is not State.FULL_FEATURE or self.ping_outstanding is not None:
+            return []
+        ttt = self._ttt
+        self._ttt = (self._ttt + 1) & 0x7FFFFFFF or 1
+        self.ping_outstanding = ttt
+        b = bytearray(BHS_LEN)
+        b[0], b[1] = Opcode.NOP_IN, 0x80
+        # StatSN is the current one, not advanced: a ping carries no status (RFC 7143 11.19.3)
+        struct.pack_into(">IIIII", b, 16, 0xFFFFFFFF, ttt, self.statsn, self.expcmdsn, self._maxcmdsn())
+        return [Send(self._encode(b))]
+
     def _nop_out(self, nop: NopOut) -> list[Action]:
         if nop.itt == 0xFFFFFFFF:
-            return []  # a reply to our ping
+            if nop.ttt == self.ping_outstanding:
+                self.ping_outstanding = None  # the answer to our ping
+            return []
         self._window(nop.immediate, nop.cmdsn, b"")
         b = bytearray(BHS_LEN)
         b[0], b[1] = Opcode.NOP_IN, 0x80

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 
 import gevent
 import gevent.pool
@@ -46,8 +47,10 @@ _INLINE_READS = frozenset(bytes([op]) for op in (Op.READ_6, Op.READ_10, Op.READ_
 class Portal:
     """Serves ``targets`` on ``listen`` (host, port)."""
 
-    def __init__(self, targets: list[Target], listen: tuple[str, int], *, max_connections: int = 256) -> None:
+    def __init__(self, targets: list[Target], listen: tuple[str, int], *, max_connections: int = 256,
+                 nop_interval: float = 15.0) -> None:
         self._targets = {t.iqn: t for t in targets}
+        self._nop_interval = nop_interval
         self._server = StreamServer(listen, self._handle, spawn=gevent.pool.Pool(max_connections))
 
     @property
@@ -64,12 +67,15 @@ class Portal:
 
     def _handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _Session(sock, f"{address[0]}:{address[1]}", self._targets).run()
+        _Session(sock, f"{address[0]}:{address[1]}", self._targets, self._nop_interval).run()
 
 
 class _Session:
-    def __init__(self, sock: socket.socket, peer: str, targets: dict[str, Target]) -> None:
+    def __init__(self, sock: socket.socket, peer: str, targets: dict[str, Target],
+                 nop_interval: float) -> None:
         self.sock, self.peer = sock, peer
+        self.nop_interval = nop_interval
+        self.last_heard = time.monotonic()
         self.conn = Connection(targets.get, lambda: list(targets.values()), self._data_out_length)
         self.out: gevent.queue.Queue = gevent.queue.Queue()
         self.workers: set[gevent.Greenlet] = set()
@@ -85,12 +91,14 @@ class _Session:
 
     def run(self) -> None:
         writer = gevent.spawn(self._write_loop)
+        pinger = gevent.spawn(self._ping_loop) if self.nop_interval > 0 else None
         framer = Framer(max_data=self.conn.max_recv)
         try:
             while not self.closing:
                 data = self.sock.recv(262144)
                 if not data:
                     break
+                self.last_heard = time.monotonic()
                 framer.receive_data(data)
                 while not self.closing and (pdu := framer.next_pdu()) is not None:
                     was_login = self.conn.state is State.LOGIN
@@ -105,6 +113,8 @@ class _Session:
             log.info("connection_lost", peer=self.peer, error=e.strerror or str(e))
         finally:
             self.closing = True
+            if pinger is not None:
+                pinger.kill()
             gevent.joinall(list(self.workers), timeout=30)
             for lun in self._luns(None):  # the I_T nexus is gone: so are its SPC-2 reservations
                 lun.reservations.nexus_lost(self.conn.nexus)
@@ -160,6 +170,22 @@ class _Session:
             data = bytes(task.data) if task.data else None
             result = dispatch.execute(lun, task.cdb, data, self.conn.nexus)
         self._perform(self.conn.task_done(task, result.status, result.data_in, result.sense))
+
+    def _ping_loop(self) -> None:
+        """After ``nop_interval`` of silence, ping; after as long again without an answer (or
+        anything else) from the initiator, drop the connection (as LIO's nopin timeouts do)."""
+        while not self.closing:
+            gevent.sleep(self.nop_interval / 3)
+            silent = time.monotonic() - self.last_heard
+            if self.conn.ping_outstanding is not None and silent >= 2 * self.nop_interval:
+                log.warning("initiator_not_responding", peer=self.peer, initiator=self.conn.initiator,
+                            silent_s=round(silent, 1))
+                self.closing = True
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                return
+            if silent >= self.nop_interval:
+                self._perform(self.conn.ping())
 
     def _write_loop(self) -> None:
         """Send PDUs in order. Whatever has queued up meanwhile goes out in one gathered write:
