@@ -19,10 +19,8 @@ from lazyiscsi.scsi.spc import truncate
 _PATTERN_CHUNK = 1 << 20
 
 
-def read(lun: Lun, cmd: BlockCommand) -> bytearray:
-    buf = bytearray(cmd.blocks * lun.block_size)
-    lun.backend.readinto(cmd.lba * lun.block_size, memoryview(buf))
-    return buf
+def read(lun: Lun, cmd: BlockCommand) -> bytes | bytearray:
+    return lun.backend.read(cmd.lba * lun.block_size, cmd.blocks * lun.block_size)
 
 
 def write(lun: Lun, cmd: BlockCommand, data: memoryview) -> None:

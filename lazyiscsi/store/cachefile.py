@@ -34,6 +34,10 @@ class BlockFile(Protocol):
 
     def preadinto(self, buf: memoryview, offset: int) -> None: ...
 
+    def pread(self, length: int, offset: int) -> bytes:
+        """A new buffer of ``length`` bytes: no zero-filling first, unlike preadinto's."""
+        ...
+
     def pwrite(self, data: bytes | memoryview, offset: int) -> None: ...
 
     def punch(self, offset: int, length: int) -> None:
@@ -92,6 +96,14 @@ class OsFile:
                 buf[done:] = bytes(want - done)
                 return
             done += n
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) == length:
+            return data  # the common case: one system call, one copy
+        buf = bytearray(length)
+        self.preadinto(memoryview(buf), offset)
+        return bytes(buf)
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)

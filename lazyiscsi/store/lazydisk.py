@@ -198,10 +198,14 @@ class LazyDisk:
     def source(self) -> Source | None:
         return self._fetcher.source
 
-    def read(self, offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        self.readinto(offset, memoryview(buf))
-        return buf
+    def read(self, offset: int, length: int) -> bytes:
+        """The LUN's bytes at ``offset``, fetching what is not local, in a new buffer."""
+        self._check(offset, length)
+        if not self._complete:
+            a, b = self._units(offset, length)
+            if next(self._map.missing_runs(a, b), None) is not None:
+                self._await(a, b)
+        return self._cache.pread(length, offset)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the LUN's bytes at ``offset``, fetching what is not local."""

@@ -39,6 +39,10 @@ class VolatileFile:
         buf[:len(chunk)] = chunk
         buf[len(chunk):] = bytes(len(buf) - len(chunk))
 
+    def pread(self, length: int, offset: int) -> bytes:
+        chunk = bytes(self.view[offset:offset + length])
+        return chunk + bytes(length - len(chunk))
+
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         data = bytes(data)
         self._apply(self.view, offset, data, 0)
