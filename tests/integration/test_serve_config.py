@@ -89,3 +89,38 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "lazyiscsi.cli", "serve", "--config", str(conf)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "volume[0].lun" in r.stderr, r.stderr
+
+
+def test_mutual_chap_with_libiscsi(tmp_path: Path) -> None:
+    """The target proves itself too: libiscsi checks our CHAP_R against target_password and
+    refuses a target that answers with another secret."""
+    img = tmp_path / "m.img"
+    make_image(img, 4 * MiB, seed=3)
+    port = free_port()
+    conf = tmp_path / "mutual.toml"
+    conf.write_text(f"""
+[portal]
+listen = "127.0.0.1:{port}"
+
+[[volume]]
+name = "m"
+source = "{img}"
+cache = "{tmp_path / 'm.cache'}"
+target = "iqn.2026-11.test:mutual"
+chap = {{ user = "host1", secret = "{SECRET}", mutual_user = "tgt1", mutual_secret = "target-secret-123" }}
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "lazyiscsi.cli", "serve", "--config", str(conf)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_listening(port, proc)  # type: ignore[arg-type]
+        base = f"iscsi://host1%{SECRET}@127.0.0.1:{port}/iqn.2026-11.test:mutual/0"
+        good = inq(f"{base}?target_user=tgt1&target_password=target-secret-123", ALLOWED)
+        assert good.returncode == 0 and "Vendor:LAZYISCS" in good.stdout, (
+            good.stdout + good.stderr)
+        bad = inq(f"{base}?target_user=tgt1&target_password=not-the-target-secret", ALLOWED)
+        assert bad.returncode != 0, bad.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    for secret in (SECRET, "target-secret-123"):
+        assert secret not in out + err
