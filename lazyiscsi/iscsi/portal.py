@@ -167,7 +167,7 @@ class _Session:
             target = self.conn.target
             result = dispatch.execute_no_lun(task.cdb, sorted(target.luns) if target else [])
         else:
-            data = bytes(task.data) if task.data else None
+            data = task.data if task.data else None  # no copy: the task is done growing
             result = dispatch.execute(lun, task.cdb, data, self.conn.nexus)
         self._perform(self.conn.task_done(task, result.status, result.data_in, result.sense))
 
