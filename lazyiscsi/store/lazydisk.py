@@ -76,6 +76,7 @@ class LazyDisk:
         mapfile: BlockFile,
         emap: ExtentMap,
         source: Source | None,
+        written: tuple[BlockFile, ExtentMap],
         *,
         readahead: int,
         io_timeout: float,
@@ -89,6 +90,9 @@ class LazyDisk:
         self._cache = cache
         self._mapfile = mapfile
         self._map = emap
+        # units the guest wrote (or discarded): they may differ from the source, so ``verify``
+        # skips them. Kept beside the map and committed with it.
+        self._writtenfile, self._written = written
         self._io_timeout = io_timeout
         self._complete = emap.complete
         self._commit_lock = gevent.lock.Semaphore()
@@ -164,6 +168,12 @@ class LazyDisk:
         except BaseException:
             cache.close()
             raise
+        try:
+            writtenfile = opener(f"{path}.written", create=True)
+        except BaseException:
+            cache.close()
+            mapfile.close()
+            raise
         n_units = -(-sb.size // sb.unit)
         emap = ExtentMap(n_units)
         if sb.state is CacheState.COMPLETE:
@@ -171,11 +181,13 @@ class LazyDisk:
             emap.take_dirty()
         else:
             _load_map(mapfile, emap)
+        written = ExtentMap(n_units)
+        _load_map(writtenfile, written)
         if sb.state is not CacheState.HYDRATING and source is not None:
             source.close()  # not needed: everything is local
             source = None
-        disk = cls(path, sb, cache, mapfile, emap, source, readahead=readahead, io_timeout=io_timeout,
-                   autocommit_s=autocommit_s, retry=retry)
+        disk = cls(path, sb, cache, mapfile, emap, source, (writtenfile, written), readahead=readahead,
+                   io_timeout=io_timeout, autocommit_s=autocommit_s, retry=retry)
         log.info("cache_opened", path=path, state=sb.state.value, local_bytes=disk.local_bytes,
                  size=sb.size)
         return disk
@@ -231,6 +243,8 @@ class LazyDisk:
             self._mark_local(a, b)
         else:
             self._cache.pwrite(data, offset)
+        if len(data):
+            self._written.set_local(*self._units(offset, len(data)))
         if fua:
             self.commit()
 
@@ -245,6 +259,7 @@ class LazyDisk:
             start = a * self.unit
             self._cache.punch(start, min(b * self.unit, self.size) - start)
             self._mark_local(a, b)
+            self._written.set_local(a, b)
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Make the range read as zeros: whole units are deallocated, partial ones written."""
@@ -319,6 +334,28 @@ class LazyDisk:
             self._cache.punch(start, min(ub * self.unit, self.size) - start)
             self._mark_local(ua, ub)
 
+    def verifiable_runs(self, start_unit: int, end_unit: int) -> Iterator[tuple[int, int]]:
+        """Unit runs in ``[start_unit, end_unit)`` that are local and not written by the guest:
+        those must equal the source, byte for byte."""
+        run_start = None
+        for u in range(start_unit, end_unit):
+            ok = self._map.is_local(u) and not self._written.is_local(u)
+            if ok and run_start is None:
+                run_start = u
+            elif not ok and run_start is not None:
+                yield run_start, u
+                run_start = None
+        if run_start is not None:
+            yield run_start, end_unit
+
+    def missing_unit_runs(self, start_unit: int, end_unit: int) -> Iterator[tuple[int, int]]:
+        return self._map.missing_runs(start_unit, end_unit)
+
+    def read_local(self, offset: int, length: int) -> bytes:
+        """The cache's bytes as they are, never fetching (for ``verify``)."""
+        self._check(offset, length)
+        return self._cache.pread(length, offset)
+
     def wait_foreground_idle(self, timeout: float | None) -> bool:
         """Block while on-demand fetches are running (the hydrator yields to them)."""
         return self._fetcher.fg_idle.wait(timeout)
@@ -351,14 +388,17 @@ class LazyDisk:
         """
         with self._commit_lock:
             pages = self._map.take_dirty()
+            written = self._written.take_dirty()
             try:
                 self._cache.sync()
-                for page, data in pages.items():
-                    self._mapfile.pwrite(data, page * PAGE_BYTES)
-                if pages:
-                    self._mapfile.sync()
+                for mapfile, dirty in ((self._mapfile, pages), (self._writtenfile, written)):
+                    for page, data in dirty.items():
+                        mapfile.pwrite(data, page * PAGE_BYTES)
+                    if dirty:
+                        mapfile.sync()
             except OSError as e:
                 self._map.requeue_dirty(pages)
+                self._written.requeue_dirty(written)
                 log.error("commit_failed", path=self.path, error=e.strerror)
                 raise StoreError(f"{self.path}: cannot make data durable ({e.strerror})") from None
 
@@ -388,6 +428,7 @@ class LazyDisk:
         finally:
             self._cache.close()
             self._mapfile.close()
+            self._writtenfile.close()
             self._drop_source()
         log.info("cache_closed", path=self.path, local_bytes=self.local_bytes, size=self.size)
 
