@@ -35,7 +35,8 @@ def main() -> None:
     with nbdkit_source(random_image(GiB), link) as url, tempfile.TemporaryDirectory(dir="/var/tmp") as d:
         port = free_port()
         iqn = "iqn.2026-11.io.lazyiscsi:cold"
-        serve = subprocess.Popen([LAZYISCSI, "--log-level", "warning", "serve", "--source", url,
+        serve = subprocess.Popen([LAZYISCSI, "--log-level", "warning", "--control", str(Path(d) / "ctl.sock"),
+                                  "serve", "--source", url, "--state-dir", str(Path(d) / "state"),
                                   "--cache", str(Path(d) / "cache.img"), "--iqn", iqn,
                                   "--listen", f"127.0.0.1:{port}"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -38,7 +38,8 @@ def perf(url: str, case: str, seconds: int) -> float:
 def start_lazyiscsi(image: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     iqn = "iqn.2026-11.io.lazyiscsi:perf"
-    proc = subprocess.Popen([LAZYISCSI, "--log-level", "warning", "serve", "--source", str(image),
+    proc = subprocess.Popen([LAZYISCSI, "--log-level", "warning", "--control", str(work / "ctl.sock"),
+                             "serve", "--source", str(image), "--state-dir", str(work / "state"),
                              "--cache", str(work / "cache.img"), "--iqn", iqn,
                              "--listen", f"127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

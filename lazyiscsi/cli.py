@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
@@ -18,8 +19,9 @@ import gevent
 import gevent.event
 import structlog
 
-from lazyiscsi import __version__, config
+from lazyiscsi import __version__, commands, config
 from lazyiscsi import log as logsetup
+from lazyiscsi.control import ControlError
 from lazyiscsi.progress import ProgressDisplay, human_bytes
 from lazyiscsi.source import SourceError, open_source, redact
 from lazyiscsi.store.errors import StoreError
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lazyiscsi {__version__}")
     parser.add_argument("--log-level", choices=logsetup.LEVELS, default="info",
                         help="least severe log event shown on stderr (default: info)")
+    parser.add_argument("--control", default=commands.default_control(), metavar="PATH",
+                        help="the daemon's control socket (default: $LAZYISCSI_CONTROL or %(default)s)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -130,9 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "serve",
-        help="export a volume over the embedded iSCSI portal while it hydrates",
-        description=("Serve SOURCE as LUN 0 of an iSCSI target on the embedded userspace portal. "
-                     "The LUN is usable at once: missing blocks are fetched on demand while the "
+        help="the daemon: export volumes over the embedded iSCSI portal while they hydrate",
+        description=("Serve volumes as iSCSI LUNs on the embedded userspace portal: SOURCE as LUN 0 "
+                     "(--source/--cache), the volumes of a TOML file (--config), and those created "
+                     "at runtime with `lazyiscsi volume create`, kept in --state-dir across restarts. "
+                     "Each LUN is usable at once: missing blocks are fetched on demand while the "
                      "background copy fills the cache; guest writes land in the cache."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -152,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to keep trying to reach the source when starting")
     s.add_argument("--nop-interval", type=_seconds_arg, default=15.0, metavar="SECONDS",
                    help="ping an initiator silent this long; drop it after as long again (0: never)")
+    s.add_argument("--state-dir", default=os.environ.get("LAZYISCSI_STATE_DIR", "/var/lib/lazyiscsi"),
+                   metavar="DIR", help="runtime volumes and their caches (default: $LAZYISCSI_STATE_DIR)")
+    s.add_argument("--iqn-prefix", default="iqn.2026-11.io.lazyiscsi", metavar="IQN",
+                   help="runtime volume NAME is target IQN:NAME")
     s.set_defaults(func=cmd_serve)
+    commands.add_parsers(sub, _size_arg())
     return parser
 
 
@@ -266,7 +277,8 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
 
 
 def serve_config(args: argparse.Namespace) -> config.Config:
-    """The volumes to serve: from --config, or the one volume the other options describe."""
+    """The static volumes: from --config, or the one volume --source/--cache describe, or none
+    (then only the runtime volumes of --state-dir are served)."""
     if args.config:
         if args.source or args.cache:
             raise CliError("--config and --source/--cache exclude each other", EXIT_USAGE)
@@ -274,67 +286,63 @@ def serve_config(args: argparse.Namespace) -> config.Config:
             return config.load(args.config)
         except config.ConfigError as e:
             raise CliError(str(e)) from None
-    if not args.source or not args.cache:
-        raise CliError("serve needs --source and --cache, or --config FILE", EXIT_USAGE)
+    if bool(args.source) != bool(args.cache):
+        raise CliError("--source and --cache go together", EXIT_USAGE)
+    if not args.source:
+        return config.Config(args.listen, ())
     volume = config.VolumeConfig(name="vol0", source=args.source, cache=args.cache, target=args.iqn,
                                  unit=args.unit, block_size=args.block_size, rate=args.rate)
     return config.Config(args.listen, (volume,))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from lazyiscsi.iscsi.connection import Target
+    from lazyiscsi.control import ControlError, ControlServer
+    from lazyiscsi.daemon import VolumeError, VolumeManager, VolumeRecord
     from lazyiscsi.iscsi.portal import Portal
-    from lazyiscsi.scsi.lun import Lun
 
     cfg = serve_config(args)
-    disks: list[LazyDisk] = []
-    jobs: list[Hydrator] = []
-    luns: dict[str, dict[int, Lun]] = {}
+    portal = Portal([], cfg.listen, nop_interval=args.nop_interval)
+    manager = VolumeManager(args.state_dir, portal, iqn_prefix=args.iqn_prefix,
+                            connect_timeout=args.connect_timeout)
+    try:
+        control = ControlServer(manager, args.control)
+    except (ControlError, OSError) as e:
+        raise CliError(f"control socket: {e}") from None
     try:
         for vol in cfg.volumes:
-            disk = open_volume(vol.source, vol.cache, vol.unit, args.connect_timeout)
-            disks.append(disk)
-            jobs.append(Hydrator(disk, rate=vol.rate or None))
-            luns.setdefault(vol.target, {})[vol.lun] = Lun(disk, vol.name, block_size=vol.block_size,
-                                                           number=vol.lun)
-    except CliError:
-        for disk in disks:
-            disk.close()
-        raise
-    for target_luns in luns.values():
-        for lun in target_luns.values():
-            lun.target_luns = sorted(target_luns)
-    first = {vol.target: vol for vol in reversed(cfg.volumes)}
-    portal_addr = f"{cfg.listen[0]}:{cfg.listen[1]}"
-    targets = [Target(iqn, target_luns, frozenset(first[iqn].allowed_initiators), first[iqn].chap,
-                      portal=portal_addr) for iqn, target_luns in luns.items()]
-    portal = Portal(targets, cfg.listen, nop_interval=args.nop_interval)
-    try:
+            manager.add_static(VolumeRecord(
+                name=vol.name, source=vol.source, cache=vol.cache, target=vol.target, lun=vol.lun,
+                unit=vol.unit, block_size=vol.block_size, rate=vol.rate,
+                allowed_initiators=list(vol.allowed_initiators)), chap=vol.chap)
+        manager.restore()
         portal.start()
-    except OSError as e:
-        for disk in disks:
-            disk.close()
-        raise CliError(f"listen {portal_addr}: {e.strerror}") from None
-    for job, disk in zip(jobs, disks, strict=True):
-        if not disk.complete:
-            job.start()
+    except (VolumeError, OSError) as e:
+        manager.close()
+        control.stop()
+        raise CliError(f"listen {portal.advertised}: {e.strerror}" if isinstance(e, OSError) else str(e)) \
+            from None
+    control.start()
     host, port = portal.address
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    for vol in cfg.volumes:
-        sys.stdout.write(f"serving {redact(vol.source)} as {vol.target} LUN {vol.lun} on {host}:{port}\n"
-                         f"  QEMU:     iscsi://{shown}:{port}/{vol.target}/{vol.lun}\n")
-    sys.stdout.write(f"  iscsiadm: iscsiadm -m discovery -t sendtargets -p {shown}:{port}\n"
-                     f"            iscsiadm -m node -T {cfg.volumes[0].target} -p {shown}:{port} --login\n")
+    for vol in manager.volumes.values():
+        r = vol.record
+        sys.stdout.write(f"serving {redact(r.source)} as {r.target} LUN {r.lun} on {host}:{port}\n"
+                         f"  QEMU:     iscsi://{shown}:{port}/{r.target}/{r.lun}\n")
+    sys.stdout.write(f"  iscsiadm: iscsiadm -m discovery -t sendtargets -p {shown}:{port}\n")
+    if manager.volumes:
+        first = next(iter(manager.volumes.values())).record.target
+        sys.stdout.write(f"            iscsiadm -m node -T {first} -p {shown}:{port} --login\n")
+    sys.stdout.write(f"  control:  {args.control}\n")
     sys.stdout.flush()
+    logsetup.notify_ready()
     stop = gevent.event.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, stop.set)
     stop.wait()
+    logsetup.notify("STOPPING=1")
+    control.stop()
     portal.stop()
-    for job, disk in zip(jobs, disks, strict=True):
-        if job.state in (JobState.RUNNING, JobState.PAUSED):
-            job.cancel()
-        disk.close()
+    manager.close()
     return EXIT_OK
 
 
@@ -346,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except CliError as e:
         return fail(str(e), e.code)
+    except ControlError as e:
+        return fail(str(e))
     except Exception as e:  # a lazyiscsi bug: one line for the operator, the traceback in debug
         structlog.get_logger("lazyiscsi.cli").debug("internal_error", exc_info=True)
         return fail(f"internal error: {type(e).__name__}: {e} (--log-level debug shows where)")

@@ -1,26 +1,47 @@
-"""Logging: structlog, one event per line with key=value context.
+"""Logging: structlog, one event per state change or fault, with key=value context.
 
-On a TTY the console renderer (readable); otherwise JSON lines, which journald and log
-shippers take as they are. Events name what happened (``cache_opened``, ``source_disconnected``);
-the context says where (path, offset, bytes). Secrets never reach an event: sources log only
-redacted URLs.
+Three sinks, chosen once per process:
+
+* under systemd (``$JOURNAL_STREAM`` names our stderr) each event goes to journald's native
+  socket as fields of its own: ``journalctl -u lazyiscsi -o json`` shows ``VOLUME``,
+  ``OFFSET``... beside ``MESSAGE`` and ``PRIORITY`` (``$LAZYISCSI_JOURNAL_SOCKET`` points it
+  elsewhere, which is how the tests listen);
+* on a TTY the console renderer (readable);
+* otherwise JSON lines, which log shippers take as they are.
+
+Events name what happened (``cache_opened``, ``source_disconnected``); the context says where
+(path, offset, bytes). Secrets never reach an event: sources log only redacted URLs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import socket
+import struct
 import sys
+from typing import Any
 
 import structlog
 
 LEVELS = ("debug", "info", "warning", "error")
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+_FIELD = re.compile(r"[^A-Z0-9_]")
 
 
 def configure(level: str = "info", *, stream=None) -> None:  # type: ignore[no-untyped-def]
     """Set up structlog for a command. ``level`` is one of ``LEVELS``."""
     stream = stream or sys.stderr
-    renderer = (structlog.dev.ConsoleRenderer(colors=False) if stream.isatty()
-                else structlog.processors.JSONRenderer(sort_keys=True))
+    journal = journal_socket(stream)
+    if journal is not None:
+        renderer: Any = JournalSender(journal)
+    elif stream.isatty():
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        renderer = structlog.processors.JSONRenderer(sort_keys=True)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -31,3 +52,87 @@ def configure(level: str = "info", *, stream=None) -> None:  # type: ignore[no-u
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def journal_socket(stream: Any) -> str | None:
+    """journald's socket if events should go there: when told so, or when systemd connected
+    our stderr to the journal (``$JOURNAL_STREAM`` is its device:inode)."""
+    override = os.environ.get("LAZYISCSI_JOURNAL_SOCKET")
+    if override:
+        return override
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return None
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return JOURNAL_SOCKET if expected == f"{st.st_dev}:{st.st_ino}" else None
+
+
+def journal_fields(event: dict[str, Any]) -> list[tuple[str, str]]:
+    """An event as journald fields: MESSAGE, PRIORITY, SYSLOG_IDENTIFIER, and every context key
+    upper-cased (``volume`` -> ``VOLUME``); non-string values as JSON."""
+    event = dict(event)
+    level = str(event.pop("level", "info"))
+    name = str(event.pop("event", ""))
+    event.pop("timestamp", None)
+    fields = [("MESSAGE", _message(name, event)), ("PRIORITY", str(_PRIORITY.get(level, 6))),
+              ("SYSLOG_IDENTIFIER", "lazyiscsi"), ("EVENT", name)]
+    for key, value in event.items():
+        field = _FIELD.sub("_", key.upper()).lstrip("_")[:64] or "FIELD"
+        if field in ("MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "EVENT"):
+            field = "LAZYISCSI_" + field
+        fields.append((field, value if isinstance(value, str) else json.dumps(value, default=str)))
+    return fields
+
+
+def encode_journal(fields: list[tuple[str, str]]) -> bytes:
+    """journald's native protocol: ``KEY=value`` lines; a value holding a newline is sent as
+    ``KEY``, newline, its length as 64-bit little endian, the bytes, newline."""
+    out = bytearray()
+    for key, value in fields:
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalSender:
+    """The last structlog processor under systemd: send, and print nothing. If journald cannot
+    be reached the event falls back to a JSON line on stderr, never lost silently."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> str:
+        try:
+            self._sock.sendto(encode_journal(journal_fields(event)), self.path)
+        except OSError:
+            return json.dumps(event, sort_keys=True, default=str)
+        raise structlog.DropEvent
+
+
+def _message(name: str, context: dict[str, Any]) -> str:
+    pairs = " ".join(f"{k}={v}" for k, v in context.items() if k != "exc_info")
+    return f"{name} {pairs}".rstrip()
+
+
+def notify(state: str) -> None:
+    """sd_notify: tell systemd (Type=notify) about a state change; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(state.encode(), address)
+        except OSError as e:
+            structlog.get_logger("lazyiscsi").warning("sd_notify_failed", error=e.strerror)
+
+
+def notify_ready() -> None:
+    notify("READY=1")

@@ -50,8 +50,29 @@ class Portal:
     def __init__(self, targets: list[Target], listen: tuple[str, int], *, max_connections: int = 256,
                  nop_interval: float = 15.0) -> None:
         self._targets = {t.iqn: t for t in targets}
+        self._listen = listen
         self._nop_interval = nop_interval
         self._server = StreamServer(listen, self._handle, spawn=gevent.pool.Pool(max_connections))
+
+    def target(self, iqn: str) -> Target | None:
+        return self._targets.get(iqn)
+
+    def add_target(self, target: Target) -> None:
+        """Serve one more target from now on (new logins and SendTargets see it at once)."""
+        self._targets[target.iqn] = target
+        log.info("target_added", target=target.iqn)
+
+    def remove_target(self, iqn: str) -> None:
+        """New logins no longer find it; sessions already in it keep their LUN objects until
+        they end (the LUN's store is closed under them, so their I/O fails cleanly)."""
+        if self._targets.pop(iqn, None) is not None:
+            log.info("target_removed", target=iqn)
+
+    @property
+    def advertised(self) -> str:
+        """host:port for SendTargets' TargetAddress."""
+        host, port = self._listen
+        return f"{host}:{port}"
 
     @property
     def address(self) -> tuple[str, int]:

@@ -1,0 +1,296 @@
+"""The volumes a running ``serve`` manages: opened, exported, copied, paused, verified, deleted.
+
+Volumes created at runtime persist in the state directory (``volumes.json``, mode 0600: source
+URLs may hold credentials) and come back when ``serve`` restarts; the copy resumes from the
+cache's own map. Volumes from ``--config`` are served the same way but belong to that file.
+Each runtime volume is a target of its own, ``<iqn prefix>:<name>``, LUN 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from lazyiscsi.iscsi.connection import Target
+from lazyiscsi.iscsi.portal import Portal
+from lazyiscsi.scsi.lun import Lun
+from lazyiscsi.source import open_source
+from lazyiscsi.source.base import SourceError
+from lazyiscsi.source.url import redact
+from lazyiscsi.store.errors import StoreError
+from lazyiscsi.store.hydrator import Hydrator, JobState, JobVerbError
+from lazyiscsi.store.lazydisk import LazyDisk
+from lazyiscsi.store.verify import verify
+
+log = structlog.get_logger("lazyiscsi.daemon")
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+STATE_FILE = "volumes.json"
+
+
+class VolumeError(Exception):
+    """A request the manager refuses; the message names what was wrong (one line)."""
+
+
+@dataclass
+class VolumeRecord:
+    """What is persisted of a runtime volume."""
+
+    name: str
+    source: str
+    cache: str
+    target: str
+    lun: int = 0
+    unit: int | None = None
+    block_size: int = 512
+    rate: int = 0
+    paused: bool = False
+    detached: bool = False  # the source is let go: never opened again
+    static: bool = False  # from --config: not persisted, not deletable here
+    allowed_initiators: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Volume:
+    record: VolumeRecord
+    disk: LazyDisk
+    job: Hydrator
+    lun: Lun
+    verifying: bool = False
+
+
+class VolumeManager:
+    def __init__(self, state_dir: str, portal: Portal, *, iqn_prefix: str, connect_timeout: float) -> None:
+        self.state_dir = Path(state_dir)
+        self.portal = portal
+        self.iqn_prefix = iqn_prefix
+        self.connect_timeout = connect_timeout
+        self.volumes: dict[str, Volume] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Bring back every persisted volume; one that cannot open is logged and kept on record."""
+        path = self.state_dir / STATE_FILE
+        if not path.exists():
+            return
+        try:
+            records = [VolumeRecord(**r) for r in json.loads(path.read_text())]
+        except (ValueError, TypeError) as e:
+            raise VolumeError(f"{path}: not a volume list ({e})") from None
+        for record in records:
+            try:
+                self._open(record)
+            except VolumeError as e:
+                log.error("volume_restore_failed", volume=record.name, error=str(e))
+
+    def add_static(self, record: VolumeRecord, chap: Any = None) -> Volume:
+        record.static = True
+        return self._open(record, chap=chap)
+
+    def close(self) -> None:
+        for vol in list(self.volumes.values()):
+            self._stop(vol)
+
+    # -- verbs ------------------------------------------------------------------------------
+
+    def create(self, name: str, source: str, *, unit: int | None = None, rate: int = 0) -> dict[str, Any]:
+        if not NAME.fullmatch(name or ""):
+            raise VolumeError(f"volume name {name!r}: use 1-64 of A-Z a-z 0-9 _ . - "
+                              "(not starting with _ . -)")
+        if name in self.volumes:
+            raise VolumeError(f"volume {name} exists")
+        if rate < 0:
+            raise VolumeError(f"rate {rate}: must not be negative")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        record = VolumeRecord(name=name, source=source, cache=str(self.state_dir / f"{name}.cache"),
+                              target=f"{self.iqn_prefix}:{name}", unit=unit, rate=rate)
+        vol = self._open(record)
+        self._save()
+        log.info("volume_created", volume=name, source=redact(source), target=record.target,
+                 size=vol.disk.size)
+        return self._status(vol)
+
+    def delete(self, name: str) -> None:
+        vol = self._get(name)
+        if vol.record.static:
+            raise VolumeError(f"volume {name} comes from the config file: remove it there")
+        self._stop(vol)
+        del self.volumes[name]
+        self._save()
+        for suffix in ("", ".meta", ".map", ".written"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(vol.record.cache + suffix)
+        log.info("volume_deleted", volume=name)
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self._status(v) for v in self.volumes.values()]
+
+    def status(self, name: str | None) -> list[dict[str, Any]]:
+        return [self._status(self._get(name))] if name else self.list()
+
+    def pause(self, name: str) -> dict[str, Any]:
+        vol = self._get(name)
+        self._verb(vol, vol.job.pause)
+        vol.record.paused = True
+        self._save()
+        return self._status(vol)
+
+    def resume(self, name: str) -> dict[str, Any]:
+        vol = self._get(name)
+        self._verb(vol, vol.job.resume)
+        vol.record.paused = False
+        self._save()
+        return self._status(vol)
+
+    def rate(self, name: str, rate: int) -> dict[str, Any]:
+        vol = self._get(name)
+        if rate < 0:
+            raise VolumeError(f"rate {rate}: must not be negative (0: no limit)")
+        if vol.job.state in (JobState.RUNNING, JobState.PAUSED, JobState.CREATED):
+            self._verb(vol, lambda: vol.job.set_rate(rate or None))
+        vol.record.rate = rate
+        self._save()
+        return self._status(vol)
+
+    def detach(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        vol = self._get(name)
+        missing = vol.disk.size - vol.disk.local_bytes
+        if missing and not force:
+            raise VolumeError(f"volume {name}: {missing} bytes are still only at the source; detaching "
+                              "would make them unreadable for good (--force to accept that)")
+        if vol.job.state in (JobState.RUNNING, JobState.PAUSED):
+            vol.job.cancel()
+        try:
+            vol.disk.detach(force=force)
+        except StoreError as e:
+            raise VolumeError(str(e)) from None
+        vol.record.detached = True
+        self._save()
+        event = log.warning if missing else log.info
+        event("volume_detached", volume=name, missing_bytes=missing, forced=force)
+        return self._status(vol)
+
+    def verify(self, name: str) -> dict[str, Any]:
+        """Compare every local unit the guest has not written with the source (a connection of
+        its own, background priority)."""
+        vol = self._get(name)
+        if vol.record.detached:
+            raise VolumeError(f"volume {name} is detached: there is no source to compare with")
+        if vol.verifying:
+            raise VolumeError(f"volume {name}: a verify is already running")
+        try:
+            source = open_source(vol.record.source, timeout=self.connect_timeout)
+        except SourceError as e:
+            raise VolumeError(f"volume {name}: source: {e}") from None
+        vol.verifying = True
+        log.info("verify_started", volume=name)
+        try:
+            report = verify(vol.disk, source)
+        except (SourceError, StoreError) as e:
+            raise VolumeError(f"volume {name}: verify stopped: {e}") from None
+        finally:
+            vol.verifying = False
+            source.close()
+        result = {"volume": name, "compared_bytes": report.compared,
+                  "skipped_written_bytes": report.skipped_written,
+                  "skipped_missing_bytes": report.skipped_missing,
+                  "mismatches": [{"offset": o, "length": n} for o, n in report.mismatches]}
+        event = log.error if report.mismatches else log.info
+        event("verify_finished", volume=name, compared_bytes=report.compared,
+              mismatched_ranges=len(report.mismatches))
+        return result
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _get(self, name: str | None) -> Volume:
+        vol = self.volumes.get(name or "")
+        if vol is None:
+            raise VolumeError(f"no volume {name!r}")
+        return vol
+
+    @staticmethod
+    def _verb(vol: Volume, call: Any) -> None:
+        try:
+            call()
+        except JobVerbError as e:
+            raise VolumeError(f"volume {vol.record.name}: {e}") from None
+
+    def _open(self, record: VolumeRecord, chap: Any = None) -> Volume:
+        try:
+            source = None if record.detached else open_source(record.source, timeout=self.connect_timeout)
+        except SourceError as e:
+            raise VolumeError(f"volume {record.name}: source: {e}") from None
+        try:
+            disk = LazyDisk.open(record.cache, source, unit=record.unit)
+        except StoreError as e:
+            if source is not None:
+                source.close()
+            raise VolumeError(f"volume {record.name}: {e}") from None
+        job = Hydrator(disk, rate=record.rate or None)
+        lun = Lun(disk, record.name, block_size=record.block_size, number=record.lun)
+        vol = Volume(record, disk, job, lun)
+        self.volumes[record.name] = vol
+        target = self.portal.target(record.target)
+        if target is None:
+            target = Target(record.target, {}, frozenset(record.allowed_initiators), chap,
+                            portal=self.portal.advertised)
+            self.portal.add_target(target)
+        target.luns[record.lun] = lun
+        for other in target.luns.values():
+            other.target_luns = sorted(target.luns)  # type: ignore[attr-defined]
+        if not disk.complete and not record.detached:
+            job.start()
+            if record.paused:
+                job.pause()
+        return vol
+
+    def _stop(self, vol: Volume) -> None:
+        if vol.job.state in (JobState.RUNNING, JobState.PAUSED):
+            vol.job.cancel()
+        target = self.portal.target(vol.record.target)
+        if target is not None:
+            target.luns.pop(vol.record.lun, None)
+            if not target.luns:
+                self.portal.remove_target(target.iqn)
+        vol.disk.close()
+
+    def _save(self) -> None:
+        """Atomically, mode 0600 from the start: the records hold source URLs."""
+        records = [asdict(v.record) for v in self.volumes.values() if not v.record.static]
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / f".{STATE_FILE}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(records, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_dir / STATE_FILE)
+
+    def _status(self, vol: Volume) -> dict[str, Any]:
+        p = vol.job.query()
+        if vol.record.detached:
+            state = "detached"
+        elif vol.disk.complete:
+            state = "complete"
+        else:
+            state = p.state.value
+        return {
+            "volume": vol.record.name, "source": redact(vol.record.source), "target": vol.record.target,
+            "lun": vol.record.lun, "state": state, "size": p.total, "local_bytes": p.current,
+            "percent": round(100.0 * p.current / p.total, 2) if p.total else 100.0,
+            "rate_bps": round(p.rate), "eta_s": None if p.eta_s is None else round(p.eta_s, 1),
+            "rate_limit_bps": vol.record.rate or None, "fetched_bytes": p.fetched,
+            "misses": p.misses, "miss_p50_ms": p.miss_p50_ms, "miss_p99_ms": p.miss_p99_ms,
+            "source_health": "detached" if vol.record.detached else (
+                f"error: {p.error}" if p.error else "ok"),
+            "static": vol.record.static,
+        }
+
