@@ -16,6 +16,8 @@
     chap = { user = "host1", secret = "at-least-12-chars" }    # optional, for the target
 
 Volumes naming the same target become LUNs of one target; its ACL and CHAP must then agree.
+A file may define no volume at all (the portal then serves only the runtime volumes of
+``lazyiscsi volume create``).
 Every mistake is one line naming the file, the field and the reason (``ConfigError``).
 """
 
@@ -90,8 +92,8 @@ def parse(data: dict, path: str = "config") -> Config:  # type: ignore[type-arg]
     except ValueError as e:
         raise ConfigError(f"{path}: portal.listen: {e}") from None
     raw_volumes = data.get("volume", [])
-    if not isinstance(raw_volumes, list) or not raw_volumes:
-        raise ConfigError(f"{path}: no [[volume]] defined")
+    if not isinstance(raw_volumes, list):
+        raise ConfigError(f"{path}: volume must be an array of tables ([[volume]])")
     volumes = tuple(_volume(v, f"{path}: volume[{i}]") for i, v in enumerate(raw_volumes))
     _check_consistency(volumes, path)
     return Config(listen, volumes)

@@ -113,11 +113,13 @@ class ControlServer:
         try:
             return {"ok": True, "result": handler(args)}
         except VolumeError as e:
-            return {"ok": False, "error": str(e)}
+            error = str(e)
         except KeyError as e:
-            return {"ok": False, "error": f"{op}: missing argument {e}"}
+            error = f"{op}: missing argument {e}"
         except (TypeError, ValueError) as e:
-            return {"ok": False, "error": f"{op}: bad argument ({e})"}
+            error = f"{op}: bad argument ({e})"
+        log.warning("control_request_failed", op=op, volume=args.get("name"), error=error)
+        return {"ok": False, "error": error}
 
 
 def _answers(path: str) -> bool:

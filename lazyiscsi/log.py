@@ -102,7 +102,8 @@ def encode_journal(fields: list[tuple[str, str]]) -> bytes:
 
 class JournalSender:
     """The last structlog processor under systemd: send, and print nothing. If journald cannot
-    be reached the event falls back to a JSON line on stderr, never lost silently."""
+    be reached, or cannot keep up, the event falls back to a JSON line on stderr (which systemd
+    also collects): never lost silently, and never a stall."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -110,7 +111,8 @@ class JournalSender:
 
     def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> str:
         try:
-            self._sock.sendto(encode_journal(journal_fields(event)), self.path)
+            # never block the daemon on a slow journald: a full queue sends this event to stderr
+            self._sock.sendto(encode_journal(journal_fields(event)), socket.MSG_DONTWAIT, self.path)
         except OSError:
             return json.dumps(event, sort_keys=True, default=str)
         raise structlog.DropEvent

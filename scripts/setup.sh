@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common nginx-light libiscsi-bin tgt)
+PACKAGES=(nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common nginx-light libiscsi-bin tgt
+          mandoc systemd)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -46,8 +46,9 @@ def test_conflicts_between_volumes() -> None:
                                  "allowed_initiators": ["iqn.x:y"]}]})
     with pytest.raises(ConfigError, match=r"portal\.listen"):
         parse({"portal": {"listen": "h:port"}, "volume": [GOOD]})
-    with pytest.raises(ConfigError, match=re.escape("no [[volume]]")):
-        parse({})
+    with pytest.raises(ConfigError, match=re.escape("array of tables ([[volume]])")):
+        parse({"volume": {"name": "x"}})
+    assert parse({"portal": {"listen": "127.0.0.1:3261"}}).volumes == ()  # runtime volumes only
 
 
 def test_file_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
