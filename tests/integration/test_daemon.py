@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.integration.http_servers import Nginx
 from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_listening
 
 SIZE = 24 * MiB
@@ -155,3 +156,36 @@ def test_refusals_name_the_problem_and_never_show_secrets(tmp_path: Path) -> Non
         assert cli("status").returncode == 0
     finally:
         serve.stop()
+
+
+def test_source_password_never_shown_by_status_verify_or_logs(tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    make_image(root / "disk.img", 2 * MiB)
+    secret = "s3cret-in-the-url"
+    hashed = subprocess.run(["openssl", "passwd", "-apr1", secret], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"op:{hashed}\n")
+    server = Nginx(root, tmp_path / "nginx", htpasswd=htpasswd)
+    log = tmp_path / "serve.log"
+    serve = Serve(free_port(), log)
+    serve.start()
+    shown = ""
+    try:
+        r = cli("volume", "create", "web", "--source", server.url("disk.img", f"op:{secret}@"), "--json")
+        assert r.returncode == 0, r.stderr
+        shown += r.stdout + r.stderr
+        assert json.loads(r.stdout)["source"].startswith("http://op:")
+        for args in (("status",), ("status", "--json"), ("volume", "list", "--json"), ("verify", "web")):
+            r = cli(*args)
+            assert r.returncode == 0, (args, r.stderr)
+            shown += r.stdout + r.stderr
+    finally:
+        serve.stop()
+        server.stop()
+    assert secret not in shown
+    assert secret not in log.read_text()
+    # the state file keeps it (a restart must reconnect), readable by root only
+    state = tmp_path / "state" / "volumes.json"
+    assert secret in state.read_text() and state.stat().st_mode & 0o777 == 0o600
