@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.integration.peers import MiB, free_port, make_image, wait_listening
+from tests.integration.peers import MiB, free_port, make_image
 
 
 def decode(datagram: bytes) -> dict[str, str]:
@@ -56,14 +56,19 @@ def test_events_arrive_as_journal_fields_without_secrets(tmp_path: Path) -> None
     image = tmp_path / "src.img"
     make_image(image, 4 * MiB)
     port = free_port()
-    env = {**os.environ, "LAZYISCSI_JOURNAL_SOCKET": journal_path}
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # as systemd does for Type=notify
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(20)
+    env = {**os.environ, "LAZYISCSI_JOURNAL_SOCKET": journal_path,
+           "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
     proc = subprocess.Popen([sys.executable, "-m", "lazyiscsi.cli", "serve", "--listen", f"127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     secret = "hunter2-but-longer"
     try:
-        wait_listening(port, proc)  # type: ignore[arg-type]
-        while not Path(os.environ["LAZYISCSI_CONTROL"]).exists():
-            time.sleep(0.05)
+        assert notify.recv(256) == b"READY=1"
+        # ready means ready: the portal accepts and the control socket exists already
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        assert Path(os.environ["LAZYISCSI_CONTROL"]).exists()
         cli = [sys.executable, "-m", "lazyiscsi.cli"]
         subprocess.run([*cli, "volume", "create", "vm1", "--source", str(image)], check=True,
                        capture_output=True, timeout=60)
@@ -80,6 +85,8 @@ def test_events_arrive_as_journal_fields_without_secrets(tmp_path: Path) -> None
         listening.clear()
         reader.join()
         journal.close()
+    assert notify.recv(256) == b"STOPPING=1"
+    notify.close()
     assert stderr.strip() == "", stderr  # everything went to the journal, nothing to stderr
     created = next(e for e in events if e["EVENT"] == "volume_created")
     assert created["VOLUME"] == "vm1" and created["SIZE"] == str(4 * MiB)
