@@ -52,6 +52,7 @@ class KernelSide:
         self.head = 0
         self.cleaned = 0  # the kernel's own cursor over completions
         self.outstanding: dict[int, int] = {}  # cmd_id -> entry length
+        self.iovs: dict[int, list[tuple[int, int]]] = {}  # cmd_id -> its data ranges
         self.done: dict[int, tuple[int, bytes, int | None]] = {}
         self.next_id = 1
         self.data_next = 0
@@ -93,8 +94,10 @@ class KernelSide:
             base = self.data_off + (self.data_next % (len(self.buf) - self.data_off - iov_len))
             self.data_next += iov_len
             IOV.pack_into(self.buf, off + 48 + 16 * i, base, iov_len)
+            self.iovs.setdefault(cmd_id, []).append((base, iov_len))
             chunk = data[i * iov_len:(i + 1) * iov_len]
             self.buf[base:base + len(chunk)] = chunk
+        self.iovs.setdefault(cmd_id, [])
         for name, value in (raw or {}).items():  # corruption for the malformed-entry tests
             if name == "cdb_off":
                 struct.pack_into("<Q", self.buf, off + 24, value)
@@ -122,6 +125,9 @@ class KernelSide:
         assert at is not None
         HDR.pack_into(self.buf, CMDR_OFF + at, len_op, 0, 0, 0)
         self._publish(len_op & ~7)
+
+    def data(self, cmd_id: int) -> bytes:
+        return b"".join(bytes(self.buf[base:base + n]) for base, n in self.iovs[cmd_id])
 
     def reap(self) -> list[int]:
         """Walk from the last cleaned entry to cmd_tail, as tcmu_handle_completions does."""
