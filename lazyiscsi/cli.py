@@ -297,7 +297,7 @@ def serve_config(args: argparse.Namespace) -> config.Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lazyiscsi.control import ControlError, ControlServer
-    from lazyiscsi.daemon import VolumeError, VolumeManager, VolumeRecord
+    from lazyiscsi.daemon import VolumeError, VolumeManager
     from lazyiscsi.iscsi.portal import Portal
 
     cfg = serve_config(args)
@@ -310,10 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"control socket: {e}") from None
     try:
         for vol in cfg.volumes:
-            manager.add_static(VolumeRecord(
-                name=vol.name, source=vol.source, cache=vol.cache, target=vol.target, lun=vol.lun,
-                unit=vol.unit, block_size=vol.block_size, rate=vol.rate,
-                allowed_initiators=list(vol.allowed_initiators)), chap=vol.chap)
+            manager.add_static(vol)
         manager.restore()
         portal.start()
     except (VolumeError, OSError) as e:
@@ -325,12 +322,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = portal.address
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     for vol in manager.volumes.values():
-        r = vol.record
+        r = vol.record.volume
         sys.stdout.write(f"serving {redact(r.source)} as {r.target} LUN {r.lun} on {host}:{port}\n"
                          f"  QEMU:     iscsi://{shown}:{port}/{r.target}/{r.lun}\n")
     sys.stdout.write(f"  iscsiadm: iscsiadm -m discovery -t sendtargets -p {shown}:{port}\n")
     if manager.volumes:
-        first = next(iter(manager.volumes.values())).record.target
+        first = next(iter(manager.volumes.values())).record.volume.target
         sys.stdout.write(f"            iscsiadm -m node -T {first} -p {shown}:{port} --login\n")
     sys.stdout.write(f"  control:  {args.control}\n")
     sys.stdout.flush()

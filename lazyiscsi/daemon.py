@@ -12,12 +12,13 @@ import contextlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from lazyiscsi.config import VolumeConfig
 from lazyiscsi.iscsi.connection import Target
 from lazyiscsi.iscsi.portal import Portal
 from lazyiscsi.scsi.lun import Lun
@@ -41,20 +42,25 @@ class VolumeError(Exception):
 
 @dataclass
 class VolumeRecord:
-    """What is persisted of a runtime volume."""
+    """A volume as configured, plus what the operator changed at runtime; runtime volumes are
+    persisted as this."""
 
-    name: str
-    source: str
-    cache: str
-    target: str
-    lun: int = 0
-    unit: int | None = None
-    block_size: int = 512
-    rate: int = 0
+    volume: VolumeConfig
     paused: bool = False
     detached: bool = False  # the source is let go: never opened again
     static: bool = False  # from --config: not persisted, not deletable here
-    allowed_initiators: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        volume = asdict(self.volume)
+        volume.pop("chap")  # runtime volumes have none; static ones are never saved
+        return {"volume": volume, "paused": self.paused, "detached": self.detached}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VolumeRecord:
+        volume = dict(data["volume"])
+        volume["allowed_initiators"] = tuple(volume.get("allowed_initiators", ()))
+        return cls(VolumeConfig(**volume), paused=bool(data.get("paused")),
+                   detached=bool(data.get("detached")))
 
 
 @dataclass
@@ -82,18 +88,17 @@ class VolumeManager:
         if not path.exists():
             return
         try:
-            records = [VolumeRecord(**r) for r in json.loads(path.read_text())]
-        except (ValueError, TypeError) as e:
+            records = [VolumeRecord.from_json(r) for r in json.loads(path.read_text())]
+        except (ValueError, TypeError, KeyError) as e:
             raise VolumeError(f"{path}: not a volume list ({e})") from None
         for record in records:
             try:
                 self._open(record)
             except VolumeError as e:
-                log.error("volume_restore_failed", volume=record.name, error=str(e))
+                log.error("volume_restore_failed", volume=record.volume.name, error=str(e))
 
-    def add_static(self, record: VolumeRecord, chap: Any = None) -> Volume:
-        record.static = True
-        return self._open(record, chap=chap)
+    def add_static(self, volume: VolumeConfig) -> Volume:
+        return self._open(VolumeRecord(volume, static=True))
 
     def close(self) -> None:
         for vol in list(self.volumes.values()):
@@ -105,16 +110,15 @@ class VolumeManager:
         if not NAME.fullmatch(name or ""):
             raise VolumeError(f"volume name {name!r}: use 1-64 of A-Z a-z 0-9 _ . - "
                               "(not starting with _ . -)")
-        if name in self.volumes:
-            raise VolumeError(f"volume {name} exists")
         if rate < 0:
             raise VolumeError(f"rate {rate}: must not be negative")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        record = VolumeRecord(name=name, source=source, cache=str(self.state_dir / f"{name}.cache"),
-                              target=f"{self.iqn_prefix}:{name}", unit=unit, rate=rate)
+        cache = str(self.state_dir / f"{name}.cache")
+        record = VolumeRecord(VolumeConfig(name=name, source=source, cache=cache,
+                                           target=f"{self.iqn_prefix}:{name}", unit=unit, rate=rate))
         vol = self._open(record)
         self._save()
-        log.info("volume_created", volume=name, source=redact(source), target=record.target,
+        log.info("volume_created", volume=name, source=redact(source), target=record.volume.target,
                  size=vol.disk.size)
         return self._status(vol)
 
@@ -127,7 +131,7 @@ class VolumeManager:
         self._save()
         for suffix in ("", ".meta", ".map", ".written"):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(vol.record.cache + suffix)
+                os.unlink(vol.record.volume.cache + suffix)
         log.info("volume_deleted", volume=name)
 
     def list(self) -> list[dict[str, Any]]:
@@ -156,7 +160,7 @@ class VolumeManager:
             raise VolumeError(f"rate {rate}: must not be negative (0: no limit)")
         if vol.job.state in (JobState.RUNNING, JobState.PAUSED, JobState.CREATED):
             self._verb(vol, lambda: vol.job.set_rate(rate or None))
-        vol.record.rate = rate
+        vol.record.volume = replace(vol.record.volume, rate=rate)
         self._save()
         return self._status(vol)
 
@@ -187,7 +191,7 @@ class VolumeManager:
         if vol.verifying:
             raise VolumeError(f"volume {name}: a verify is already running")
         try:
-            source = open_source(vol.record.source, timeout=self.connect_timeout)
+            source = open_source(vol.record.volume.source, timeout=self.connect_timeout)
         except SourceError as e:
             raise VolumeError(f"volume {name}: source: {e}") from None
         vol.verifying = True
@@ -221,29 +225,32 @@ class VolumeManager:
         try:
             call()
         except JobVerbError as e:
-            raise VolumeError(f"volume {vol.record.name}: {e}") from None
+            raise VolumeError(f"volume {vol.record.volume.name}: {e}") from None
 
-    def _open(self, record: VolumeRecord, chap: Any = None) -> Volume:
+    def _open(self, record: VolumeRecord) -> Volume:
+        cfg = record.volume
+        if cfg.name in self.volumes:  # a runtime volume named like one of the config file
+            raise VolumeError(f"volume {cfg.name} exists")
         try:
-            source = None if record.detached else open_source(record.source, timeout=self.connect_timeout)
+            source = None if record.detached else open_source(cfg.source, timeout=self.connect_timeout)
         except SourceError as e:
-            raise VolumeError(f"volume {record.name}: source: {e}") from None
+            raise VolumeError(f"volume {cfg.name}: source: {e}") from None
         try:
-            disk = LazyDisk.open(record.cache, source, unit=record.unit)
+            disk = LazyDisk.open(cfg.cache, source, unit=cfg.unit)
         except StoreError as e:
             if source is not None:
                 source.close()
-            raise VolumeError(f"volume {record.name}: {e}") from None
-        job = Hydrator(disk, rate=record.rate or None)
-        lun = Lun(disk, record.name, block_size=record.block_size, number=record.lun)
+            raise VolumeError(f"volume {cfg.name}: {e}") from None
+        job = Hydrator(disk, rate=cfg.rate or None)
+        lun = Lun(disk, cfg.name, block_size=cfg.block_size, number=cfg.lun)
         vol = Volume(record, disk, job, lun)
-        self.volumes[record.name] = vol
-        target = self.portal.target(record.target)
+        self.volumes[cfg.name] = vol
+        target = self.portal.target(cfg.target)
         if target is None:
-            target = Target(record.target, {}, frozenset(record.allowed_initiators), chap,
+            target = Target(cfg.target, {}, frozenset(cfg.allowed_initiators), cfg.chap,
                             portal=self.portal.advertised)
             self.portal.add_target(target)
-        target.luns[record.lun] = lun
+        target.luns[cfg.lun] = lun
         for other in target.luns.values():
             other.target_luns = sorted(target.luns)  # type: ignore[attr-defined]
         if not disk.complete and not record.detached:
@@ -255,16 +262,16 @@ class VolumeManager:
     def _stop(self, vol: Volume) -> None:
         if vol.job.state in (JobState.RUNNING, JobState.PAUSED):
             vol.job.cancel()
-        target = self.portal.target(vol.record.target)
+        target = self.portal.target(vol.record.volume.target)
         if target is not None:
-            target.luns.pop(vol.record.lun, None)
+            target.luns.pop(vol.record.volume.lun, None)
             if not target.luns:
                 self.portal.remove_target(target.iqn)
         vol.disk.close()
 
     def _save(self) -> None:
         """Atomically, mode 0600 from the start: the records hold source URLs."""
-        records = [asdict(v.record) for v in self.volumes.values() if not v.record.static]
+        records = [v.record.to_json() for v in self.volumes.values() if not v.record.static]
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / f".{STATE_FILE}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -275,6 +282,7 @@ class VolumeManager:
         os.replace(tmp, self.state_dir / STATE_FILE)
 
     def _status(self, vol: Volume) -> dict[str, Any]:
+        cfg = vol.record.volume
         p = vol.job.query()
         if vol.record.detached:
             state = "detached"
@@ -283,11 +291,11 @@ class VolumeManager:
         else:
             state = p.state.value
         return {
-            "volume": vol.record.name, "source": redact(vol.record.source), "target": vol.record.target,
-            "lun": vol.record.lun, "state": state, "size": p.total, "local_bytes": p.current,
+            "volume": cfg.name, "source": redact(cfg.source), "target": cfg.target,
+            "lun": cfg.lun, "state": state, "size": p.total, "local_bytes": p.current,
             "percent": round(100.0 * p.current / p.total, 2) if p.total else 100.0,
             "rate_bps": round(p.rate), "eta_s": None if p.eta_s is None else round(p.eta_s, 1),
-            "rate_limit_bps": vol.record.rate or None, "fetched_bytes": p.fetched,
+            "rate_limit_bps": cfg.rate or None, "fetched_bytes": p.fetched,
             "misses": p.misses, "miss_p50_ms": p.miss_p50_ms, "miss_p99_ms": p.miss_p99_ms,
             "source_health": "detached" if vol.record.detached else (
                 f"error: {p.error}" if p.error else "ok"),
