@@ -295,6 +295,17 @@ def serve_config(args: argparse.Namespace) -> config.Config:
     return config.Config(args.listen, (volume,))
 
 
+def _log_frontend() -> None:
+    """Say which frontend serves and why: the embedded portal for now; the LIO path (issue 4)
+    will take over where the kernel offers target_core_user."""
+    from lazyiscsi.tcmu.netlink import tcmu_available
+
+    available, why = tcmu_available()
+    structlog.get_logger("lazyiscsi.cli").info(
+        "frontend_selected", frontend="portal",
+        reason=("the LIO frontend is not built yet; " if available else "") + why)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from lazyiscsi.control import ControlError, ControlServer
     from lazyiscsi.daemon import VolumeError, VolumeManager
@@ -319,6 +330,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"listen {portal.advertised}: {e.strerror}" if isinstance(e, OSError) else str(e)) \
             from None
     control.start()
+    _log_frontend()
     host, port = portal.address
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     for vol in manager.volumes.values():

@@ -245,3 +245,20 @@ def _acked(data: bytes, seq: int) -> bool:
             return True
         pos += max((length + 3) & ~3, NLMSG_HDR.size)
     return False
+
+
+def tcmu_available() -> tuple[bool, str]:
+    """Whether this kernel offers TCMU backstores (the TCM-USER family exists), and why not."""
+    try:
+        sock = GenlSocket()
+    except OSError as e:
+        return False, f"no generic netlink socket ({e.strerror or e})"
+    try:
+        sock.resolve(TCMU_FAMILY)
+    except NoFamily:
+        return False, "the kernel has no target_core_user (no TCM-USER netlink family)"
+    except (NetlinkError, OSError) as e:
+        return False, f"TCM-USER lookup failed: {e}"
+    finally:
+        sock.close()
+    return True, "the kernel offers target_core_user"

@@ -126,7 +126,9 @@ def test_volume_lifecycle_through_the_cli(tmp_path: Path, nbdkit: list[Nbdkit]) 
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     names = {e["event"] for e in events}
     assert {"volume_created", "hydration_state", "hydration_rate", "verify_finished", "volume_detached",
-            "control_listening"} <= names
+            "control_listening", "frontend_selected"} <= names
+    frontend = next(e for e in events if e["event"] == "frontend_selected")
+    assert frontend["frontend"] == "portal" and "target_core_user" in frontend["reason"]
 
 
 def test_refusals_name_the_problem_and_never_show_secrets(tmp_path: Path) -> None:
