@@ -40,7 +40,7 @@ class Device:
                 self._finish(entry.cmd_id, Status.CHECK_CONDITION, fixed_sense(Reason.INVALID_FIELD_IN_CDB),
                              None)
             elif isinstance(entry, Tmr):
-                log.info("tcmu_tmr", device=self.name, tmr_type=entry.tmr_type, cmd_ids=list(entry.cmd_ids))
+                log.info("tcmu_tmr", device=self.name, tmr=entry.name, cmd_ids=list(entry.cmd_ids))
         return started
 
     def wait(self, timeout: float | None = None) -> bool:
