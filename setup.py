@@ -11,6 +11,7 @@ setup(
     install_requires=[
         "crc32c>=2.3",
         "gevent>=23.9",
+        "rtslib-fb>=2.1.75",
         "structlog>=23.1",
     ],
     extras_require={

@@ -22,6 +22,7 @@ import structlog
 from lazyiscsi import __version__, commands, config
 from lazyiscsi import log as logsetup
 from lazyiscsi.control import ControlError
+from lazyiscsi.frontend import Frontend
 from lazyiscsi.progress import ProgressDisplay, human_bytes
 from lazyiscsi.source import SourceError, open_source, redact
 from lazyiscsi.store.errors import StoreError
@@ -134,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "serve",
-        help="the daemon: export volumes over the embedded iSCSI portal while they hydrate",
-        description=("Serve volumes as iSCSI LUNs on the embedded userspace portal: SOURCE as LUN 0 "
+        help="the daemon: export volumes as iSCSI LUNs (LIO or the embedded portal) while they hydrate",
+        description=("Serve volumes as iSCSI LUNs, through the kernel's LIO target and our TCMU handler "
+                     "where the kernel offers it, else on the embedded userspace portal: SOURCE as LUN 0 "
                      "(--source/--cache), the volumes of a TOML file (--config), and those created "
                      "at runtime with `lazyiscsi volume create`, kept in --state-dir across restarts. "
                      "Each LUN is usable at once: missing blocks are fetched on demand while the "
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ping an initiator silent this long; drop it after as long again (0: never)")
     s.add_argument("--state-dir", default=os.environ.get("LAZYISCSI_STATE_DIR", "/var/lib/lazyiscsi"),
                    metavar="DIR", help="runtime volumes and their caches (default: $LAZYISCSI_STATE_DIR)")
+    s.add_argument("--frontend", choices=("auto", "lio", "portal"), default="auto",
+                   help="auto: LIO when the kernel has target_core_user and rtslib-fb is installed")
     s.add_argument("--iqn-prefix", default="iqn.2026-11.io.lazyiscsi", metavar="IQN",
                    help="runtime volume NAME is target IQN:NAME")
     s.set_defaults(func=cmd_serve)
@@ -295,47 +299,57 @@ def serve_config(args: argparse.Namespace) -> config.Config:
     return config.Config(args.listen, (volume,))
 
 
-def _log_frontend() -> None:
-    """Say which frontend serves and why: the embedded portal for now; the LIO path (issue 4)
-    will take over where the kernel offers target_core_user."""
-    from lazyiscsi.tcmu.netlink import tcmu_available
+def choose_frontend(args: argparse.Namespace, listen: tuple[str, int]) -> Frontend:
+    """The frontend --frontend asks for; ``auto`` takes LIO where it can. Logs which and why."""
+    from lazyiscsi.frontend import PortalFrontend
+    from lazyiscsi.iscsi.portal import Portal
 
-    available, why = tcmu_available()
-    structlog.get_logger("lazyiscsi.cli").info(
-        "frontend_selected", frontend="portal",
-        reason=("the LIO frontend is not built yet; " if available else "") + why)
+    if args.frontend != "portal":
+        from lazyiscsi.lio import LioFrontend, lio_available
+
+        available, why = lio_available()
+        if available:
+            structlog.get_logger("lazyiscsi.cli").info("frontend_selected", frontend="lio", reason=why)
+            return LioFrontend(listen)
+        if args.frontend == "lio":
+            raise CliError(f"--frontend lio: {why}")
+    else:
+        why = "asked for with --frontend portal"
+    structlog.get_logger("lazyiscsi.cli").info("frontend_selected", frontend="portal", reason=why)
+    return PortalFrontend(Portal([], listen, nop_interval=args.nop_interval))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lazyiscsi.control import ControlError, ControlServer
     from lazyiscsi.daemon import VolumeError, VolumeManager
-    from lazyiscsi.iscsi.portal import Portal
+    from lazyiscsi.frontend import FrontendError
 
     cfg = serve_config(args)
-    portal = Portal([], cfg.listen, nop_interval=args.nop_interval)
-    manager = VolumeManager(args.state_dir, portal, iqn_prefix=args.iqn_prefix,
+    frontend = choose_frontend(args, cfg.listen)
+    manager = VolumeManager(args.state_dir, frontend, iqn_prefix=args.iqn_prefix,
                             connect_timeout=args.connect_timeout)
     try:
         control = ControlServer(manager, args.control)
     except (ControlError, OSError) as e:
         raise CliError(f"control socket: {e}") from None
     try:
+        frontend.start()
         for vol in cfg.volumes:
             manager.add_static(vol)
         manager.restore()
-        portal.start()
-    except (VolumeError, OSError) as e:
+    except (VolumeError, FrontendError, OSError) as e:
+        frontend.stop()
         manager.close()
         control.stop()
-        raise CliError(f"listen {portal.advertised}: {e.strerror}" if isinstance(e, OSError) else str(e)) \
-            from None
+        where = f"{cfg.listen[0]}:{cfg.listen[1]}"
+        raise CliError(f"listen {where}: {e.strerror}" if isinstance(e, OSError) else str(e)) from None
     control.start()
-    _log_frontend()
-    host, port = portal.address
+    host, port = frontend.address
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     for vol in manager.volumes.values():
         r = vol.record.volume
-        sys.stdout.write(f"serving {redact(r.source)} as {r.target} LUN {r.lun} on {host}:{port}\n"
+        sys.stdout.write(f"serving {redact(r.source)} as {r.target} LUN {r.lun} on {host}:{port} "
+                         f"({frontend.name})\n"
                          f"  QEMU:     iscsi://{shown}:{port}/{r.target}/{r.lun}\n")
     sys.stdout.write(f"  iscsiadm: iscsiadm -m discovery -t sendtargets -p {shown}:{port}\n")
     if manager.volumes:
@@ -350,7 +364,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop.wait()
     logsetup.notify("STOPPING=1")
     control.stop()
-    portal.stop()
+    frontend.stop()
     manager.close()
     return EXIT_OK
 

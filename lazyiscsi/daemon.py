@@ -19,8 +19,7 @@ from typing import Any
 import structlog
 
 from lazyiscsi.config import VolumeConfig
-from lazyiscsi.iscsi.connection import Target
-from lazyiscsi.iscsi.portal import Portal
+from lazyiscsi.frontend import Frontend, FrontendError
 from lazyiscsi.scsi.lun import Lun
 from lazyiscsi.source import open_source
 from lazyiscsi.source.base import SourceError
@@ -73,9 +72,10 @@ class Volume:
 
 
 class VolumeManager:
-    def __init__(self, state_dir: str, portal: Portal, *, iqn_prefix: str, connect_timeout: float) -> None:
+    def __init__(self, state_dir: str, frontend: Frontend, *, iqn_prefix: str,
+                 connect_timeout: float) -> None:
         self.state_dir = Path(state_dir)
-        self.portal = portal
+        self.frontend = frontend
         self.iqn_prefix = iqn_prefix
         self.connect_timeout = connect_timeout
         self.volumes: dict[str, Volume] = {}
@@ -101,6 +101,8 @@ class VolumeManager:
         return self._open(VolumeRecord(volume, static=True))
 
     def close(self) -> None:
+        """At the daemon's stop, after the frontend's: the volumes stay exported where the
+        frontend keeps them (LIO), their disks close."""
         for vol in list(self.volumes.values()):
             self._stop(vol)
 
@@ -126,6 +128,10 @@ class VolumeManager:
         vol = self._get(name)
         if vol.record.static:
             raise VolumeError(f"volume {name} comes from the config file: remove it there")
+        try:
+            self.frontend.unexport(vol.record.volume)
+        except FrontendError as e:
+            raise VolumeError(str(e)) from None
         self._stop(vol)
         del self.volumes[name]
         self._save()
@@ -243,16 +249,13 @@ class VolumeManager:
             raise VolumeError(f"volume {cfg.name}: {e}") from None
         job = Hydrator(disk, rate=cfg.rate or None)
         lun = Lun(disk, cfg.name, block_size=cfg.block_size, number=cfg.lun)
+        try:
+            self.frontend.export(cfg, lun)
+        except FrontendError as e:
+            disk.close()
+            raise VolumeError(str(e)) from None
         vol = Volume(record, disk, job, lun)
         self.volumes[cfg.name] = vol
-        target = self.portal.target(cfg.target)
-        if target is None:
-            target = Target(cfg.target, {}, frozenset(cfg.allowed_initiators), cfg.chap,
-                            portal=self.portal.advertised)
-            self.portal.add_target(target)
-        target.luns[cfg.lun] = lun
-        for other in target.luns.values():
-            other.target_luns = sorted(target.luns)  # type: ignore[attr-defined]
         if not disk.complete and not record.detached:
             job.start()
             if record.paused:
@@ -262,11 +265,6 @@ class VolumeManager:
     def _stop(self, vol: Volume) -> None:
         if vol.job.state in (JobState.RUNNING, JobState.PAUSED):
             vol.job.cancel()
-        target = self.portal.target(vol.record.volume.target)
-        if target is not None:
-            target.luns.pop(vol.record.volume.lun, None)
-            if not target.luns:
-                self.portal.remove_target(target.iqn)
         vol.disk.close()
 
     def _save(self) -> None:

@@ -1,0 +1,70 @@
+"""What the daemon needs from a frontend, and the embedded portal's side of it.
+
+Two frontends export the same LUNs (the SCSI layer over the store): the embedded userspace iSCSI
+portal, and the kernel's LIO target through TCMU (``lazyiscsi.lio``). The volume manager calls
+``export`` when a volume opens, ``unexport`` when it is deleted, and ``stop`` when the daemon
+stops; what survives a stop differs (the portal's sessions end; LIO's stay logged in, see there).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from lazyiscsi.config import VolumeConfig
+from lazyiscsi.iscsi.connection import Target
+from lazyiscsi.iscsi.portal import Portal
+from lazyiscsi.scsi.lun import Lun
+
+
+class FrontendError(Exception):
+    """A volume the frontend cannot export; the message names the volume and the reason."""
+
+
+class Frontend(Protocol):
+    name: str
+    #: host:port initiators log in to
+    address: tuple[str, int]
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def export(self, volume: VolumeConfig, lun: Lun) -> None: ...
+
+    def unexport(self, volume: VolumeConfig) -> None: ...
+
+
+class PortalFrontend:
+    """Volumes as LUNs of targets on the embedded portal; a target lives while it has LUNs."""
+
+    name = "portal"
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.portal.address
+
+    def start(self) -> None:
+        self.portal.start()
+
+    def stop(self) -> None:
+        self.portal.stop()
+
+    def export(self, volume: VolumeConfig, lun: Lun) -> None:
+        target = self.portal.target(volume.target)
+        if target is None:
+            target = Target(volume.target, {}, frozenset(volume.allowed_initiators), volume.chap,
+                            portal=self.portal.advertised)
+            self.portal.add_target(target)
+        target.luns[volume.lun] = lun
+        for other in target.luns.values():
+            other.target_luns = sorted(target.luns)
+
+    def unexport(self, volume: VolumeConfig) -> None:
+        target = self.portal.target(volume.target)
+        if target is not None:
+            target.luns.pop(volume.lun, None)
+            if not target.luns:
+                self.portal.remove_target(target.iqn)

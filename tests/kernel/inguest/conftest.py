@@ -1,0 +1,177 @@
+"""What the in-guest tests share: the kernel modules, iscsid, an nbdkit source with WAN-like delay,
+``lazyiscsi serve`` on the LIO frontend, and open-iscsi sessions to it. Everything here is the
+real thing: Debian's kernel with LIO and target_core_user, open-iscsi, nbdkit."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+WORK = Path("/var/tmp/lazyiscsi-kernel-tier")
+PORTAL = "127.0.0.1:3260"
+NBD_PORT = 10809
+SOURCE_SIZE = 64 << 20
+
+
+def run(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)}: exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def wait_for(what: str, predicate, timeout: float = 60.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def source_bytes(size: int = SOURCE_SIZE) -> bytes:
+    """Every 4 KiB block names its own offset, so a block read from the wrong place shows."""
+    block = 4096
+    out = bytearray()
+    for i in range(size // block):
+        label = f"src block {i:08d} ".encode()
+        out += (label * (block // len(label) + 1))[:block]
+    return bytes(out)
+
+
+class Daemon:
+    """``lazyiscsi serve --frontend lio`` in the background, restartable like systemd would."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.argv, self.log = argv, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = self.log.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=out, env=env)
+        control = self.argv[self.argv.index("--control") + 1]
+        wait_for("serve's control socket", lambda: self._alive() and Path(control).exists(), 60)
+
+    def _alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+        return True
+
+    def cli(self, *args: str) -> str:
+        control = self.argv[self.argv.index("--control") + 1]
+        return run(sys.executable, "-m", "lazyiscsi.cli", "--control", control, *args).stdout
+
+    def status(self, volume: str) -> dict:  # type: ignore[type-arg]
+        (st,) = json.loads(self.cli("status", volume, "--json"))
+        return st
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=90)
+
+
+@pytest.fixture(scope="session")
+def kernel() -> None:
+    run("modprobe", "-a", "target_core_user", "iscsi_target_mod", "iscsi_tcp", "sd_mod")
+    if subprocess.run(["pgrep", "-x", "iscsid"], capture_output=True).returncode != 0:
+        run("iscsid")
+    WORK.mkdir(parents=True, exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def source(kernel: None) -> Iterator[Path]:
+    """nbdkit serving a 64 MiB file with 20 ms added to every read."""
+    path = WORK / "source.img"
+    path.write_bytes(source_bytes())
+    proc = subprocess.Popen(["nbdkit", "-f", "-p", str(NBD_PORT), "--filter=delay", "file", str(path),
+                             "rdelay=20ms"])
+    wait_for("nbdkit", lambda: _port_open(NBD_PORT), 30)
+    yield path
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.closing(socket.socket()) as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def serve_argv(name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lazyiscsi.cli", "--log-level", "info",
+            "--control", str(WORK / f"{name}.sock"), "serve", "--frontend", "lio", "--listen", PORTAL,
+            "--state-dir", str(WORK / f"{name}-state"), *extra]
+
+
+def login(iqn: str) -> str:
+    """Log in to ``iqn`` on the guest's portal; the /dev name of its LUN 0."""
+    run("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", PORTAL)
+    run("iscsiadm", "-m", "node", "-T", iqn, "-p", PORTAL, "--login")
+    return wait_for(f"the disk of {iqn}", lambda: disk_of(iqn), 60)
+
+
+def disk_of(iqn: str) -> str | None:
+    r = run("iscsiadm", "-m", "session", "-P", "3", check=False)
+    current = None
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*Target: (\S+)", line)
+        if m:
+            current = m.group(1)
+        m = re.search(r"Attached scsi disk (\w+)\s+State: running", line)
+        if m and current == iqn and Path(f"/dev/{m.group(1)}").exists():
+            return f"/dev/{m.group(1)}"
+    return None
+
+
+def logout(iqn: str) -> None:
+    run("iscsiadm", "-m", "node", "-T", iqn, "-p", PORTAL, "--logout", check=False)
+
+
+def read_direct(dev: str, offset: int, length: int) -> bytes:
+    """Through the initiator, not the page cache."""
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
+        n = os.preadv(fd, [buf], offset)
+        assert n == length, f"{dev}: short read {n} of {length} at {offset}"
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def write_direct(dev: str, offset: int, data: bytes) -> None:
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
+    try:
+        assert os.pwritev(fd, [buf], offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def kernel_errors() -> list[str]:
+    """What the kernel said went wrong with I/O (what a filesystem would have seen)."""
+    r = run("dmesg", check=False)
+    return [line for line in r.stdout.splitlines()
+            if re.search(r"I/O error|Buffer I/O|EXT4-fs error|critical medium error", line)]
