@@ -27,7 +27,7 @@ serve_pid=""
 trap 'kill $serve_pid $nbdkit_pid 2>/dev/null || true' EXIT
 for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
 iqn=iqn.2026-11.io.lazyiscsi:demo
-.venv/bin/lazyiscsi --log-level warning --control "$work/control.sock" serve --state-dir "$work/state" --source "nbd+unix:///?socket=$sock" --cache "$work/cache.img" \
+.venv/bin/lazyiscsi --log-level warning --control "$work/control.sock" serve --frontend portal --state-dir "$work/state" --source "nbd+unix:///?socket=$sock" --cache "$work/cache.img" \
   --iqn "$iqn" --listen "127.0.0.1:$port" &
 serve_pid=$!
 for _ in $(seq 50); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done

@@ -124,3 +124,14 @@ chap = {{ user = "host1", secret = "{SECRET}", mutual_user = "tgt1", mutual_secr
         out, err = proc.communicate(timeout=30)
     for secret in (SECRET, "target-secret-123"):
         assert secret not in out + err
+
+
+def test_frontend_lio_where_the_kernel_has_none_is_one_line(tmp_path: Path) -> None:
+    """This machine's kernel has no target_core_user: asked for LIO, serve says so and stops."""
+    r = subprocess.run([sys.executable, "-m", "lazyiscsi.cli", "serve", "--frontend", "lio",
+                        "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=60)
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("{")]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "--frontend lio" in lines[0] and "target_core_user" in lines[0], lines
+    assert "Traceback" not in r.stderr

@@ -62,11 +62,14 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Returns once serve has printed its summary: every volume is exported by then (the
+        control socket alone exists earlier)."""
+        start = self.log.stat().st_size if self.log.exists() else 0
         out = self.log.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=out, env=env)
-        control = self.argv[self.argv.index("--control") + 1]
-        wait_for("serve's control socket", lambda: self._alive() and Path(control).exists(), 60)
+        wait_for("serve to be ready",
+                 lambda: self._alive() and "  control:  " in self.log.read_text()[start:], 60)
 
     def _alive(self) -> bool:
         assert self.proc is not None
@@ -120,9 +123,11 @@ def serve_argv(name: str, *extra: str) -> list[str]:
             "--state-dir", str(WORK / f"{name}-state"), *extra]
 
 
-def login(iqn: str) -> str:
-    """Log in to ``iqn`` on the guest's portal; the /dev name of its LUN 0."""
-    run("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", PORTAL)
+def login(iqn: str, *, discover: bool = True) -> str:
+    """Log in to ``iqn`` on the guest's portal; the /dev name of its LUN 0. Discovery rewrites
+    the node records, CHAP settings included: ``discover=False`` keeps them."""
+    if discover:
+        run("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", PORTAL)
     run("iscsiadm", "-m", "node", "-T", iqn, "-p", PORTAL, "--login")
     return wait_for(f"the disk of {iqn}", lambda: disk_of(iqn), 60)
 
