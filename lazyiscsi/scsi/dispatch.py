@@ -33,19 +33,26 @@ log = structlog.get_logger("lazyiscsi.scsi")
 @dataclass(frozen=True)
 class Result:
     status: Status
-    data_in: bytes | bytearray | None = None
+    #: a memoryview only when it is the caller's own ``data_in_buffer``, already filled
+    data_in: bytes | bytearray | memoryview | None = None
     sense: bytes | None = None
 
 
 Handler = Callable[[Lun, bytes, memoryview | None, str], "bytes | bytearray | None"]
 
 
-def _block(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str) -> bytes | bytearray | None:
+def _block(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str, *,
+           into: memoryview | None = None) -> bytes | bytearray | memoryview | None:
     op = Op(cdb[0])
     cmd = parse_block(cdb, op, lun.n_blocks, lun.max_write_same_blocks
                       if LAYOUTS[op][1] == "write_same" else lun.max_transfer_blocks)
     kind = cmd.kind
     if kind == "read":
+        n = cmd.blocks * lun.block_size
+        if into is not None and len(into) >= n:
+            into = into[:n]
+            sbc.read_into(lun, cmd, into)
+            return into
         return sbc.read(lun, cmd)
     want = data_out_length(cdb, lun.block_size)
     got = len(data) if data is not None else 0
@@ -210,8 +217,11 @@ def execute_no_lun(cdb: bytes, target_luns: list[int]) -> Result:
     return Result(Status.CHECK_CONDITION, sense=fixed_sense(Reason.LUN_NOT_SUPPORTED))
 
 
-def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | None, nexus: str) -> Result:
-    """Run one command to completion (it may block on the store) and say how it ended."""
+def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | None, nexus: str, *,
+            data_in_buffer: memoryview | None = None) -> Result:
+    """Run one command to completion (it may block on the store) and say how it ended. A READ
+    fills ``data_in_buffer`` in place when it is given and large enough (TCMU's mapped data area:
+    the store reads straight into the kernel's pages), and returns it as the data-in."""
     try:
         if not cdb:
             raise SenseError(Reason.INVALID_OPCODE)
@@ -226,6 +236,8 @@ def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | Non
             raise SenseError(pending.pop(0))
         lun.reservations.check(op, cdb, nexus)
         data = memoryview(data_out) if data_out is not None else None
+        if handler is _block and data_in_buffer is not None:
+            return Result(Status.GOOD, _block(lun, cdb, data, nexus, into=data_in_buffer))
         return Result(Status.GOOD, handler(lun, cdb, data, nexus))
     except Conflict:
         return Result(Status.RESERVATION_CONFLICT)

@@ -53,9 +53,13 @@ class Device:
         data_out = None
         if want_out:
             data_out = views[0] if len(views) == 1 else b"".join(views)
-        result = dispatch.execute(self.lun, cmd.cdb, data_out, f"tcmu:{self.name}")
+        # one contiguous Data-In range (the usual case): the store reads straight into it
+        into = views[0] if len(views) == 1 and not want_out else None
+        result = dispatch.execute(self.lun, cmd.cdb, data_out, f"tcmu:{self.name}", data_in_buffer=into)
         read_len = None
-        if result.data_in is not None:
+        if isinstance(result.data_in, memoryview):
+            read_len = len(result.data_in)
+        elif result.data_in is not None:
             read_len = _scatter(memoryview(result.data_in), views)
         self._finish(cmd.cmd_id, result.status, result.sense, read_len)
 

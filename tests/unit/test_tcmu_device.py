@@ -83,3 +83,19 @@ def test_bad_cdbs_and_malformed_entries_end_in_check_condition(tmp_path: Path) -
     assert asc(unknown) == (0x02, 0x20, 0x05)  # invalid opcode
     assert asc(broken) == (0x02, 0x24, 0x05)  # the entry itself was bad
     assert kernel.done[fine][0] == 0 and not kernel.outstanding
+
+
+def test_a_read_lands_straight_in_the_mapped_data_area(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """No intermediate buffer: the store fills the command's iovec (its copying read is off)."""
+    kernel, device, data, _ = setup(tmp_path)
+
+    def copying_read(offset: int, length: int) -> bytes:
+        raise AssertionError("read into a new buffer instead of the mapped iovec")
+
+    monkeypatch.setattr(device.lun.backend, "read", copying_read)
+    r = kernel.submit(rw10(0x28, 8, 16), iov_len=16 * 512)
+    device.process()
+    device.wait(5)
+    kernel.reap()
+    status, _sense, read_len = kernel.done[r]
+    assert status == 0 and read_len == 16 * 512 and kernel.data(r) == data[8 * 512:24 * 512]
