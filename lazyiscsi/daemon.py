@@ -135,7 +135,7 @@ class VolumeManager:
         self._stop(vol)
         del self.volumes[name]
         self._save()
-        for suffix in ("", ".meta", ".map", ".written"):
+        for suffix in ("", ".meta", ".map", ".written", ".boot"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(vol.record.volume.cache + suffix)
         log.info("volume_deleted", volume=name)

@@ -14,6 +14,16 @@ file only after the data it vouches for is durable in the cache file (cache fdat
 map page write, then map fdatasync). A crash therefore leaves every set bit backed by durable
 data; a unit whose bit did not make it is fetched again, which is harmless because the source
 never changes and the guest never flushed a write to it.
+
+That covers a power loss. A daemon that is killed while the machine runs on loses nothing the
+kernel held: the cache file's page cache survives it, so a guest write acknowledged but not yet
+flushed is still in the file, and fetching that unit again would overwrite it with source data.
+So every guest write also sets its unit in ``path.written`` with a plain write, before it is
+acknowledged, and ``path.boot`` names the boot the cache was opened in. Reopened in the same
+boot, units written but not in the map are adopted (cache fdatasync, then their map bits);
+reopened after a reboot, those written bits are dropped instead, since their data may not
+have reached the medium, and the units are fetched again (what a write-back cache may do to
+unflushed writes at a power loss).
 """
 
 from __future__ import annotations
@@ -49,6 +59,17 @@ DEFAULT_READAHEAD = 64 * 1024
 DEFAULT_IO_TIMEOUT = 30.0
 #: how often fetched data and guest writes are committed without a flush from the guest
 DEFAULT_AUTOCOMMIT_S = 1.0
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def current_boot_id() -> str:
+    """This boot of the machine ("" if unknown, which is never trusted): the page cache
+    outlives a process, not a boot."""
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -91,8 +112,9 @@ class LazyDisk:
         self._mapfile = mapfile
         self._map = emap
         # units the guest wrote (or discarded): they may differ from the source, so ``verify``
-        # skips them. Kept beside the map, written at each commit, synced at close: a crash may
-        # lose the last bits, and verify then reports those units (a false alarm, never a miss).
+        # skips them, and a restart in the same boot adopts them (module docstring). Written
+        # before each write is acknowledged, synced only at close: a power loss may lose the
+        # last bits, and verify then reports those units (a false alarm, never a miss).
         self._writtenfile, self._written = written
         self._io_timeout = io_timeout
         self._complete = emap.complete
@@ -184,11 +206,27 @@ class LazyDisk:
             _load_map(mapfile, emap)
         written = ExtentMap(n_units)
         _load_map(writtenfile, written)
+        orphans = [m for w in _runs(written, 0, n_units) for m in emap.missing_runs(*w)]
+        if orphans and not _same_boot(opener, path):
+            written = _intersect(written, emap)
+            for page in range(written.n_pages):
+                writtenfile.pwrite(written.page_bytes(page), page * PAGE_BYTES)
+            log.info("cache_unflushed_writes_dropped", path=path, units=sum(b - a for a, b in orphans),
+                     reason="opened after a reboot: their data may not have reached the disk")
+            orphans = []
+        _record_boot(opener, path)
         if sb.state is not CacheState.HYDRATING and source is not None:
             source.close()  # not needed: everything is local
             source = None
         disk = cls(path, sb, cache, mapfile, emap, source, (writtenfile, written), readahead=readahead,
                    io_timeout=io_timeout, autocommit_s=autocommit_s, retry=retry)
+        if orphans:
+            # the previous process died in this boot: its acknowledged writes are in the page
+            # cache; commit syncs them before their map bits
+            for a, b in orphans:
+                disk._mark_local(a, b)
+            disk.commit()
+            log.info("cache_writes_adopted", path=path, units=sum(b - a for a, b in orphans))
         log.info("cache_opened", path=path, state=sb.state.value, local_bytes=disk.local_bytes,
                  size=sb.size)
         return disk
@@ -245,7 +283,7 @@ class LazyDisk:
         else:
             self._cache.pwrite(data, offset)
         if len(data):
-            self._written.set_local(*self._units(offset, len(data)))
+            self._note_written(*self._units(offset, len(data)))
         if fua:
             self.commit()
 
@@ -260,7 +298,7 @@ class LazyDisk:
             start = a * self.unit
             self._cache.punch(start, min(b * self.unit, self.size) - start)
             self._mark_local(a, b)
-            self._written.set_local(a, b)
+            self._note_written(a, b)
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Make the range read as zeros: whole units are deallocated, partial ones written."""
@@ -389,20 +427,14 @@ class LazyDisk:
         """
         with self._commit_lock:
             pages = self._map.take_dirty()
-            written = self._written.take_dirty()
             try:
                 self._cache.sync()
                 for page, data in pages.items():
                     self._mapfile.pwrite(data, page * PAGE_BYTES)
                 if pages:
                     self._mapfile.sync()
-                # the written bits only steer ``verify``: no fdatasync of their own on every
-                # flush (that would double a guest's SYNCHRONIZE CACHE); synced at close
-                for page, data in written.items():
-                    self._writtenfile.pwrite(data, page * PAGE_BYTES)
             except OSError as e:
                 self._map.requeue_dirty(pages)
-                self._written.requeue_dirty(written)
                 log.error("commit_failed", path=self.path, error=e.strerror)
                 raise StoreError(f"{self.path}: cannot make data durable ({e.strerror})") from None
 
@@ -438,6 +470,17 @@ class LazyDisk:
         log.info("cache_closed", path=self.path, local_bytes=self.local_bytes, size=self.size)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _note_written(self, a: int, b: int) -> None:
+        """Record guest-written units in the file at once (no fdatasync: a flush of the guest
+        costs one sync, not two), so that a killed daemon's successor adopts them."""
+        self._written.set_local(a, b)
+        try:
+            for page, data in self._written.take_dirty().items():
+                self._writtenfile.pwrite(data, page * PAGE_BYTES)
+        except OSError as e:
+            log.error("written_map_failed", path=self.path, error=e.strerror)
+            raise StoreError(f"{self.path}.written: cannot record a guest write ({e.strerror})") from None
 
     def _check(self, offset: int, length: int) -> None:
         if self._closed:
@@ -510,6 +553,49 @@ class LazyDisk:
             # a failure is logged by commit; the next round or the guest's flush tries again
             with contextlib.suppress(StoreError):
                 self.commit()
+
+
+def _runs(emap: ExtentMap, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The local runs of ``emap`` in ``[start, end)`` (the complement of its missing runs)."""
+    pos = start
+    for a, b in emap.missing_runs(start, end):
+        if pos < a:
+            yield pos, a
+        pos = b
+    if pos < end:
+        yield pos, end
+
+
+def _intersect(written: ExtentMap, emap: ExtentMap) -> ExtentMap:
+    out = ExtentMap(written.n_units)
+    for a, b in _runs(written, 0, written.n_units):
+        for c, d in _runs(emap, a, b):
+            out.set_local(c, d)
+    out.take_dirty()
+    return out
+
+
+def _same_boot(opener: FileOpener, path: str) -> bool:
+    """Whether the cache was last opened in this very boot (``path.boot``)."""
+    boot = current_boot_id()
+    try:
+        f = opener(f"{path}.boot", create=False)
+    except (OSError, CacheConfigError):  # none yet (an older cache), or unreadable: careful
+        return False
+    try:
+        return bool(boot) and f.pread(f.size(), 0).decode("ascii", "replace") == boot
+    finally:
+        f.close()
+
+
+def _record_boot(opener: FileOpener, path: str) -> None:
+    """No fdatasync: lost at a power loss, it only makes the next open more careful."""
+    f = opener(f"{path}.boot", create=True)
+    try:
+        f.truncate(0)
+        f.pwrite(current_boot_id().encode("ascii"), 0)
+    finally:
+        f.close()
 
 
 def _load_map(mapfile: BlockFile, emap: ExtentMap) -> None:

@@ -122,7 +122,10 @@ class Handler:
         try:
             if keep_blocked:
                 served.dev.block(True)
-        except uio.UioError as e:
+                # what reached the ring before the block is answered now rather than failed
+                # BUSY at the next attach
+                served.device.process()
+        except (uio.UioError, RingError) as e:
             log.warning("tcmu_block_failed", volume=volume, error=str(e))
         drained = served.device.wait(timeout=DRAIN_TIMEOUT)
         if served.loop is not None:

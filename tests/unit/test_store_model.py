@@ -9,6 +9,10 @@ hold exactly its durable value. That one rule says both "a flushed write is neve
 "source data never replaces a guest write" (source data is in a unit's history only while no
 guest write to it has been flushed).
 
+A crash is a power loss (a new boot: what was not synced may be gone). A kill is the daemon
+dying while the machine runs on (the same boot: the files keep every write the kernel took);
+then nothing a finished guest write put there may be lost, flushed or not.
+
 Concurrent guest operations never overlap (as with a real initiator that orders its own
 overlapping commands); populates and source completions overlap with anything.
 """
@@ -23,6 +27,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from lazyiscsi.store import lazydisk
 from lazyiscsi.store.errors import SourceIOError
 from lazyiscsi.store.fetch import RetryPolicy
 from lazyiscsi.store.lazydisk import LazyDisk
@@ -61,6 +66,9 @@ class LazyDiskMachine(RuleBasedStateMachine):
         import tempfile
 
         self.tmp = tempfile.TemporaryDirectory()
+        self.boot = 0
+        self.real_boot_id = lazydisk.current_boot_id
+        lazydisk.current_boot_id = lambda: f"model-boot-{self.boot}"  # type: ignore[assignment]
         rnd = random.Random(seed)
         self.size = n_units * UNIT - tail
         self.data = bytes(rnd.randrange(1, 256) for _ in range(self.size))
@@ -211,11 +219,8 @@ class LazyDiskMachine(RuleBasedStateMachine):
         self.vdisk.release_sync(data.draw(st.integers(0, len(self.vdisk.pending_syncs) - 1)))
         _settle()
 
-    @rule(keep_cache=st.booleans(), keep_map=st.booleans())
-    def crash(self, keep_cache: bool, keep_map: bool) -> None:
-        exact = (not keep_cache and not keep_map and self.cache_file.syncs == self.syncs_at_flush
-                 and not any(op.kind == "flush" for op in self.ops))
-        # the process dies: nothing of it runs on, files keep only what the medium kept
+    def _die(self) -> None:
+        """The process dies: nothing of it runs on."""
         gevent.killall([op.greenlet for op in self.ops] + self.populates)
         self.disk._fetcher.close()
         for g in (self.disk._finisher, self.disk._committer):
@@ -224,8 +229,33 @@ class LazyDiskMachine(RuleBasedStateMachine):
         self.ops, self.populates = [], []
         self.vdisk.pending_syncs.clear()
         self.vdisk.gate = False
+
+    @rule()
+    def kill(self) -> None:
+        in_flight = {u for op in self.ops if op.kind != "flush" for u in op.units}
+        self._die()
+        self._open()  # same boot: the files hold every write the process made
+        after = self._read_all()
+        for u in range(self._n_units):
+            got = self._unit(after, u)
+            if u in in_flight:
+                assert got in self.history[u], f"unit {u} holds data never written there"
+            else:
+                assert got == self._unit(self.latest, u), f"unit {u} lost a write the guest saw finish"
+        self.latest = bytearray(after)
+        for u in in_flight:
+            self.history[u].append(self._unit(after, u))
+
+    @rule(keep_cache=st.booleans(), keep_map=st.booleans(), keep_written=st.booleans())
+    def crash(self, keep_cache: bool, keep_map: bool, keep_written: bool) -> None:
+        exact = (not keep_cache and not keep_map and self.cache_file.syncs == self.syncs_at_flush
+                 and not any(op.kind == "flush" for op in self.ops))
+        self._die()
+        # power loss: files keep only what the medium kept, and the machine boots again
         self.cache_file.crash(keep_cache)
         self.vdisk.files[self.path + ".map"].crash(keep_map)
+        self.vdisk.files[self.path + ".written"].crash(keep_written)
+        self.boot += 1
         self._open()
         after = self._read_all()
         for u in range(self._n_units):
@@ -258,6 +288,7 @@ class LazyDiskMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if self.tmp is None:
             return
+        lazydisk.current_boot_id = self.real_boot_id  # type: ignore[assignment]
         try:
             # let everything finish, then the whole disk must equal the model
             self.vdisk.gate = False

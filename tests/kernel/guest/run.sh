@@ -5,7 +5,7 @@
 # stdout.
 #
 #   run.sh [-p PROJECT_DIR] COMMAND...
-#   env: LAZYISCSI_GUEST (built guest), GUEST_MEM (MiB, 2048), GUEST_SMP (2), GUEST_TIMEOUT (s, 1200)
+#   env: LAZYISCSI_GUEST (built guest), GUEST_MEM (MiB, 2048), GUEST_SMP (2), GUEST_TIMEOUT (s, 900)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${LAZYISCSI_GUEST:-/var/tmp/lazyiscsi-guest}
@@ -17,7 +17,7 @@ CONTROL=$(mktemp -d /tmp/lazyiscsi-guest-control.XXXXXX)
 trap 'rm -rf "$CONTROL"' EXIT
 printf '%s\n' "$*" > "$CONTROL/cmd.sh"
 
-timeout "${GUEST_TIMEOUT:-1200}" qemu-system-x86_64 \
+timeout "${GUEST_TIMEOUT:-900}" qemu-system-x86_64 \
   -accel tcg,thread=multi -cpu max -smp "${GUEST_SMP:-2}" -m "${GUEST_MEM:-2048}" \
   -nographic -nodefaults -serial stdio -no-reboot -nic none \
   -kernel "$OUT/vmlinux" -initrd "$OUT/initrd.img" \

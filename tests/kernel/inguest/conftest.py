@@ -161,10 +161,12 @@ def read_direct(dev: str, offset: int, length: int) -> bytes:
         os.close(fd)
 
 
-def write_direct(dev: str, offset: int, data: bytes) -> None:
+def write_direct(dev: str, offset: int, data: bytes, *, dsync: bool = True) -> None:
+    """Through the initiator; without ``dsync`` no FUA or cache flush follows (the LUN has its
+    write cache on), so only the target's own care keeps it."""
     buf = mmap.mmap(-1, len(data))
     buf.write(data)
-    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT | (os.O_DSYNC if dsync else 0))
     try:
         assert os.pwritev(fd, [buf], offset) == len(data)
     finally:

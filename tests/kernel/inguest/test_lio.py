@@ -123,7 +123,10 @@ with open(log, "a") as acked:
 """
 
 
-def test_sigkill_under_io_loses_no_acknowledged_write(daemon: Daemon, disk: str) -> None:
+def restart_under_io(daemon: Daemon, disk: str, sig: signal.Signals) -> None:
+    """A writer that fsyncs file after file and notes each one once fsync returned; the daemon
+    goes down by ``sig`` in the middle and comes back. Every noted file must read back whole
+    after a remount, and neither the writer nor the kernel may have seen an I/O error."""
     before = kernel_errors()
     run("mount", disk, str(MNT))
     acked = WORK / "acked.txt"
@@ -131,13 +134,14 @@ def test_sigkill_under_io_loses_no_acknowledged_write(daemon: Daemon, disk: str)
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(MNT), str(acked), "80"])
     wait_for("the writer to get going",
              lambda: acked.exists() and len(acked.read_text().splitlines()) >= 8, 120)
-    daemon.stop(signal.SIGKILL)
-    killed_at = len(acked.read_text().splitlines())
+    rc = daemon.stop(sig)
+    assert rc == (0 if sig == signal.SIGTERM else -sig), rc
+    stopped_at = len(acked.read_text().splitlines())
     time.sleep(1)
     daemon.start()
     assert writer.wait(timeout=300) == 0, "the writer saw an I/O error"
     lines = acked.read_text().splitlines()
-    assert len(lines) == 80 and killed_at < 80, (killed_at, len(lines))
+    assert len(lines) == 80 and stopped_at < 80, (stopped_at, len(lines))
     run("umount", str(MNT))
     run("mount", disk, str(MNT))  # read back from the LUN, not the page cache
     for line in lines:
@@ -145,6 +149,40 @@ def test_sigkill_under_io_loses_no_acknowledged_write(daemon: Daemon, disk: str)
         assert sha(Path(path).read_bytes()) == digest, path
     run("umount", str(MNT))
     assert kernel_errors() == before
+
+
+def test_sigkill_under_io_loses_no_acknowledged_write(daemon: Daemon, disk: str) -> None:
+    """Nothing drained: what the killed daemon left in the ring is failed BUSY at the next
+    attach (reset_ring) and the initiator retries it."""
+    restart_under_io(daemon, disk, signal.SIGKILL)
+
+
+def test_sigterm_under_io_drains_and_blocks(daemon: Daemon, disk: str) -> None:
+    """A clean stop answers what is in the ring, blocks the device (BUSY, retried) and leaves
+    the session logged in until the next daemon attaches."""
+    restart_under_io(daemon, disk, signal.SIGTERM)
+
+
+def test_sigkill_right_after_unflushed_writes_during_hydration(daemon: Daemon, disk: str) -> None:
+    """The hardest case for a lazy LUN: writes acknowledged with the write cache on (no flush)
+    into units still at the source, then SIGKILL before any commit. The restarted daemon must
+    keep them rather than fetch those units again over them."""
+    daemon.cli("volume", "create", "kt3", "--source", f"nbd://127.0.0.1:{NBD_PORT}", "--rate", "256K")
+    iqn3 = "iqn.2026-11.io.lazyiscsi:kt3"
+    disk3 = login(iqn3)
+    writes = {offset: os.urandom(64 << 10) for offset in (20 << 20, 33 << 20, (60 << 20) + 4096)}
+    for offset, data in writes.items():
+        write_direct(disk3, offset, data, dsync=False)
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    daemon.start()
+    assert daemon.status("kt3")["state"] == "running"
+    daemon.cli("rate", "kt3", "0")
+    wait_for("kt3 to complete", lambda: daemon.status("kt3")["state"] == "complete", 300, 1.0)
+    for offset, data in writes.items():
+        assert read_direct(disk3, offset, len(data)) == data, f"the write at {offset} was lost"
+    assert read_direct(disk3, 40 << 20, 1 << 20) == SOURCE[40 << 20:41 << 20]
+    logout(iqn3)
+    daemon.cli("volume", "delete", "kt3")
 
 
 def test_volume_delete_removes_the_lio_objects_and_the_device(daemon: Daemon, disk: str) -> None:

@@ -1,0 +1,28 @@
+"""What the LIO frontend refuses before it touches configfs, and what it never repeats."""
+
+from __future__ import annotations
+
+import pytest
+
+from lazyiscsi.config import VolumeConfig
+from lazyiscsi.frontend import FrontendError
+from lazyiscsi.iscsi.chap import ChapSecrets
+from lazyiscsi.lio import LioFrontend, _without_secrets
+from lazyiscsi.scsi.lun import Lun
+
+CHAP = ChapSecrets("user1", "a-secret-of-16ch", "tgt", "another-secret-16")
+
+
+def volume(**kw: object) -> VolumeConfig:
+    return VolumeConfig(name="vm1", source="nbd://h/e", cache="/c", target="iqn.2026-11.x:vm1", **kw)  # type: ignore[arg-type]
+
+
+def test_chap_without_an_acl_is_refused_by_name() -> None:
+    with pytest.raises(FrontendError, match=r"volume vm1: .*CHAP needs allowed_initiators"):
+        LioFrontend(("127.0.0.1", 3260)).export(volume(chap=CHAP), Lun(None, "vm1"))  # type: ignore[arg-type]
+
+
+def test_rtslib_errors_lose_the_secrets() -> None:
+    text = "Cannot set a-secret-of-16ch or another-secret-16 for user1"
+    assert _without_secrets(text, volume(chap=CHAP)) == "Cannot set <secret> or <secret> for user1"
+    assert _without_secrets(text, volume()) == text
