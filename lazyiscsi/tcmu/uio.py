@@ -5,12 +5,12 @@ The uio name is ``tcm-user/<hba>/<device>/<subtype>/<config>`` (the handler's co
 hold ``/``). The map must be mmap'd at exactly ``maps/map0/size``; the device can be open in one
 process only (EBUSY otherwise), so a second daemon cannot steal a ring from a live one.
 
-Restart recovery, the way libtcmu does it: block the device (the kernel queues new commands
-instead of putting them in the ring), reset the ring (every command the previous process left
-unanswered is failed with BUSY, which initiators retry; head and tail go back to 0), map it, and
-unblock. A command that a killed daemon had executed but not answered therefore runs again: every
-SCSI command we serve is idempotent when repeated whole, so nothing acknowledged is lost and
-nothing unacknowledged is half-done in a way a retry would not repair.
+Restart recovery, the way libtcmu does it, once the device is ours (opened): block it (new
+commands are answered BUSY instead of entering the ring), reset the ring (every command the
+previous process left unanswered is failed with BUSY, which initiators retry; head and tail go
+back to 0), map it, and unblock. A command that a killed daemon had executed but not answered
+therefore runs again: every SCSI command we serve is idempotent when repeated whole, so nothing
+acknowledged is lost and nothing unacknowledged is half-done in a way a retry would not repair.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import gevent
 import gevent.hub
 
-from lazyiscsi.tcmu.ring import Ring
+from lazyiscsi.tcmu.ring import Ring, RingError
 
 SYS_UIO = Path("/sys/class/uio")
 CONFIGFS_CORE = Path("/sys/kernel/config/target/core")
@@ -90,32 +90,37 @@ class UioDevice:
     """One opened and mapped device. ``wait`` blocks the calling greenlet until the kernel rings;
     ``notify`` rings back after responses were written."""
 
-    def __init__(self, minor: int, name: UioName, *, recover: bool = True) -> None:
+    def __init__(self, minor: int, name: UioName) -> None:
         self.minor, self.name = minor, name
         sysdir = SYS_UIO / f"uio{minor}"
         try:
             size = int((sysdir / "maps" / "map0" / "size").read_text().strip(), 0)
         except (OSError, ValueError) as e:
             raise UioError(f"device {name.device}: map0 size of uio{minor}: {e}") from None
-        if recover:
-            _action(name, "block_dev", 1)
+        # open first: a device another process holds (EBUSY) must not have its ring reset
         try:
-            if recover:
+            self.fd = os.open(f"/dev/uio{minor}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            why = "held by another process" if e.errno == errno.EBUSY else e.strerror
+            raise UioError(f"device {name.device}: /dev/uio{minor}: {why}") from None
+        try:
+            _action(name, "block_dev", 1)
+            try:
                 _action(name, "reset_ring", RESET_RING_BUSY)
-            try:
-                self.fd = os.open(f"/dev/uio{minor}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as e:
-                why = "held by another process" if e.errno == errno.EBUSY else e.strerror
-                raise UioError(f"device {name.device}: /dev/uio{minor}: {why}") from None
-            try:
                 self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            except OSError as e:
-                os.close(self.fd)
-                raise UioError(f"device {name.device}: mmap of {size} bytes: {e.strerror}") from None
-            self.ring = Ring(memoryview(self.map))
-        finally:
-            if recover:
+                try:
+                    self.ring = Ring(memoryview(self.map))
+                except RingError:
+                    self.map.close()
+                    raise
+            finally:
                 _action(name, "block_dev", 0)
+        except OSError as e:
+            os.close(self.fd)
+            raise UioError(f"device {name.device}: mmap of {size} bytes: {e.strerror}") from None
+        except BaseException:
+            os.close(self.fd)
+            raise
         self._watcher = gevent.get_hub().loop.io(self.fd, 1)
 
     def wait(self) -> bool:
