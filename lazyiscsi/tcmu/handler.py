@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import gevent
 import gevent.socket
@@ -41,7 +41,7 @@ class _Served:
     dev: uio.UioDevice
     device: Device
     loop: gevent.Greenlet | None = None
-    stopping: bool = field(default=False)
+    stopping: bool = False
 
 
 class Handler:
