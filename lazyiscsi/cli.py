@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to keep trying to reach the source when starting")
     s.add_argument("--nop-interval", type=_seconds_arg, default=15.0, metavar="SECONDS",
                    help="ping an initiator silent this long; drop it after as long again (0: never)")
+    s.add_argument("--login-timeout", type=_seconds_arg, default=None, metavar="SECONDS",
+                   help="close a connection whose login is not done after this long (default 15)")
     s.add_argument("--state-dir", default=os.environ.get("LAZYISCSI_STATE_DIR", "/var/lib/lazyiscsi"),
                    metavar="DIR", help="runtime volumes and their caches (default: $LAZYISCSI_STATE_DIR)")
     s.add_argument("--frontend", choices=("auto", "lio", "portal"), default="auto",
@@ -302,7 +304,7 @@ def serve_config(args: argparse.Namespace) -> config.Config:
 def choose_frontend(args: argparse.Namespace, listen: tuple[str, int]) -> Frontend:
     """The frontend --frontend asks for; ``auto`` takes LIO where it can. Logs which and why."""
     from lazyiscsi.frontend import PortalFrontend
-    from lazyiscsi.iscsi.portal import Portal
+    from lazyiscsi.iscsi.portal import LOGIN_TIMEOUT, Portal
 
     if args.frontend != "portal":
         from lazyiscsi.lio import LioFrontend, lio_available
@@ -316,7 +318,10 @@ def choose_frontend(args: argparse.Namespace, listen: tuple[str, int]) -> Fronte
     else:
         why = "asked for with --frontend portal"
     structlog.get_logger("lazyiscsi.cli").info("frontend_selected", frontend="portal", reason=why)
-    return PortalFrontend(Portal([], listen, nop_interval=args.nop_interval))
+    login_timeout = LOGIN_TIMEOUT if args.login_timeout is None else args.login_timeout
+    if login_timeout <= 0:
+        raise CliError("--login-timeout: must be more than 0 seconds", EXIT_USAGE)
+    return PortalFrontend(Portal([], listen, nop_interval=args.nop_interval, login_timeout=login_timeout))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

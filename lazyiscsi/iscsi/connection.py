@@ -2,14 +2,20 @@
 
 Theory of operation (RFC 7143, error recovery level 0, one connection per session):
 
-    LOGIN  --(Login with T=1 to NSG=FULL_FEATURE, accepted)-->  FULL_FEATURE
-    FULL_FEATURE  --(Logout)-->  CLOSED
+    LOGIN  --(the login state machine reaches full feature, login.py)-->  FULL_FEATURE
+    LOGIN  --(login refused, or login_timed_out() from the portal's clock)-->  CLOSED
+    FULL_FEATURE  --(Logout, or reinstated() by a new login of the same initiator port)-->  CLOSED
     any state  --(a protocol error that loses framing)-->  CLOSED
 
 ``receive(pdu)`` takes one framed PDU and returns actions: bytes to send, a SCSI task ready to
 execute (all its data-out gathered), or close. ``task_done(task, result)`` turns a finished
 command into Data-In/Response PDUs. Execution itself (which may block on the store) belongs to
-the caller: this module has no socket, no greenlet and no clock.
+the caller: this module has no socket, no greenlet and no clock; timeouts are events the portal
+feeds in (``login_timed_out``, ``ping``).
+
+The login phase, its stages, keys and refusals, lives in ``login.py``; this module hands it each
+Login Request and takes over when it reaches full feature. A discovery session's full feature
+phase takes only ``DISCOVERY_EVENTS`` (RFC 7143 4.3); anything else there is rejected.
 
 Sequence numbers: CmdSN advances for every non-immediate command; the window offered to the
 initiator is ExpCmdSN..MaxCmdSN (``QUEUE_DEPTH`` wide). StatSN counts responses.
@@ -23,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lazyiscsi.iscsi import params
-from lazyiscsi.iscsi.chap import ChapError, ChapExchange, ChapSecrets
+from lazyiscsi.iscsi.login import Login, Refused, Reply, Stage, Target, refusal
+from lazyiscsi.iscsi.login import build_response as build_login_response
 from lazyiscsi.iscsi.pdu import (
     BHS_LEN,
     DataOut,
@@ -44,27 +51,16 @@ from lazyiscsi.iscsi.pdu import (
     decode,
     encode_parts,
 )
+from lazyiscsi.iscsi.text import Incoming, Outgoing, TextTooLong
 from lazyiscsi.scsi.sense import Reason, Status, fixed_sense
 
 QUEUE_DEPTH = 64
-SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
 
 
 class State(enum.Enum):
     LOGIN = "login"
     FULL_FEATURE = "full-feature"
     CLOSED = "closed"
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a connection needs to know about the target it may log into."""
-
-    iqn: str
-    luns: dict[int, object]  # LUN number -> scsi Lun (opaque here)
-    allowed_initiators: frozenset[str] = frozenset()  # empty: any
-    chap: ChapSecrets | None = None
-    portal: str = ""
 
 
 @dataclass
@@ -134,17 +130,9 @@ class Reset:
 Action = Send | Execute | Close | Reset | Fault
 
 
-class LoginStatus(enum.IntEnum):
-    """Status-Class << 8 | Status-Detail (RFC 7143 11.13.5)."""
-
-    SUCCESS = 0x0000
-    AUTH_FAILED = 0x0201
-    NOT_AUTHORIZED = 0x0202
-    NOT_FOUND = 0x0203
-    INITIATOR_ERROR = 0x0200
-    MISSING_PARAMETER = 0x0207
-    SESSION_TYPE_NOT_SUPPORTED = 0x0209
-    TARGET_ERROR = 0x0300
+#: what a discovery session may send once logged in: SendTargets, NOP-Out and Logout
+#: (RFC 7143 4.3); a SCSI command or task management there is a protocol error
+DISCOVERY_EVENTS = frozenset({TextRequest, NopOut, LogoutRequest})
 
 
 class Connection:
@@ -158,17 +146,11 @@ class Connection:
         self._all = all_targets
         self._data_out_length = data_out_length
         self.state = State.LOGIN
-        self.target: Target | None = None
-        self.initiator = ""
-        self.discovery = False
-        self.values = params.session_defaults()
         self.max_recv = max_recv  # what we accept per PDU (declared to the initiator)
-        self.max_send = 8192  # what the initiator accepts per PDU (from its declaration)
+        self.login = Login(find_target, max_recv)
+        self._text_in, self._text_out = Incoming(), Outgoing()  # a Text exchange's continuations
+        self._text_ttt = 0xFFFFFFFF  # the tag that asks for the rest of a Text Response
         self.header_digest = self.data_digest = False
-        self._chap: ChapExchange | None = None
-        self._authenticated = False
-        self._isid = b""
-        self._tsih = 0
         self.statsn = 0
         self.expcmdsn = 0
         self.tasks: dict[int, Task] = {}
@@ -179,7 +161,29 @@ class Connection:
     @property
     def nexus(self) -> str:
         """The initiator port name (RFC 7143 13.1): what SCSI calls this I_T nexus."""
-        return f"{self.initiator},i,0x{self._isid.hex()}"
+        return f"{self.initiator},i,0x{self.login.isid.hex()}"
+
+    # what the login settled: the session's target, initiator and negotiated values
+    @property
+    def target(self) -> Target | None:
+        return self.login.target
+
+    @property
+    def initiator(self) -> str:
+        return self.login.initiator
+
+    @property
+    def discovery(self) -> bool:
+        return self.login.discovery
+
+    @property
+    def values(self) -> dict[str, str]:
+        return self.login.values
+
+    @property
+    def max_send(self) -> int:
+        """What the initiator accepts per PDU (its MaxRecvDataSegmentLength)."""
+        return self.login.max_send
 
     # -- entry points --------------------------------------------------------------------------
 
@@ -187,6 +191,9 @@ class Connection:
         try:
             event = decode(raw)
             handler = _HANDLERS.get((self.state, type(event)))
+            if handler is not None and self.discovery and type(event) not in DISCOVERY_EVENTS:
+                raise RemoteProtocolError(f"{type(event).__name__} in a discovery session (RFC 7143 4.3)",
+                                          RejectReason.PROTOCOL_ERROR, raw.bhs)
             if handler is None:
                 raise RemoteProtocolError(f"{type(event).__name__} not allowed in {self.state.value}",
                                           RejectReason.PROTOCOL_ERROR, raw.bhs)
@@ -234,132 +241,44 @@ class Connection:
     # -- login -----------------------------------------------------------------------------------
 
     def _login(self, req: LoginRequest) -> list[Action]:
-        try:
-            pairs = params.parse_text(req.data)
-        except ValueError as e:
-            return self._login_reply(req, LoginStatus.INITIATOR_ERROR, [], str(e))
-        keys = dict(pairs)
-        if req.version_min > 0:
-            return self._login_reply(req, LoginStatus.INITIATOR_ERROR, [], "unsupported version")
-        self._isid = req.isid
+        """One Login Request through the login state machine (``login.py``)."""
         self.expcmdsn = req.cmdsn
-        if "InitiatorName" in keys:
-            self.initiator = keys["InitiatorName"]
-        if not self.initiator:
-            return self._login_reply(req, LoginStatus.MISSING_PARAMETER, [], "no InitiatorName")
-        if "SessionType" in keys:
-            if keys["SessionType"] not in ("Normal", "Discovery"):
-                return self._login_reply(req, LoginStatus.SESSION_TYPE_NOT_SUPPORTED, [], "session type")
-            self.discovery = keys["SessionType"] == "Discovery"
-        if not self.discovery and self.target is None:
-            name = keys.get("TargetName", "")
-            target = self._find(name)
-            if target is None:
-                return self._login_reply(req, LoginStatus.NOT_FOUND, [], f"no target {name!r}")
-            if target.allowed_initiators and self.initiator not in target.allowed_initiators:
-                return self._login_reply(req, LoginStatus.NOT_AUTHORIZED, [], "initiator not in the ACL")
-            self.target = target
-        answer: list[tuple[str, str]] = []
-        if req.csg == SECURITY:
-            try:
-                answer += self._security(keys)
-            except ChapError as e:
-                return self._login_reply(req, LoginStatus.AUTH_FAILED, [], str(e))
-            if self._chap is not None and not self._authenticated:
-                return self._login_reply(req, LoginStatus.SUCCESS, answer, "", transit=False)
-        elif req.csg == OPERATIONAL:
-            if self._needs_auth() and not self._authenticated:
-                return self._login_reply(req, LoginStatus.AUTH_FAILED, [], "authentication required")
-            answer += self._operational(keys)
-        else:
-            return self._login_reply(req, LoginStatus.INITIATOR_ERROR, [], "bad CSG")
-        transit = req.transit
-        if transit and req.nsg == FULL_FEATURE:
-            if self._needs_auth() and not self._authenticated:
-                return self._login_reply(req, LoginStatus.AUTH_FAILED, [], "authentication required")
-            actions = self._login_reply(req, LoginStatus.SUCCESS, answer, "", transit=True)
-            self.state = State.FULL_FEATURE
-            self.header_digest = self.values.get("HeaderDigest") == "CRC32C"
-            self.data_digest = self.values.get("DataDigest") == "CRC32C"
-            return actions
-        return self._login_reply(req, LoginStatus.SUCCESS, answer, "", transit=transit)
-
-    def _needs_auth(self) -> bool:
-        return not self.discovery and self.target is not None and self.target.chap is not None
-
-    def _security(self, keys: dict[str, str]) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        if "AuthMethod" in keys:
-            ours = "CHAP" if self._needs_auth() else "None"
-            chosen = params.negotiate("AuthMethod", keys["AuthMethod"], ours) or params.REJECT
-            if chosen == params.REJECT and self._needs_auth():
-                raise ChapError("the initiator does not offer CHAP")
-            out.append(("AuthMethod", chosen))
-            if chosen == "CHAP":
-                assert self.target is not None and self.target.chap is not None
-                self._chap = ChapExchange(self.target.chap)
-            else:
-                self._authenticated = True
-        if self._chap is not None and "CHAP_A" in keys:
-            out += self._chap.challenge(keys["CHAP_A"])
-        elif self._chap is not None and "CHAP_R" in keys:
-            out += self._chap.verify(keys)
-            self._authenticated = True
-        if not self._needs_auth():
-            self._authenticated = True
-        if not self.discovery and self.target is not None:
-            out.append(("TargetPortalGroupTag", "1"))
-        return out
-
-    def _operational(self, keys: dict[str, str]) -> list[tuple[str, str]]:
-        ours = {"HeaderDigest": "None,CRC32C", "DataDigest": "None,CRC32C", "MaxConnections": "1",
-                "InitialR2T": "No", "ImmediateData": "Yes", "MaxBurstLength": "1048576",
-                "FirstBurstLength": "262144", "DefaultTime2Wait": "2", "DefaultTime2Retain": "0",
-                "MaxOutstandingR2T": "8", "DataPDUInOrder": "Yes", "DataSequenceInOrder": "Yes",
-                "ErrorRecoveryLevel": "0"}
-        out: list[tuple[str, str]] = []
-        for key, value in keys.items():
-            if key in ("InitiatorName", "TargetName", "SessionType", "InitiatorAlias"):
-                continue
-            if key == "MaxRecvDataSegmentLength":
-                if params.negotiate(key, value, "") == params.REJECT:
-                    out.append((key, params.REJECT))
-                else:
-                    self.max_send = int(value, 0)
-                continue
-            if self.discovery and key not in ("HeaderDigest", "DataDigest"):
-                out.append((key, params.IRRELEVANT))
-                continue
-            answer = params.negotiate(key, value, ours.get(key, params.KEYS[key].default)
-                                      if key in params.KEYS else "")
-            if answer is not None:
-                out.append((key, answer))
-                if answer not in (params.REJECT, params.NOT_UNDERSTOOD):
-                    self.values[key] = answer
-        out.append(("MaxRecvDataSegmentLength", str(self.max_recv)))
-        return out
-
-    def _login_reply(self, req: LoginRequest, status: LoginStatus, pairs: list[tuple[str, str]],
-                     why: str, *, transit: bool | None = None) -> list[Action]:
-        b = bytearray(BHS_LEN)
-        b[0] = Opcode.LOGIN_RESPONSE
-        ok = status is LoginStatus.SUCCESS
-        t = bool(transit) and ok
-        nsg = req.nsg if t else 0
-        b[1] = (0x80 if t else 0) | (req.csg << 2) | nsg
-        b[2], b[3] = 0, 0
-        b[8:14] = req.isid
-        if t and req.nsg == FULL_FEATURE:
-            self._tsih = self._tsih or 1
-        struct.pack_into(">HI", b, 14, self._tsih if t and req.nsg == FULL_FEATURE else 0, req.itt)
-        statsn = self._next_statsn()
-        struct.pack_into(">III", b, 24, statsn, self.expcmdsn, self._maxcmdsn())
-        b[36], b[37] = status >> 8, status & 0xFF
-        actions: list[Action] = [Send(self._encode(b, params.format_text(pairs) if ok else b""))]
-        if not ok:
+        try:
+            reply = self.login.receive(req)
+        except Refused as e:
             self.state = State.CLOSED
-            actions.append(Close(f"login refused ({status.name}): {why}"))
-        return actions
+            return [Send(self._login_response(refusal(e.status, req), req)),
+                    Close(f"login refused ({e.status.name}): {e}")]
+        out: list[Action] = [Send(self._login_response(reply, req))]  # without digests: still login
+        if self.login.stage is Stage.FULL_FEATURE:
+            self.state = State.FULL_FEATURE
+            self.header_digest, self.data_digest = self.login.header_digest, self.login.data_digest
+        return out
+
+    def _login_response(self, reply: Reply, req: LoginRequest) -> list[bytes | bytearray | memoryview]:
+        bhs = build_login_response(reply, req, self._next_statsn(), self.expcmdsn, self._maxcmdsn())
+        return self._encode(bhs, reply.text)
+
+    def login_timed_out(self) -> list[Action]:
+        """The portal's clock: the login did not reach full feature within its time
+        (``portal.LOGIN_TIMEOUT``). The connection ends with no answer, as a target may end a
+        login at any point (RFC 7143 6.3); a login still in progress would hold its socket and
+        buffers for as long as the initiator likes."""
+        if self.state is not State.LOGIN:
+            return []
+        self.state = State.CLOSED
+        return [Close("login not finished in time")]
+
+    def reinstated(self) -> list[Action]:
+        """A new login of the same initiator port (InitiatorName + ISID) to the same target
+        replaces this session (RFC 7143 6.3.5): its tasks end with no response, nothing more
+        goes out, the connection closes."""
+        self.state = State.CLOSED
+        for task in self.tasks.values():
+            task.aborted = True
+        self.tasks.clear()
+        self._pending_tmfs.clear()
+        return [Close("session reinstated by a new login of the same initiator port")]
 
     # -- full feature phase ----------------------------------------------------------------------
 
@@ -468,9 +387,24 @@ class Connection:
         return [Send(self._encode(b, nop.data))]
 
     def _text(self, req: TextRequest) -> list[Action]:
+        """SendTargets (RFC 7143 Appendix C). The request may come in continuation PDUs (C bit),
+        each answered empty until the last; an answer longer than the initiator's
+        MaxRecvDataSegmentLength goes out in pieces, each but the last with C=1, F=0 and a
+        Target Transfer Tag the initiator returns in an empty request for the next (11.10, 11.11)."""
         self._window(req.immediate, req.cmdsn, b"")
+        if req.ttt != 0xFFFFFFFF:
+            if req.ttt != self._text_ttt or not self._text_out.pending or req.data:
+                raise RemoteProtocolError(f"Text Request with Target Transfer Tag {req.ttt:#x} that "
+                                          "continues no answer", RejectReason.PROTOCOL_ERROR)
+            return self._text_response(req, *self._text_out.next(self.max_send))
         try:
-            keys = dict(params.parse_text(req.data))
+            text = self._text_in.add(req.data, req.cont)
+        except TextTooLong as e:
+            raise RemoteProtocolError(str(e), RejectReason.PROTOCOL_ERROR) from None
+        if text is None:
+            return self._text_response(req, b"", False)
+        try:
+            keys = dict(params.parse_text(text))
         except ValueError as e:
             raise RemoteProtocolError(str(e), RejectReason.PROTOCOL_ERROR) from None
         pairs: list[tuple[str, str]] = []
@@ -484,11 +418,21 @@ class Connection:
                 pairs.append(("TargetName", target.iqn))
                 if target.portal:
                     pairs.append(("TargetAddress", f"{target.portal},1"))
+        return self._text_response(req, *self._text_out.first(params.format_text(pairs), self.max_send))
+
+    def _text_response(self, req: TextRequest, data: bytes, more: bool) -> list[Action]:
+        """A Text Response: final, or (``more``) one piece with C=1 and a tag to ask for the next.
+        An empty non-final one answers a request piece with C=1."""
+        final = not more and not self._text_in.pending
+        ttt = 0xFFFFFFFF
+        if not final:
+            ttt = self._text_ttt = self._ttt
+            self._ttt = (self._ttt + 1) & 0x7FFFFFFF or 1
         b = bytearray(BHS_LEN)
-        b[0], b[1] = Opcode.TEXT_RESPONSE, 0x80
-        struct.pack_into(">IIIII", b, 16, req.itt, 0xFFFFFFFF, self._next_statsn(), self.expcmdsn,
+        b[0], b[1] = Opcode.TEXT_RESPONSE, (0x80 if final else 0) | (0x40 if more else 0)
+        struct.pack_into(">IIIII", b, 16, req.itt, ttt, self._next_statsn(), self.expcmdsn,
                          self._maxcmdsn())
-        return [Send(self._encode(b, params.format_text(pairs)))]
+        return [Send(self._encode(b, data))]
 
     def _logout(self, req: LogoutRequest) -> list[Action]:
         self._window(req.immediate, req.cmdsn, b"")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections import Counter
 
 import gevent
-import gevent.pool
 import gevent.queue
 import structlog
 from gevent.server import StreamServer
@@ -30,6 +30,7 @@ from lazyiscsi.iscsi.connection import (
     Task,
 )
 from lazyiscsi.iscsi.pdu import Framer, RemoteProtocolError
+from lazyiscsi.iscsi.text import LOGIN_MAX_DATA
 from lazyiscsi.scsi import dispatch
 from lazyiscsi.scsi.cdb import Op
 from lazyiscsi.scsi.lun import Lun
@@ -40,6 +41,19 @@ log = structlog.get_logger("lazyiscsi.iscsi")
 _COALESCE = 256 * 1024
 #: and no more buffers than one sendmsg takes (IOV_MAX is 1024 on Linux)
 _MAX_IOV = 512
+#: How long a connection may take to reach full feature (login done). A login is a handful of
+#: round trips; one left half-way (a half-sent header, a data segment announced and never sent,
+#: a CHAP exchange never finished) would otherwise hold its socket, greenlets and buffers for
+#: ever. LIO's default login_timeout is 15 s too.
+LOGIN_TIMEOUT = 15.0
+#: Connections served at once. Each costs a socket (a file descriptor: the default soft limit
+#: is 1024, shared with caches and sources) and two greenlets; beyond this, new connections
+#: are closed at once rather than left waiting in the listen backlog.
+MAX_CONNECTIONS = 256
+#: Connections from one address at once: a hypervisor has one per target it uses (and one
+#: per path), well under this; one address alone then cannot take every connection and lock
+#: other initiators out, whatever it leaves half-open until LOGIN_TIMEOUT.
+MAX_CONNECTIONS_PER_ADDRESS = 64
 #: READ(6/10/12/16) opcodes, as CDB prefixes
 _INLINE_READS = frozenset(bytes([op]) for op in (Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16))
 
@@ -47,12 +61,22 @@ _INLINE_READS = frozenset(bytes([op]) for op in (Op.READ_6, Op.READ_10, Op.READ_
 class Portal:
     """Serves ``targets`` on ``listen`` (host, port)."""
 
-    def __init__(self, targets: list[Target], listen: tuple[str, int], *, max_connections: int = 256,
-                 nop_interval: float = 15.0) -> None:
+    def __init__(self, targets: list[Target], listen: tuple[str, int], *,
+                 max_connections: int = MAX_CONNECTIONS, max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
+                 nop_interval: float = 15.0, login_timeout: float = LOGIN_TIMEOUT) -> None:
+        if login_timeout <= 0:
+            raise ValueError("the login timeout must be more than 0 seconds")
         self._targets = {t.iqn: t for t in targets}
         self._listen = listen
         self._nop_interval = nop_interval
-        self._server = StreamServer(listen, self._handle, spawn=gevent.pool.Pool(max_connections))
+        self.login_timeout = login_timeout
+        self._max_connections, self._max_per_address = max_connections, max_per_address
+        self._open: Counter[str] = Counter()  # connections served, by peer address
+        #: live sessions by initiator port and target, for reinstatement (RFC 7143 6.3.5)
+        self.sessions: dict[tuple[str, bytes, str], _Session] = {}
+        # the caps are checked in _handle, which closes the excess at once; a bounded pool
+        # would instead stop accepting, and leave every other initiator waiting in the backlog
+        self._server = StreamServer(listen, self._handle)
 
     def target(self, iqn: str) -> Target | None:
         return self._targets.get(iqn)
@@ -87,17 +111,33 @@ class Portal:
         self._server.stop(timeout)
 
     def _handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _Session(sock, f"{address[0]}:{address[1]}", self._targets, self._nop_interval).run()
+        host, peer = address[0], f"{address[0]}:{address[1]}"
+        if self._open.total() >= self._max_connections or self._open[host] >= self._max_per_address:
+            cap = "per address" if self._open[host] >= self._max_per_address else "in all"
+            log.warning("connection_refused", peer=peer, reason=f"too many connections {cap}",
+                        open=self._open.total(), from_address=self._open[host])
+            sock.close()
+            return
+        self._open[host] += 1
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _Session(sock, peer, self).run()
+        finally:
+            self._open[host] -= 1
+            if not self._open[host]:
+                del self._open[host]
 
 
 class _Session:
-    def __init__(self, sock: socket.socket, peer: str, targets: dict[str, Target],
-                 nop_interval: float) -> None:
+    def __init__(self, sock: socket.socket, peer: str, portal: Portal) -> None:
         self.sock, self.peer = sock, peer
-        self.nop_interval = nop_interval
+        self.portal = portal
+        self.nop_interval = portal._nop_interval
         self.last_heard = time.monotonic()
+        targets = portal._targets
         self.conn = Connection(targets.get, lambda: list(targets.values()), self._data_out_length)
+        self.key: tuple[str, bytes, str] | None = None  # in portal.sessions while live
+        self.reinstated = False
         self.out: gevent.queue.Queue = gevent.queue.Queue()
         self.workers: set[gevent.Greenlet] = set()
         self.closing = False
@@ -113,7 +153,8 @@ class _Session:
     def run(self) -> None:
         writer = gevent.spawn(self._write_loop)
         pinger = gevent.spawn(self._ping_loop) if self.nop_interval > 0 else None
-        framer = Framer(max_data=self.conn.max_recv)
+        login_timer = gevent.spawn_later(self.portal.login_timeout, self._login_expired)
+        framer = Framer(max_data=LOGIN_MAX_DATA)  # RFC 7143 13.12: the default, during login
         try:
             while not self.closing:
                 data = self.sock.recv(262144)
@@ -123,26 +164,72 @@ class _Session:
                 framer.receive_data(data)
                 while not self.closing and (pdu := framer.next_pdu()) is not None:
                     was_login = self.conn.state is State.LOGIN
-                    self._perform(self.conn.receive(pdu))
+                    actions = self.conn.receive(pdu)
                     if was_login and self.conn.state is State.FULL_FEATURE:
+                        login_timer.kill()
                         framer.set_digests(self.conn.header_digest, self.conn.data_digest)
-                        log.info("session_started", peer=self.peer, initiator=self.conn.initiator,
-                                 target=self.conn.target.iqn if self.conn.target else "discovery")
+                        framer.max_data = self.conn.max_recv
+                        self._started()  # before the last Login Response goes out
+                    self._perform(actions)
         except RemoteProtocolError as e:
             log.warning("connection_dropped", peer=self.peer, error=str(e))
         except OSError as e:
             log.info("connection_lost", peer=self.peer, error=e.strerror or str(e))
         finally:
             self.closing = True
+            login_timer.kill()
             if pinger is not None:
                 pinger.kill()
+            if self.key is not None and self.portal.sessions.get(self.key) is self:
+                del self.portal.sessions[self.key]
             gevent.joinall(list(self.workers), timeout=30)
-            for lun in self._luns(None):  # the I_T nexus is gone: so are its SPC-2 reservations
-                lun.reservations.nexus_lost(self.conn.nexus)
+            if not self.reinstated:  # else the nexus loss was reported when the new one came
+                self._nexus_lost()
             self.out.put(None)
             writer.join(timeout=5)
             with contextlib.suppress(OSError):
                 self.sock.close()
+
+    def _started(self) -> None:
+        """Full feature reached. A session of the same initiator port (InitiatorName + ISID)
+        with the same target is reinstated (RFC 7143 6.3.5): it is closed and its commands have
+        finished, and its I_T nexus loss reported, before this session's first response, so
+        nothing of the old one can act on (or release) what the new one does."""
+        conn = self.conn
+        target = conn.target.iqn if conn.target else ""
+        log.info("session_started", peer=self.peer, initiator=conn.initiator, target=target or "discovery")
+        if conn.discovery:
+            return
+        self.key = (conn.initiator, conn.login.isid, target)
+        old = self.portal.sessions.get(self.key)
+        if old is not None:
+            log.info("session_reinstated", peer=self.peer, old_peer=old.peer, initiator=conn.initiator,
+                     target=target)
+            old.reinstate()
+        self.portal.sessions[self.key] = self
+
+    def reinstate(self) -> None:
+        """End this session for the one that replaces it (see ``_started``)."""
+        self.reinstated = True
+        self._perform(self.conn.reinstated())
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        gevent.joinall(list(self.workers), timeout=30)
+        self._nexus_lost()
+
+    def _nexus_lost(self) -> None:
+        """The I_T nexus is gone: so are its SPC-2 reservations (SPC-2 5.5.1)."""
+        for lun in self._luns(None):
+            lun.reservations.nexus_lost(self.conn.nexus)
+
+    def _login_expired(self) -> None:
+        actions = self.conn.login_timed_out()
+        if actions:
+            log.warning("login_timeout", peer=self.peer, initiator=self.conn.initiator or None,
+                        timeout_s=self.portal.login_timeout)
+            self._perform(actions)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
 
     def _perform(self, actions: list[Action]) -> None:
         for action in actions:

@@ -63,18 +63,20 @@ def recv_pdu(sock: socket.socket) -> tuple[bytes, bytes]:
     return bhs, data
 
 
-def login(port: int) -> socket.socket:
+def login(port: int, isid: str = "400001370000") -> socket.socket:
+    """A session of initiator port iqn.2024-01.test:bad + ``isid``: a second login with the same
+    ISID reinstates the first (RFC 7143 6.3.5), closing it."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     text = (f"InitiatorName=iqn.2024-01.test:bad\0TargetName={IQN}\0SessionType=Normal\0"
             "AuthMethod=None\0").encode()
     b = bytearray(pdu(Opcode.LOGIN_REQUEST, 0x80 | (0 << 2) | 1, text, immediate=True)[:BHS_LEN])
-    b[8:14] = bytes.fromhex("400001370000")
+    b[8:14] = bytes.fromhex(isid)
     sock.sendall(bytes(b) + text + bytes(-len(text) % 4))
     bhs, _ = recv_pdu(sock)
     assert bhs[0] & 0x3F == Opcode.LOGIN_RESPONSE and bhs[36] == 0, bhs.hex()
     op = b"HeaderDigest=None\0DataDigest=None\0MaxRecvDataSegmentLength=65536\0"
     b = bytearray(pdu(Opcode.LOGIN_REQUEST, 0x80 | (1 << 2) | 3, op, immediate=True)[:BHS_LEN])
-    b[8:14] = bytes.fromhex("400001370000")
+    b[8:14] = bytes.fromhex(isid)
     sock.sendall(bytes(b) + op + bytes(-len(op) % 4))
     bhs, _ = recv_pdu(sock)
     assert bhs[0] & 0x3F == Opcode.LOGIN_RESPONSE and bhs[36] == 0 and bhs[1] & 0x80, bhs.hex()

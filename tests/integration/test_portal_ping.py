@@ -27,7 +27,7 @@ def test_pings_keep_live_initiators_and_drop_silent_ones(tmp_path: Path) -> None
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_listening(port, proc)  # type: ignore[arg-type]
-        live, silent = login(port), login(port)
+        live, silent = login(port), login(port, isid="400001370001")
         pings = 0
         deadline = time.monotonic() + 6 * INTERVAL
         while time.monotonic() < deadline:

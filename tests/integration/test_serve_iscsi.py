@@ -27,6 +27,10 @@ class Serve:
              "--iqn", IQN, "--listen", f"127.0.0.1:{port}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_listening(port, self.proc)  # type: ignore[arg-type]
+        # the portal listens before the volume's source is reached: wait for its target
+        assert self.proc.stdout is not None
+        while not (line := self.proc.stdout.readline()).startswith("serving"):
+            assert line, "serve exited before serving its volume"
 
     @property
     def url(self) -> str:
