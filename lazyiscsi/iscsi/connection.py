@@ -392,10 +392,10 @@ class Connection:
         MaxRecvDataSegmentLength goes out in pieces, each but the last with C=1, F=0 and a
         Target Transfer Tag the initiator returns in an empty request for the next (11.10, 11.11)."""
         self._window(req.immediate, req.cmdsn, b"")
-        if req.ttt != 0xFFFFFFFF:
-            if req.ttt != self._text_ttt or not self._text_out.pending or req.data:
-                raise RemoteProtocolError(f"Text Request with Target Transfer Tag {req.ttt:#x} that "
-                                          "continues no answer", RejectReason.PROTOCOL_ERROR)
+        if req.ttt != 0xFFFFFFFF and req.ttt != self._text_ttt:
+            raise RemoteProtocolError(f"Text Request with Target Transfer Tag {req.ttt:#x} that "
+                                      "continues no exchange", RejectReason.PROTOCOL_ERROR)
+        if req.ttt != 0xFFFFFFFF and self._text_out.pending and not req.data:
             return self._text_response(req, *self._text_out.next(self.max_send))
         try:
             text = self._text_in.add(req.data, req.cont)

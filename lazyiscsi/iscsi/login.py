@@ -176,6 +176,7 @@ class Login:
         self._authenticated = False
         self._incoming = Incoming()
         self._outgoing = Outgoing()
+        self._declared: set[str] = set()  # our declarations go out once per login
 
     @property
     def initiator(self) -> str:
@@ -312,13 +313,19 @@ class Login:
         if not self._needs_auth():
             self._authenticated = True
         if self.target is not None:
-            out.append(("TargetPortalGroupTag", "1"))
+            self._declare(out, "TargetPortalGroupTag", "1")
         return out
+
+    def _declare(self, out: list[tuple[str, str]], key: str, value: str) -> None:
+        """A declarative key of ours (RFC 7143 6.2), stated once in the login: repeated in a
+        later response it would be a key "sent twice" to a strict initiator."""
+        if key not in self._declared:
+            self._declared.add(key)
+            out.append((key, value))
 
     def _operational(self, keys: dict[str, str]) -> list[tuple[str, str]]:
         """One answer per key offered (RFC 7143 6.2), and our own MaxRecvDataSegmentLength."""
         out: list[tuple[str, str]] = []
-        declare_ours = True
         for key, value in keys.items():
             if key in _DECLARED:
                 continue
@@ -326,7 +333,7 @@ class Login:
                 if params.negotiate(key, value, "") == params.REJECT:
                     # answered once, with Reject: the initiator keeps the default (8192) for us
                     out.append((key, params.REJECT))
-                    declare_ours = False
+                    self._declared.add(key)
                 else:
                     self.max_send = int(value, 0)
                 continue
@@ -339,8 +346,7 @@ class Login:
                 out.append((key, answer))
                 if answer not in (params.REJECT, params.NOT_UNDERSTOOD):
                     self.values[key] = answer
-        if declare_ours:
-            out.append(("MaxRecvDataSegmentLength", str(self.max_recv)))
+        self._declare(out, "MaxRecvDataSegmentLength", str(self.max_recv))
         return out
 
 

@@ -3,6 +3,11 @@
 One reader greenlet per connection feeds the framer and the connection state machine; every
 SCSI command runs in its own greenlet (a slow on-demand fetch never holds up another command);
 one writer greenlet sends PDUs in the order the state machine produced them.
+
+The portal owns the clock and the bookkeeping across connections that the sans-I/O connection
+cannot: the login timeout (fed in as ``login_timed_out``), the connection caps, checked as a
+connection is accepted, and the live sessions by initiator port, for session reinstatement
+(RFC 7143 6.3.5), which is also where the old session's I_T nexus loss is reported.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ class Incoming:
         """Take one PDU's data; the whole text once the last PDU (C=0) is in, else None."""
         self._size += len(data)
         if self._size > self.limit:
+            self._parts, self._size = [], 0  # the next request starts afresh
             raise TextTooLong(f"text of more than {self.limit} bytes across continuation PDUs")
         self._parts.append(data)
         if cont:

@@ -220,3 +220,27 @@ def test_a_long_sendtargets_answer_goes_out_in_continuation_pdus() -> None:
         assert ttt != 0xFFFFFFFF
     pairs = [item.decode().partition("=") for item in text.split(b"\0") if item]
     assert [v for k, _, v in pairs if k == "TargetName"] == [t.iqn for t in targets]
+
+
+def text_request(data: bytes, cmdsn: int, *, cont: bool = False, ttt: int = 0xFFFFFFFF) -> bytes:
+    b = bytearray(BHS_LEN)
+    b[0], b[1] = Opcode.TEXT_REQUEST, (0 if cont else 0x80) | (0x40 if cont else 0)
+    struct.pack_into(">III", b, 16, 9, ttt, cmdsn)
+    return encode(b, data)
+
+
+def test_a_text_request_in_continuation_pdus_is_gathered_and_bounded() -> None:
+    conn = connection(Target(IQN, {0: object()}))
+    feed(conn, login_pdu("InitiatorName=iqn.test:i\0SessionType=Discovery\0", OP, FULL))
+    ((bhs, data),) = replies(feed(conn, text_request(b"SendTar", 0, cont=True)))
+    assert data == b"" and not bhs[1] & 0x80  # F=0: the rest of the request, please
+    ttt = struct.unpack_from(">I", bhs, 20)[0]
+    ((bhs, data),) = replies(feed(conn, text_request(b"gets=All\0", 1, ttt=ttt)))
+    assert bhs[1] & 0x80 and data == f"TargetName={IQN}\0".encode()
+    for cmdsn in range(2, 10):  # 8 x 8 KiB: the bound
+        ((bhs, _),) = replies(feed(conn, text_request(b"X" * 8192, cmdsn, cont=True)))
+        assert bhs[0] == Opcode.TEXT_RESPONSE
+    ((bhs, _),) = replies(feed(conn, text_request(b"X" * 8192, 10, cont=True)))
+    assert bhs[0] & 0x3F == Opcode.REJECT and conn.state is State.FULL_FEATURE
+    ((bhs, data),) = replies(feed(conn, text_request(b"SendTargets=All\0", 11)))  # afresh
+    assert bhs[1] & 0x80 and IQN.encode() in data

@@ -1,0 +1,67 @@
+"""The portal's connection caps, in process on gevent sockets (issue 14, finding 2): past the cap
+per address, or in all, a new connection is closed at once, and the ones already served go on;
+a slot freed is usable again."""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+
+import gevent
+import pytest
+from gevent import socket
+
+from lazyiscsi.iscsi.connection import Target
+from lazyiscsi.iscsi.pdu import BHS_LEN, Opcode
+from lazyiscsi.iscsi.portal import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, Portal
+
+IQN = "iqn.2026-11.test:caps"
+
+
+@pytest.fixture
+def portal() -> Iterator[Portal]:
+    p = Portal([Target(IQN, {})], ("127.0.0.1", 0), max_connections=5, max_per_address=3, nop_interval=0)
+    p.start()
+    yield p
+    p.stop(timeout=1)
+
+
+def connect(port: int, source: str) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+
+
+def served(sock: socket.socket) -> bool:
+    """The target answers a first Login PDU (True) or closes the connection (False)."""
+    text = f"InitiatorName=iqn.test:caps\0TargetName={IQN}\0".encode()
+    b = bytearray(BHS_LEN)
+    b[0], b[1] = Opcode.LOGIN_REQUEST | 0x40, 0x00
+    b[5:8] = len(text).to_bytes(3, "big")
+    struct.pack_into(">I", b, 16, 1)
+    try:
+        sock.sendall(bytes(b) + text + bytes(-len(text) % 4))
+        reply = sock.recv(BHS_LEN, socket.MSG_WAITALL)
+        if len(reply) < BHS_LEN:
+            return False
+        n = int.from_bytes(reply[5:8], "big")
+        sock.recv(n + -n % 4, socket.MSG_WAITALL)  # the answer's text: read, not judged here
+    except OSError:
+        return False
+    return reply[0] & 0x3F == Opcode.LOGIN_RESPONSE
+
+
+def test_caps_per_address_and_in_all(portal: Portal) -> None:
+    assert MAX_CONNECTIONS_PER_ADDRESS < MAX_CONNECTIONS  # one address never takes them all
+    port = portal.address[1]
+    first = [connect(port, "127.0.0.1") for _ in range(3)]
+    assert all(served(s) for s in first)
+    assert not served(connect(port, "127.0.0.1"))  # a fourth from the same address
+    second = [connect(port, "127.0.0.2") for _ in range(2)]
+    assert all(served(s) for s in second)  # another address still gets in...
+    assert not served(connect(port, "127.0.0.3"))  # ...up to five in all
+    first.pop().close()
+    deadline = time.monotonic() + 10
+    while not served(connect(port, "127.0.0.3")):  # once the portal has seen the close
+        assert time.monotonic() < deadline, "a freed slot was not served again"
+        gevent.sleep(0.05)
+    assert all(served(s) for s in first + second)  # the first ones never noticed
