@@ -232,6 +232,8 @@ def test_half_open_logins_neither_lock_out_others_nor_hold_memory(serve: Serve) 
         else:
             sock.sendall(login_pdu(f"InitiatorName=iqn.2024-01.test:dos\0TargetName={OPEN}\0", 0, None, isid))
         half_open.append(sock)
+    for sock in half_open[1:64:3]:  # served ones: a login data segment is at most 8192 (13.12)
+        assert closed_by_target(sock, LOGIN_TIMEOUT / 2), "a 200,000-byte Login PDU was awaited"
     start = time.monotonic()
     inquiry_and_read(serve.port, serve.image, "127.0.0.2")
     assert time.monotonic() - start < 5
