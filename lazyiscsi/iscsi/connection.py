@@ -191,7 +191,7 @@ class Connection:
         try:
             event = decode(raw)
             handler = _HANDLERS.get((self.state, type(event)))
-            if handler is not None and self.discovery and type(event) not in DISCOVERY_EVENTS:
+            if self.state is State.FULL_FEATURE and self.discovery and type(event) not in DISCOVERY_EVENTS:
                 raise RemoteProtocolError(f"{type(event).__name__} in a discovery session (RFC 7143 4.3)",
                                           RejectReason.PROTOCOL_ERROR, raw.bhs)
             if handler is None:

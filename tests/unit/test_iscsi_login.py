@@ -122,8 +122,10 @@ def test_discovery_session_takes_only_text_nop_and_logout() -> None:
     """RFC 7143 4.3: a discovery session carries SendTargets; a SCSI command or a task management
     request there is rejected (protocol error) and nothing runs."""
     conn = connection(Target(IQN, {0: object()}, chap=SECRETS))
-    keys = "InitiatorName=iqn.test:i\0SessionType=Discovery\0"
-    assert status(feed(conn, login_pdu(keys, OP, FULL))) == 0 and conn.state is State.FULL_FEATURE
+    keys = "InitiatorName=iqn.test:i\0SessionType=Discovery\0AuthMethod=None\0"
+    assert status(feed(conn, login_pdu(keys, SEC, OP))) == 0  # as open-iscsi: security, then operational
+    assert status(feed(conn, login_pdu("HeaderDigest=None\0", OP, FULL))) == 0
+    assert conn.state is State.FULL_FEATURE
     b = bytearray(BHS_LEN)
     b[0], b[1] = Opcode.SCSI_COMMAND, 0xC0  # READ(10) of LUN 0
     struct.pack_into(">III", b, 16, 5, 512, 0)
