@@ -5,6 +5,7 @@ both directions, bounded (issue 14, findings 1, 2 and 9)."""
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -246,3 +247,41 @@ def test_a_text_request_in_continuation_pdus_is_gathered_and_bounded() -> None:
     assert bhs[0] & 0x3F == Opcode.REJECT and conn.state is State.FULL_FEATURE
     ((bhs, data),) = replies(feed(conn, text_request(b"SendTargets=All\0", 11)))  # afresh
     assert bhs[1] & 0x80 and IQN.encode() in data
+
+
+_VOCABULARY = [
+    "InitiatorName=iqn.test:i", "InitiatorName=iqn.test:j", f"TargetName={IQN}", "TargetName=iqn.test:none",
+    "SessionType=Normal", "SessionType=Discovery", "SessionType=Bogus", "AuthMethod=None",
+    "AuthMethod=CHAP", "AuthMethod=CHAP,None", "CHAP_A=5", "CHAP_A=7", "CHAP_N=host1",
+    "CHAP_R=0x" + "00" * 16, "CHAP_I=1", "CHAP_C=0x" + "11" * 16, "HeaderDigest=CRC32C,None",
+    "MaxRecvDataSegmentLength=512", "MaxRecvDataSegmentLength=1", "ErrorRecoveryLevel=2", "X-Unknown=1",
+]
+
+
+def test_no_sequence_of_login_pdus_reaches_a_chap_target_without_chap() -> None:
+    """Random Login PDU sequences (stages, T, NSG, C, keys drawn from those that matter) from an
+    initiator that does not know the secret: none ends in a normal session, whatever the order,
+    and every PDU is answered or refused, never an exception. The old login let the sequence of
+    finding 1 through."""
+    rnd = random.Random(14)
+    reached = 0
+    for _ in range(3000):
+        conn = connection(Target(IQN, {0: object()}, chap=SECRETS))
+        for i in range(rnd.randint(1, 5)):
+            # a first PDU that names the initiator and the target most of the time, or the
+            # draw would mostly end in MISSING_PARAMETER
+            leading = [k for k in ("InitiatorName=iqn.test:i", f"TargetName={IQN}")
+                       if i == 0 and rnd.random() < 0.8]
+            drawn = [k for k in rnd.sample(_VOCABULARY, rnd.randint(0, 5)) if k.split("=")[0] not in
+                     {k.split("=")[0] for k in leading}]
+            keys = "".join(k + "\0" for k in leading + drawn)
+            csg = rnd.choice([SEC, SEC, OP, OP, 2, 3])
+            nsg = rnd.choice([None, None, OP, FULL, FULL, SEC, 2])
+            actions = feed(conn, login_pdu(keys, csg, nsg, cont=rnd.random() < 0.1))
+            assert all(isinstance(a, (Send, Close)) for a in actions)
+            if conn.state is not State.LOGIN:
+                break
+        if conn.state is State.FULL_FEATURE:
+            reached += 1
+            assert conn.discovery and conn.target is None, "a normal session without CHAP"
+    assert reached > 0  # discovery sessions do get through: the draw is not all refusals
