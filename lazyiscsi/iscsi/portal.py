@@ -18,6 +18,7 @@ import time
 from collections import Counter
 
 import gevent
+import gevent.pool
 import gevent.queue
 import structlog
 from gevent.server import StreamServer
@@ -80,8 +81,9 @@ class Portal:
         #: live sessions by initiator port and target, for reinstatement (RFC 7143 6.3.5)
         self.sessions: dict[tuple[str, bytes, str], _Session] = {}
         # the caps are checked in _handle, which closes the excess at once; a bounded pool
-        # would instead stop accepting, and leave every other initiator waiting in the backlog
-        self._server = StreamServer(listen, self._handle)
+        # would instead stop accepting, and leave every other initiator waiting in the backlog.
+        # The pool (unbounded) is what lets stop() end the sessions still running.
+        self._server = StreamServer(listen, self._handle, spawn=gevent.pool.Pool())
 
     def target(self, iqn: str) -> Target | None:
         return self._targets.get(iqn)

@@ -4,6 +4,7 @@ a slot freed is usable again."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from collections.abc import Iterator
@@ -65,3 +66,16 @@ def test_caps_per_address_and_in_all(portal: Portal) -> None:
         assert time.monotonic() < deadline, "a freed slot was not served again"
         gevent.sleep(0.05)
     assert all(served(s) for s in first + second)  # the first ones never noticed
+
+
+def test_stop_ends_the_sessions_still_open() -> None:
+    """The caps are counted by the portal, not by a bounded pool; stop() must still end every
+    connection it serves (the daemon closes the volumes under them next)."""
+    p = Portal([Target(IQN, {})], ("127.0.0.1", 0), nop_interval=0)
+    p.start()
+    sock = connect(p.address[1], "127.0.0.1")
+    assert served(sock)
+    p.stop(timeout=1)
+    sock.settimeout(10)
+    with contextlib.suppress(ConnectionResetError):  # closed: EOF or a reset, not a timeout
+        assert sock.recv(1) == b""
