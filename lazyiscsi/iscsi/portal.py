@@ -60,6 +60,10 @@ MAX_CONNECTIONS = 256
 #: per path), well under this; one address alone then cannot take every connection and lock
 #: other initiators out, whatever it leaves half-open until LOGIN_TIMEOUT.
 MAX_CONNECTIONS_PER_ADDRESS = 64
+#: Under a flood of connections, the first refusal is logged at once, then at most one
+#: connection_refused event per this many seconds, carrying the count refused since the last:
+#: the journal must not be the next thing a flood fills.
+REFUSAL_LOG_INTERVAL = 10.0
 #: READ(6/10/12/16) opcodes, as CDB prefixes
 _INLINE_READS = frozenset(bytes([op]) for op in (Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16))
 
@@ -78,6 +82,8 @@ class Portal:
         self.login_timeout = login_timeout
         self._max_connections, self._max_per_address = max_connections, max_per_address
         self._open: Counter[str] = Counter()  # connections served, by peer address
+        self._refused = 0  # since the last connection_refused event
+        self._refusal_logged = -REFUSAL_LOG_INTERVAL
         #: live sessions by initiator port and target, for reinstatement (RFC 7143 6.3.5)
         self.sessions: dict[tuple[str, bytes, str], _Session] = {}
         # the caps are checked in _handle, which closes the excess at once; a bounded pool
@@ -120,10 +126,14 @@ class Portal:
     def _handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
         host, peer = address[0], f"{address[0]}:{address[1]}"
         if self._open.total() >= self._max_connections or self._open[host] >= self._max_per_address:
-            cap = "per address" if self._open[host] >= self._max_per_address else "in all"
-            log.warning("connection_refused", peer=peer, reason=f"too many connections {cap}",
-                        open=self._open.total(), from_address=self._open[host])
             sock.close()
+            self._refused += 1
+            if time.monotonic() - self._refusal_logged >= REFUSAL_LOG_INTERVAL:
+                self._refusal_logged = time.monotonic()
+                cap = "per address" if self._open[host] >= self._max_per_address else "in all"
+                log.warning("connection_refused", peer=peer, reason=f"too many connections {cap}",
+                            refused=self._refused, open=self._open.total(), from_address=self._open[host])
+                self._refused = 0
             return
         self._open[host] += 1
         try:

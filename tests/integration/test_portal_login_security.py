@@ -245,7 +245,9 @@ def test_half_open_logins_neither_lock_out_others_nor_hold_memory(serve: Serve) 
     assert serve.rss() - rss_before < 96 * MiB
     inquiry_and_read(serve.port, serve.image, "127.0.0.1")
     events = serve.log.read_text()
-    assert "login_timeout" in events and "connection_refused" in events
+    assert "login_timeout" in events
+    # 236 refused (64 served from one address), in one event: a flood does not flood the journal
+    assert 1 <= events.count("connection_refused") <= 2 and '"refused": ' in events
 
 
 # -- finding 6: session reinstatement --------------------------------------------------------------
