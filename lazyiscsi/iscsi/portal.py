@@ -78,7 +78,7 @@ class Portal:
             raise ValueError("the login timeout must be more than 0 seconds")
         self._targets = {t.iqn: t for t in targets}
         self._listen = listen
-        self._nop_interval = nop_interval
+        self.nop_interval = nop_interval
         self.login_timeout = login_timeout
         self._max_connections, self._max_per_address = max_connections, max_per_address
         self._open: Counter[str] = Counter()  # connections served, by peer address
@@ -93,6 +93,10 @@ class Portal:
 
     def target(self, iqn: str) -> Target | None:
         return self._targets.get(iqn)
+
+    def all_targets(self) -> list[Target]:
+        """Every target served, for SendTargets."""
+        return list(self._targets.values())
 
     def add_target(self, target: Target) -> None:
         """Serve one more target from now on (new logins and SendTargets see it at once)."""
@@ -149,10 +153,9 @@ class _Session:
     def __init__(self, sock: socket.socket, peer: str, portal: Portal) -> None:
         self.sock, self.peer = sock, peer
         self.portal = portal
-        self.nop_interval = portal._nop_interval
+        self.nop_interval = portal.nop_interval
         self.last_heard = time.monotonic()
-        targets = portal._targets
-        self.conn = Connection(targets.get, lambda: list(targets.values()), self._data_out_length)
+        self.conn = Connection(portal.target, portal.all_targets, self._data_out_length)
         self.key: tuple[str, bytes, str] | None = None  # in portal.sessions while live
         self.reinstated = False
         self.out: gevent.queue.Queue = gevent.queue.Queue()
