@@ -285,3 +285,18 @@ def test_no_sequence_of_login_pdus_reaches_a_chap_target_without_chap() -> None:
             reached += 1
             assert conn.discovery and conn.target is None, "a normal session without CHAP"
     assert reached > 0  # discovery sessions do get through: the draw is not all refusals
+
+
+def test_a_reinstated_session_sends_nothing_more() -> None:
+    """RFC 7143 6.3.5: the old session's tasks end with no response once a new login of the
+    same initiator port replaced it; even one still running in the store stays silent."""
+    conn = Connection(lambda name: Target(IQN, {0: object()}), lambda: [], lambda cdb, lun: 0)
+    feed(conn, login_pdu(FIRST, OP, FULL))
+    b = bytearray(BHS_LEN)
+    b[0], b[1] = Opcode.SCSI_COMMAND, 0xC0  # READ(10), 1 block
+    struct.pack_into(">III", b, 16, 5, 512, 0)
+    b[32:42] = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0])
+    (execute,) = feed(conn, encode(b))
+    assert isinstance(execute, Execute)
+    assert [type(a) for a in conn.reinstated()] == [Close] and conn.state is State.CLOSED
+    assert conn.task_done(execute.task, 0, bytes(512), None) == [] and not conn.tasks
