@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nop-interval", type=_seconds_arg, default=15.0, metavar="SECONDS",
                    help="ping an initiator silent this long; drop it after as long again (0: never)")
     s.add_argument("--login-timeout", type=_seconds_arg, default=None, metavar="SECONDS",
-                   help="close a connection whose login is not done after this long (default 15)")
+                   help="embedded portal: close a connection not logged in after this long (default 15)")
     s.add_argument("--state-dir", default=os.environ.get("LAZYISCSI_STATE_DIR", "/var/lib/lazyiscsi"),
                    metavar="DIR", help="runtime volumes and their caches (default: $LAZYISCSI_STATE_DIR)")
     s.add_argument("--frontend", choices=("auto", "lio", "portal"), default="auto",
@@ -306,6 +306,9 @@ def choose_frontend(args: argparse.Namespace, listen: tuple[str, int]) -> Fronte
     from lazyiscsi.frontend import PortalFrontend
     from lazyiscsi.iscsi.portal import LOGIN_TIMEOUT, Portal
 
+    login_timeout = LOGIN_TIMEOUT if args.login_timeout is None else args.login_timeout
+    if not 0 < login_timeout < float("inf"):  # also refuses nan
+        raise CliError("--login-timeout: must be a finite number of seconds above 0", EXIT_USAGE)
     if args.frontend != "portal":
         from lazyiscsi.lio import LioFrontend, lio_available
 
@@ -318,9 +321,6 @@ def choose_frontend(args: argparse.Namespace, listen: tuple[str, int]) -> Fronte
     else:
         why = "asked for with --frontend portal"
     structlog.get_logger("lazyiscsi.cli").info("frontend_selected", frontend="portal", reason=why)
-    login_timeout = LOGIN_TIMEOUT if args.login_timeout is None else args.login_timeout
-    if login_timeout <= 0:
-        raise CliError("--login-timeout: must be more than 0 seconds", EXIT_USAGE)
     return PortalFrontend(Portal([], listen, nop_interval=args.nop_interval, login_timeout=login_timeout))
 
 

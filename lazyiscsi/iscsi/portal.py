@@ -74,8 +74,8 @@ class Portal:
     def __init__(self, targets: list[Target], listen: tuple[str, int], *,
                  max_connections: int = MAX_CONNECTIONS, max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
                  nop_interval: float = 15.0, login_timeout: float = LOGIN_TIMEOUT) -> None:
-        if login_timeout <= 0:
-            raise ValueError("the login timeout must be more than 0 seconds")
+        if not 0 < login_timeout < float("inf"):  # also refuses nan
+            raise ValueError("the login timeout must be a finite number of seconds above 0")
         self._targets = {t.iqn: t for t in targets}
         self._listen = listen
         self.nop_interval = nop_interval

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -79,3 +81,13 @@ def test_stop_ends_the_sessions_still_open() -> None:
     sock.settimeout(10)
     with contextlib.suppress(ConnectionResetError):  # closed: EOF or a reset, not a timeout
         assert sock.recv(1) == b""
+
+
+@pytest.mark.parametrize("value", ["0", "nan", "inf", "-1"])
+def test_a_login_timeout_that_never_fires_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="login timeout"):
+        Portal([], ("127.0.0.1", 0), login_timeout=float(value))
+    r = subprocess.run([sys.executable, "-m", "lazyiscsi.cli", "serve", "--frontend", "portal",
+                        "--login-timeout", value, "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--login-timeout" in r.stderr, r.stderr
