@@ -41,6 +41,9 @@ from lazyiscsi.iscsi.text import LOGIN_MAX_DATA, Incoming, Outgoing, TextTooLong
 #: Stage numbers as Login PDUs carry them in CSG and NSG (RFC 7143 11.12.3)
 SECURITY_CSG, OPERATIONAL_CSG, FULL_FEATURE_NSG = 0, 1, 3
 
+#: RFC 7143 4.2.7.1: an iSCSI name is at most 223 bytes; longer is no name (and would only
+#: lengthen every log line that carries it)
+MAX_NAME_BYTES = 223
 #: keys the first Login Request binds for the whole login (RFC 7143 6.3, 13.4, 13.5, 13.21)
 LEADING_KEYS = ("InitiatorName", "SessionType", "TargetName")
 #: declarations that need no answer in the operational stage
@@ -268,6 +271,9 @@ class Login:
         initiator = keys.get("InitiatorName", "")
         if not initiator:
             raise Refused(LoginStatus.MISSING_PARAMETER, "no InitiatorName in the first Login PDU")
+        for key in ("InitiatorName", "TargetName"):
+            if len(keys.get(key, "").encode()) > MAX_NAME_BYTES:
+                raise Refused(LoginStatus.INITIATOR_ERROR, f"{key} longer than {MAX_NAME_BYTES} bytes")
         session_type = keys.get("SessionType", "Normal")
         if session_type not in ("Normal", "Discovery"):
             raise Refused(LoginStatus.SESSION_TYPE_NOT_SUPPORTED, f"SessionType {session_type[:40]!r}")
@@ -279,7 +285,7 @@ class Login:
             raise Refused(LoginStatus.MISSING_PARAMETER, "no TargetName in the first Login PDU")
         target = self._find(name)
         if target is None:
-            raise Refused(LoginStatus.NOT_FOUND, f"no target {name[:224]!r}")
+            raise Refused(LoginStatus.NOT_FOUND, f"no target {name!r}")
         if target.allowed_initiators and initiator not in target.allowed_initiators:
             raise Refused(LoginStatus.NOT_AUTHORIZED, "initiator not in the ACL")
         self.leading["TargetName"] = name

@@ -57,6 +57,10 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("AuthMethod", Rule.LIST, "None"),
 )}
 
+#: RFC 7143 6.1: a key name is at most 63 bytes. Unknown keys are answered NotUnderstood by
+#: name, so the bound also keeps that echo small.
+MAX_KEY_NAME = 63
+
 NOT_UNDERSTOOD = "NotUnderstood"
 REJECT = "Reject"
 IRRELEVANT = "Irrelevant"
@@ -69,7 +73,7 @@ def session_defaults() -> dict[str, str]:
 
 def parse_text(data: bytes) -> list[tuple[str, str]]:
     """``key=value`` pairs, NUL-separated (RFC 7143 6.1). Raises ValueError on a pair with no
-    '=' or a key sent twice in one PDU sequence."""
+    '=', a key name over ``MAX_KEY_NAME`` or a key sent twice in one PDU sequence."""
     pairs: list[tuple[str, str]] = []
     seen: set[str] = set()
     for item in data.split(b"\0"):
@@ -78,6 +82,8 @@ def parse_text(data: bytes) -> list[tuple[str, str]]:
         key, sep, value = item.decode("utf-8", errors="replace").partition("=")
         if not sep or not key:
             raise ValueError(f"text item {item[:40]!r} is not key=value")
+        if len(key.encode()) > MAX_KEY_NAME:
+            raise ValueError(f"key {key[:40]!r}... longer than {MAX_KEY_NAME} bytes (RFC 7143 6.1)")
         if key in seen:
             raise ValueError(f"key {key} sent twice")
         seen.add(key)

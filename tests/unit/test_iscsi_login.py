@@ -300,3 +300,13 @@ def test_a_reinstated_session_sends_nothing_more() -> None:
     assert isinstance(execute, Execute)
     assert [type(a) for a in conn.reinstated()] == [Close] and conn.state is State.CLOSED
     assert conn.task_done(execute.task, 0, bytes(512), None) == [] and not conn.tasks
+
+
+@pytest.mark.parametrize("keys", [
+    "InitiatorName=iqn.test:" + "i" * 220 + "\0" + f"TargetName={IQN}\0",  # RFC 7143 4.2.7.1: 223 bytes
+    "InitiatorName=iqn.test:i\0TargetName=iqn.test:" + "t" * 220 + "\0",
+    FIRST + "X" * 64 + "=1\0",  # RFC 7143 6.1: key names of 63 bytes at most
+])
+def test_overlong_names_and_keys_are_refused(keys: str) -> None:
+    conn = connection(Target(IQN, {0: object()}))
+    refused(feed(conn, login_pdu(keys, OP, FULL)), 0x0200)
