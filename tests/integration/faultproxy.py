@@ -9,6 +9,10 @@ path misbehaves, as a WAN does. Modes (``set_mode``):
   connections are accepted but not connected onward. Bytes already sent wait, as TCP would
   keep retransmitting them; when the path comes back (``PASS``) they are delivered.
 * ``SLOW``: bytes flow at ``rate`` bytes/s each way (per connection).
+* ``lose()``: the path's state is lost (a NAT or stateful firewall restarted): every connection
+  open now never delivers another byte either way, though its sockets stay open and no RST
+  comes; connections made afterwards flow as the mode says. Only a client that drops a silent
+  connection and redials gets through again.
 * ``reset()``: every connection open now is closed with a RST (SO_LINGER 0) on both sides.
 
 Plain threads, not gevent: the tests that drive a subprocess block the test process's hub,
@@ -59,6 +63,8 @@ class FaultProxy:
         self._closed = False
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket | None]] = []
+        #: sockets of connections whose path state was lost (``lose``)
+        self._lost: set[socket.socket] = set()
         #: connections accepted so far: a client that redials shows up here
         self.accepted = 0
         self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
@@ -66,12 +72,22 @@ class FaultProxy:
 
     # -- control ---------------------------------------------------------------------------
 
-    def set_mode(self, mode: Mode, rate: int = 0) -> None:
-        self.mode, self.rate = mode, rate
+    def set_mode(self, mode: Mode, rate: int | None = None) -> None:
+        """``rate`` (bytes/s per connection and direction) is kept for a later ``SLOW``."""
+        self.mode = mode
+        if rate is not None:
+            self.rate = rate
         if mode is Mode.SILENT:
             self._flowing.clear()
         else:
             self._flowing.set()
+
+    def lose(self) -> None:
+        with self._lock:
+            for client, server in self._pairs:
+                self._lost.add(client)
+                if server is not None:
+                    self._lost.add(server)
 
     def reset(self) -> None:
         """Close every current connection with a RST on both sides; new ones are accepted."""
@@ -111,7 +127,7 @@ class FaultProxy:
         client.setblocking(True)
         with self._lock:
             self._pairs.append((client, None))
-        while not self._flowing.wait(_POLL_S):
+        while self._blocked(client):
             if self._closed:
                 return
         try:
@@ -131,10 +147,17 @@ class FaultProxy:
             self._threads.append(t)
             t.start()
 
+    def _blocked(self, sock: socket.socket) -> bool:
+        """Whether bytes from ``sock`` must wait; waits a poll interval if so."""
+        if sock in self._lost:
+            time.sleep(_POLL_S)
+            return True
+        return not self._flowing.wait(_POLL_S)
+
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while not self._closed:
-                if not self._flowing.wait(_POLL_S):
+                if self._blocked(src):
                     continue  # silent: leave the bytes in the kernel's buffers
                 ready, _, _ = select.select([src], [], [], _POLL_S)
                 if not ready:
@@ -144,14 +167,15 @@ class FaultProxy:
                     with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_WR)
                     return
-                while not self._flowing.wait(_POLL_S):  # went silent while we held these
+                while self._blocked(src):  # went silent while we held these
                     if self._closed:
                         return
-                if self.mode is Mode.SLOW and self.rate:
+                rate = self.rate if self.mode is Mode.SLOW else 0
+                if rate:
                     for i in range(0, len(data), 4096):
                         piece = data[i:i + 4096]
                         dst.sendall(piece)
-                        time.sleep(len(piece) / self.rate)
+                        time.sleep(len(piece) / rate)
                 else:
                     dst.sendall(data)
         except (OSError, ValueError):  # reset or closed under us (ValueError: fd -1)

@@ -69,6 +69,15 @@ def test_proxy_silence_holds_bytes_and_reset_sends_rst(tmp_path: Path) -> None:
         proxy.set_mode(Mode.PASS)
         server.settimeout(10)
         assert server.recv(10) == b"held"
+        server.settimeout(0.3)
+        proxy.lose()
+        client.sendall(b"lost")
+        with pytest.raises(TimeoutError):
+            server.recv(10)
+        fresh = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        server2, _ = echo.accept()
+        fresh.sendall(b"new")
+        assert server2.recv(10) == b"new"
         proxy.reset()
         with pytest.raises(ConnectionResetError):
             client.recv(10)
@@ -80,14 +89,16 @@ def test_proxy_silence_holds_bytes_and_reset_sends_rst(tmp_path: Path) -> None:
 @pytest.mark.parametrize("priority", list(Priority))
 def test_reads_on_a_silent_path_are_resent_when_it_comes_back(
         path: tuple[str, FaultProxy, bytes], priority: Priority) -> None:
-    """Reads in flight when the path goes silent: past the deadline their connection is
-    dropped and redialled (a new connection reaches the proxy), and when the path comes back
-    every read completes with the right bytes. Background reads wait however long it takes."""
+    """Reads in flight when the path goes silent and loses its connections: past the deadline
+    each connection is dropped and redialled (a new connection reaches the proxy), and when the
+    path comes back every read completes with the right bytes. Background reads wait however
+    long it takes. Before issue 10 they waited for ever on the lost connection."""
     url, proxy, image = path
     src = open_source(url, deadline=DEADLINE)
     assert src.read(0, 4096, priority) == image[:4096]
     before = proxy.accepted
     proxy.set_mode(Mode.SILENT)
+    proxy.lose()  # and its connections never recover: only a redial gets through
     pending = [gevent.spawn(src.read, i * MiB, MiB, priority) for i in range(8)]
     wait_for(lambda: proxy.accepted > before, 20 * DEADLINE, "a redial after the deadline")
     if PATIENCE[priority] is None:
