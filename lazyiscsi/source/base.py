@@ -16,7 +16,8 @@ protocol; it only relies on what this module states:
   would mix two disks. What each client's identity can and cannot notice is in its module.
 * ``extents`` covers the asked range exactly with DATA and ZERO runs, in order. A client whose
   protocol cannot tell says DATA for everything: ZERO is a promise the store relies on to skip
-  bytes, so it must never be a guess.
+  bytes, so it must never be a guess. Only the background copier asks for extents: they go at
+  background priority, and wait for a source that went away as its reads do.
 * Every method is safe to call from many greenlets at once.
 * Error messages never contain secrets: they name the redacted URL only.
 """

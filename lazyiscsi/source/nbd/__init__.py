@@ -146,10 +146,12 @@ class NbdSource:
             return [Extent(offset, length, False)]
         out: list[Extent] = []
         pos, end = offset, offset + length
-        channel = self._channels[Priority.FOREGROUND]
+        # only the copier asks for extents: on its channel, never ahead of a guest's read in
+        # the foreground connection (a server may serialize a connection's requests)
+        channel = self._background()
         while pos < end:
             got = channel.call(Cmd.BLOCK_STATUS, pos, min(end - pos, _MAX_STATUS),
-                               self._patience(Priority.FOREGROUND)).extents
+                               self._patience(Priority.BACKGROUND)).extents
             for ext in got:
                 if out and out[-1].zero == ext.zero:
                     out[-1] = Extent(out[-1].offset, out[-1].length + ext.length, ext.zero)
