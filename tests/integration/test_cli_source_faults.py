@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import struct
 import subprocess
@@ -199,3 +201,51 @@ def test_a_complete_cache_serves_with_its_source_gone(tmp_path: Path, nbdkit: li
                         "--cache", str(cache), "--connect-timeout", "1"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_complete_runtime_volume_comes_back_with_its_source_gone(
+        tmp_path: Path, nbdkit: list[Nbdkit]) -> None:
+    """Acceptance 4 through the daemon's own path (the one LIO volumes take too): a runtime
+    volume hydrated to completion is restored by a restarted `serve` although its source is
+    gone, and reads through iSCSI. Before issue 10 its restore failed on the source."""
+    img = tmp_path / "src.img"
+    image = make_image(img, 8 * MiB)
+    server = Nbdkit(["file", str(img)], free_port()).start()
+    nbdkit.append(server)
+    port = free_port()
+
+    def serve() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([*LAZYISCSI, "--log-level", "info", "serve", "--listen", f"127.0.0.1:{port}",
+                                 "--connect-timeout", "2", "--frontend", "portal"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_listening(port, proc)  # type: ignore[arg-type]
+        wait_for(lambda: Path(os.environ["LAZYISCSI_CONTROL"]).exists(), what="the control socket")
+        return proc
+
+    def state() -> str:
+        r = subprocess.run([*LAZYISCSI, "status", "vm1", "--json"], capture_output=True, text=True,
+                           timeout=60)
+        return str(json.loads(r.stdout)[0]["state"]) if r.returncode == 0 else r.stderr
+
+    proc = serve()
+    try:
+        r = subprocess.run([*LAZYISCSI, "volume", "create", "vm1", "--source", server.url],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: state() == "complete", what="the volume complete")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    server.kill()  # the source site is gone
+    proc = serve()
+    try:
+        wait_for(lambda: state() == "complete", 30, "the volume restored")
+        out = tmp_path / "out.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw",
+                        f"iscsi://127.0.0.1:{port}/iqn.2026-11.io.lazyiscsi:vm1/0", str(out)],
+                       check=True, timeout=120)
+        assert out.read_bytes() == image
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    assert "volume_restore_failed" not in err and "Traceback" not in err, err
