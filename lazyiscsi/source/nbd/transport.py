@@ -180,7 +180,8 @@ class Connection:
     def disconnect(self) -> None:
         """NBD_CMD_DISC, then close: the polite way to leave (NBD document, "Terminating")."""
         if self.alive:
-            with contextlib.suppress(OSError), self._send_lock:
+            # bounded: on a silent path with a full send buffer, leaving must not hang
+            with contextlib.suppress(OSError), gevent.Timeout(self.deadline, False), self._send_lock:
                 self.sock.sendall(replies.request(Cmd.DISC, 0, 0, 0))
         self.kill("closed")
 
