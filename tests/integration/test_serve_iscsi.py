@@ -27,6 +27,10 @@ class Serve:
              "--iqn", IQN, "--listen", f"127.0.0.1:{port}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_listening(port, self.proc)  # type: ignore[arg-type]
+        # the portal listens before the volume is open: its "serving" line says it is
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("serving"), line + self.proc.communicate(timeout=30)[1]
 
     @property
     def url(self) -> str:
