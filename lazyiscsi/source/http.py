@@ -221,8 +221,6 @@ class HttpSource:
         (refused, reset, or silent past the deadline) until ``patience`` runs out (None: until
         closed). The first resend goes at once: a kept-alive connection the server closed
         while idle is the common case. The request is idempotent."""
-        if self._closed:
-            raise SourceUnavailable(f"{self.url}: closed")
         if self._auth:
             headers["Authorization"] = self._auth
         give_up = None if patience is None else time.monotonic() + patience
@@ -230,6 +228,8 @@ class HttpSource:
         with self._slots[priority]:
             pool = self._pools[priority]
             while True:
+                if self._closed:  # closed while this request waited to be resent
+                    raise SourceUnavailable(f"{self.url}: closed")
                 conn = pool.get_nowait() if not pool.empty() else self._connect()
                 try:
                     conn.request("GET", self._path, headers=headers)
