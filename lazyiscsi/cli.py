@@ -24,10 +24,11 @@ from lazyiscsi import log as logsetup
 from lazyiscsi.control import ControlError
 from lazyiscsi.frontend import Frontend
 from lazyiscsi.progress import ProgressDisplay, human_bytes
-from lazyiscsi.source import SourceError, open_source, redact
+from lazyiscsi.source import SourceError, deadline_for, open_source, redact
 from lazyiscsi.store.errors import StoreError
 from lazyiscsi.store.hydrator import DEFAULT_RUN, Hydrator, JobState
-from lazyiscsi.store.lazydisk import DEFAULT_UNIT, LazyDisk
+from lazyiscsi.store.lazydisk import DEFAULT_IO_TIMEOUT, DEFAULT_UNIT, LazyDisk
+from lazyiscsi.store.superblock import needs_source
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to keep trying to reach the source when starting (0: one attempt)")
     h.add_argument("--progress-interval", type=_seconds_arg, default=5.0, metavar="SECONDS",
                    help="seconds between progress lines when stderr is not a TTY")
+    _source_args(h)
     h.set_defaults(func=cmd_hydrate)
 
     s = sub.add_parser(
@@ -168,9 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: LIO when the kernel has target_core_user and rtslib-fb is installed")
     s.add_argument("--iqn-prefix", default="iqn.2026-11.io.lazyiscsi", metavar="IQN",
                    help="runtime volume NAME is target IQN:NAME")
+    _source_args(s)
     s.set_defaults(func=cmd_serve)
     commands.add_parsers(sub, _size_arg())
     return parser
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source-id", metavar="ID",
+                   help="your name for the source disk (its UUID, say), bound into a new cache's "
+                        "identity: a cache then resumes only with the same id (two clones of one "
+                        "template look alike otherwise)")
+    p.add_argument("--io-timeout", type=_seconds_arg, default=DEFAULT_IO_TIMEOUT, metavar="SECONDS",
+                   help="how long a read waits for the source before it fails (NOT READY); each "
+                        "source request gets a third of it before its connection is presumed dead, "
+                        "redialled and the request resent")
 
 
 def peak_rss_kib() -> int:
@@ -205,22 +219,26 @@ class CliError(Exception):
         self.code = code
 
 
-def open_volume(source_url: str, cache: str, unit: int | None, timeout: float) -> LazyDisk:
-    """The source and its cache (created or resumed), or a one-line CliError."""
+def open_volume(args: argparse.Namespace) -> LazyDisk:
+    """The cache (created or resumed) with its source if it still needs one, or a one-line
+    CliError. A complete cache opens without its source (open by state)."""
+    source = None
     try:
-        source = open_source(source_url, timeout=timeout)
+        if needs_source(args.cache):
+            source = open_source(args.source, timeout=args.connect_timeout, source_id=args.source_id,
+                                 deadline=deadline_for(args.io_timeout))
+        return LazyDisk.open(args.cache, source, unit=args.unit, io_timeout=args.io_timeout)
     except SourceError as e:
         raise CliError(f"source: {e}") from None
-    try:
-        return LazyDisk.open(cache, source, unit=unit)
     except StoreError as e:
-        source.close()
+        if source is not None:
+            source.close()
         raise CliError(str(e)) from None
 
 
 def cmd_hydrate(args: argparse.Namespace) -> int:
     log = structlog.get_logger("lazyiscsi.cli")
-    disk = open_volume(args.source, args.cache, args.unit, args.connect_timeout)
+    disk = open_volume(args)
 
     job = Hydrator(disk, run_size=args.run_size, rate=args.rate or None)
     display = ProgressDisplay(sys.stderr)
@@ -297,7 +315,8 @@ def serve_config(args: argparse.Namespace) -> config.Config:
     if not args.source:
         return config.Config(args.listen, ())
     volume = config.VolumeConfig(name="vol0", source=args.source, cache=args.cache, target=args.iqn,
-                                 unit=args.unit, block_size=args.block_size, rate=args.rate)
+                                 unit=args.unit, block_size=args.block_size, rate=args.rate,
+                                 source_id=args.source_id)
     return config.Config(args.listen, (volume,))
 
 
@@ -332,7 +351,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = serve_config(args)
     frontend = choose_frontend(args, cfg.listen)
     manager = VolumeManager(args.state_dir, frontend, iqn_prefix=args.iqn_prefix,
-                            connect_timeout=args.connect_timeout)
+                            connect_timeout=args.connect_timeout, io_timeout=args.io_timeout)
     try:
         control = ControlServer(manager, args.control)
     except (ControlError, OSError) as e:

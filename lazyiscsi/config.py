@@ -45,6 +45,7 @@ class VolumeConfig:
     rate: int = 0
     allowed_initiators: tuple[str, ...] = ()
     chap: ChapSecrets | None = None
+    source_id: str | None = None  # the operator's name for the source disk (its identity)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Config:
 
 
 _VOLUME_KEYS = {"name", "source", "cache", "target", "lun", "unit", "block_size", "rate",
-                "allowed_initiators", "chap"}
+                "allowed_initiators", "chap", "source_id"}
 _CHAP_KEYS = {"user", "secret", "mutual_user", "mutual_secret"}
 
 
@@ -123,8 +124,11 @@ def _volume(v: object, where: str) -> VolumeConfig:
     acl = v.get("allowed_initiators", [])
     if not isinstance(acl, list) or not all(isinstance(a, str) and a for a in acl):
         raise ConfigError(f"{where}.allowed_initiators: a list of initiator names")
+    source_id = v.get("source_id")
+    if source_id is not None and (not isinstance(source_id, str) or not source_id):
+        raise ConfigError(f"{where}.source_id: a non-empty string")
     return VolumeConfig(v["name"], v["source"], v["cache"], v["target"], lun, unit, block_size, rate,
-                        tuple(acl), _chap(v.get("chap"), f"{where}.chap"))
+                        tuple(acl), _chap(v.get("chap"), f"{where}.chap"), source_id)
 
 
 def _int(v: dict, key: str, default: int, low: int, high: int, where: str) -> int:  # type: ignore[type-arg]

@@ -21,12 +21,13 @@ import structlog
 from lazyiscsi.config import VolumeConfig
 from lazyiscsi.frontend import Frontend, FrontendError
 from lazyiscsi.scsi.lun import Lun
-from lazyiscsi.source import open_source
+from lazyiscsi.source import deadline_for, open_source
 from lazyiscsi.source.base import SourceError
 from lazyiscsi.source.url import redact
 from lazyiscsi.store.errors import StoreError
 from lazyiscsi.store.hydrator import Hydrator, JobState, JobVerbError
-from lazyiscsi.store.lazydisk import LazyDisk
+from lazyiscsi.store.lazydisk import DEFAULT_IO_TIMEOUT, LazyDisk
+from lazyiscsi.store.superblock import needs_source
 from lazyiscsi.store.verify import verify
 
 log = structlog.get_logger("lazyiscsi.daemon")
@@ -73,8 +74,9 @@ class Volume:
 
 class VolumeManager:
     def __init__(self, state_dir: str, frontend: Frontend, *, iqn_prefix: str,
-                 connect_timeout: float) -> None:
+                 connect_timeout: float, io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
         self.state_dir = Path(state_dir)
+        self.io_timeout = io_timeout
         self.frontend = frontend
         self.iqn_prefix = iqn_prefix
         self.connect_timeout = connect_timeout
@@ -238,11 +240,17 @@ class VolumeManager:
         if cfg.name in self.volumes:  # a runtime volume named like one of the config file
             raise VolumeError(f"volume {cfg.name} exists")
         try:
-            source = None if record.detached else open_source(cfg.source, timeout=self.connect_timeout)
+            # open by state: a complete or detached cache serves without its source
+            wanted = not record.detached and needs_source(cfg.cache)
+        except StoreError as e:
+            raise VolumeError(f"volume {cfg.name}: {e}") from None
+        try:
+            source = open_source(cfg.source, timeout=self.connect_timeout, source_id=cfg.source_id,
+                                 deadline=deadline_for(self.io_timeout)) if wanted else None
         except SourceError as e:
             raise VolumeError(f"volume {cfg.name}: source: {e}") from None
         try:
-            disk = LazyDisk.open(cfg.cache, source, unit=cfg.unit)
+            disk = LazyDisk.open(cfg.cache, source, unit=cfg.unit, io_timeout=self.io_timeout)
         except StoreError as e:
             if source is not None:
                 source.close()

@@ -6,9 +6,18 @@ protocol; it only relies on what this module states:
 
 * ``read`` returns exactly ``length`` bytes or raises a ``SourceError``; reads are idempotent,
   so a client may resend them after a reconnect.
+* No request waits for ever: each one has a deadline (``deadline``, restarted by every byte its
+  connection delivers, so a slow link that still moves is not taken for a dead one). Past it the
+  connection is presumed dead even though no RST came (a WAN path that went silent): it is
+  closed, redialled, and what was in flight is sent again. TCP keepalive finds a dead idle
+  connection before a request is sent into it. A read keeps resending for ``PATIENCE`` of its
+  priority, then raises ``SourceUnreachable``.
+* A source that changes under a copy raises ``SourceChanged`` on every later read: its bytes
+  would mix two disks. What each client's identity can and cannot notice is in its module.
 * ``extents`` covers the asked range exactly with DATA and ZERO runs, in order. A client whose
   protocol cannot tell says DATA for everything: ZERO is a promise the store relies on to skip
-  bytes, so it must never be a guess.
+  bytes, so it must never be a guess. Only the background copier asks for extents: they go at
+  background priority, and wait for a source that went away as its reads do.
 * Every method is safe to call from many greenlets at once.
 * Error messages never contain secrets: they name the redacted URL only.
 """
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import socket
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -58,6 +68,17 @@ class SourceUnavailable(SourceError):
     transient = True
 
 
+class SourceUnreachable(SourceUnavailable):
+    """A read got no answer within its priority's patience: its connections were refused,
+    reset, or silent past the request deadline, and every redial failed too. The source may
+    come back; the store reports LOGICAL UNIT NOT READY meanwhile."""
+
+
+class SourceChanged(SourceError):
+    """The source is no longer the disk it was when opened (another object behind the URL, a
+    file modified in place). Retrying will not help: every later read fails the same way."""
+
+
 class SourceReadError(SourceError):
     """The source answered a read with an error (NBD EIO, HTTP 5xx). Retrying may help."""
 
@@ -75,6 +96,52 @@ class SourceProtocolError(SourceError):
 
 class SourceConfigError(SourceError):
     """The URL itself is wrong: unknown scheme, missing export, bad port."""
+
+
+#: How long one request may wait without its connection delivering a byte before the connection
+#: is presumed dead, closed and redialled, and the request sent again. A third of the store's
+#: default I/O timeout (``lazydisk.DEFAULT_IO_TIMEOUT``, 30 s; see ``deadline_for``) so that a
+#: guest's read whose connection went silent is resent, and answered, within the guest's own
+#: timeout: one deadline on the dead connection, one for the redial and its reply.
+DEFAULT_REQUEST_DEADLINE = 10.0
+#: request deadlines per I/O timeout (see ``DEFAULT_REQUEST_DEADLINE``)
+DEADLINES_PER_IO_TIMEOUT = 3
+
+#: How many request deadlines a read keeps resending for, per priority, before it raises
+#: ``SourceUnreachable``. A guest's read gives up after two (one on the connection that went
+#: silent, one on a redialled one), inside the store's I/O timeout, so the guest learns
+#: NOT READY from the source's own reason. The background copier (and ``verify``) waits for the
+#: source to come back, however long: it then resumes within one redial (``None``: for ever).
+PATIENCE: dict[Priority, int | None] = {Priority.FOREGROUND: 2, Priority.BACKGROUND: None}
+
+#: TCP keepalive on every source socket (tcp(7)): probes start after this many deadlines of
+#: idleness, every third of a deadline, and this many unanswered probes drop the connection.
+#: It finds a dead idle connection (nothing in flight, so no request deadline running) before
+#: the next request is sent into it.
+_KEEPALIVE_IDLE_DEADLINES = 1
+_KEEPALIVE_PROBES = 3
+
+
+def deadline_for(io_timeout: float) -> float:
+    """The request deadline that fits a store I/O timeout (``DEFAULT_REQUEST_DEADLINE``)."""
+    return io_timeout / DEADLINES_PER_IO_TIMEOUT
+
+
+def redial_delay_cap(deadline: float) -> float:
+    """The longest wait between two redials: half a deadline, so that a path that comes back
+    is in use again within half a deadline (plus the handshake)."""
+    return deadline / 2
+
+
+def set_keepalive(sock: socket.socket, deadline: float) -> None:
+    """Turn TCP keepalive on for a source socket (see ``_KEEPALIVE_IDLE_DEADLINES``)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket has no path to lose
+    idle = max(1, int(deadline * _KEEPALIVE_IDLE_DEADLINES))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(deadline / 3)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _KEEPALIVE_PROBES)
 
 
 @runtime_checkable

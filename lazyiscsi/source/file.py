@@ -3,6 +3,18 @@
 Reads are plain ``os.pread`` in the calling greenlet: a local read from the page cache or an
 SSD takes microseconds, less than handing it to a thread would cost. Holes are found with
 SEEK_DATA/SEEK_HOLE, which every Linux filesystem that matters answers exactly.
+
+Identity: for a regular file, the file itself (device and inode numbers), its size, its
+modification time in nanoseconds and nine 4 KiB samples; for a block device, the device it is
+(``st_rdev``), its size and the samples. What it guards: a cache resumed against another file,
+a file replaced by another (a new inode), and a file modified in place (a new mtime), also
+*during* the copy: every read re-checks the open file's size and mtime (one fstat, a
+microsecond), and a change stops every later read with ``SourceChanged`` and one
+``source_changed`` event. What it cannot: a block device's node has no mtime that writes
+change, so writes to the device go unnoticed (use a frozen snapshot); a file restored with
+its old mtime (``touch -d``, ``cp -p``) to the same inode looks unchanged; and a copy of the file
+moved to another filesystem is a different inode, so resuming from it is refused although its
+bytes are the same (pass the original path).
 """
 
 from __future__ import annotations
@@ -12,9 +24,12 @@ import os
 import stat
 from urllib.parse import unquote, urlsplit
 
+import structlog
+
 from lazyiscsi.source.base import (
     Extent,
     Priority,
+    SourceChanged,
     SourceConfigError,
     SourceError,
     SourceNotFound,
@@ -24,6 +39,8 @@ from lazyiscsi.source.base import (
     sample_ranges,
 )
 from lazyiscsi.source.url import redact
+
+log = structlog.get_logger("lazyiscsi.source.file")
 
 
 def path_of(url: str) -> str:
@@ -41,7 +58,7 @@ def path_of(url: str) -> str:
 class FileSource:
     """A read-only local file or block device."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, source_id: str | None = None) -> None:
         path = path_of(url)
         self.url = redact(url)
         try:
@@ -52,7 +69,8 @@ class FileSource:
             raise SourceError(f"{path}: permission denied") from None
         except OSError as e:
             raise SourceError(f"{path}: cannot open ({e.strerror})") from None
-        mode = os.fstat(fd).st_mode
+        st = os.fstat(fd)
+        mode = st.st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             os.close(fd)
             what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
@@ -64,17 +82,36 @@ class FileSource:
             os.close(fd)
             raise SourceConfigError(f"{path}: is empty")
         self._holes = stat.S_ISREG(mode)
+        self._changed: str | None = None
+        #: what every read re-checks: a regular file's size and mtime (see the module docstring)
+        self._stamp = _stamp(st) if self._holes else None
         samples = [self.read(off, length) for off, length in sample_ranges(self.size)]
-        self.identity = fingerprint("file", self.size, samples)
+        where = (f"dev={st.st_dev}:ino={st.st_ino}:mtime_ns={st.st_mtime_ns}" if self._holes
+                 else f"rdev={st.st_rdev}")
+        self.identity = fingerprint("file", self.size, samples,
+                                    extra=where + (f":id={source_id}" if source_id else ""))
 
     def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
         fd = self._live_fd()
         data = os.pread(fd, length, offset)
+        # after the read: a change that raced with it is caught now, not by the next read
+        self._check_unchanged(fd)
         if len(data) != length:
             # a short read past the end: the file shrank under us
             raise SourceProtocolError(f"{self._path}: short read at {offset} ({len(data)} of {length} "
                                       "bytes): the source changed size")
         return data
+
+    def _check_unchanged(self, fd: int) -> None:
+        if self._changed is None and self._stamp is not None:
+            now = _stamp(os.fstat(fd))
+            if now != self._stamp:
+                why = (f"size {self._stamp[0]} -> {now[0]}, mtime_ns {self._stamp[1]} -> {now[1]}")
+                self._changed = (f"{self._path}: the source file changed since it was opened ({why}); "
+                                 "refusing its bytes, which would mix two disks")
+                log.error("source_changed", path=self._path, reason=why)
+        if self._changed is not None:
+            raise SourceChanged(self._changed)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         fd = self._live_fd()
@@ -114,5 +151,9 @@ class FileSource:
         return self._fd
 
 
-def open_file(url: str) -> FileSource:
-    return FileSource(url)
+def _stamp(st: os.stat_result) -> tuple[int, int]:
+    return st.st_size, st.st_mtime_ns
+
+
+def open_file(url: str, *, source_id: str | None = None) -> FileSource:
+    return FileSource(url, source_id=source_id)

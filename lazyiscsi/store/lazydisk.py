@@ -150,8 +150,9 @@ class LazyDisk:
         """Open the cache at ``path``, creating it from ``source`` if there is none.
 
         An existing cache resumes from its map. It refuses, with ``CacheConfigError``, a
-        source of another size or identity (``SourceMismatch``), a ``unit`` other than the one
-        it was made with, and a ``path`` that holds some other file.
+        source of another size or identity (``SourceMismatch``) while hydrating, a ``unit``
+        other than the one it was made with, and a ``path`` that holds some other file. A
+        complete or detached cache needs no source (``superblock.needs_source``).
         """
         if unit is not None and (unit < 512 or unit & (unit - 1)):
             raise CacheConfigError(f"unit {unit}: must be a power of two of at least 512 bytes")
@@ -178,7 +179,10 @@ class LazyDisk:
             if unit is not None and unit != sb.unit:
                 raise CacheConfigError(f"{path}: made with unit {sb.unit}, not {unit}; "
                                        "omit the unit or use the cache's own")
-            if source is not None and (source.size != sb.size or source.identity != sb.source_identity):
+            # open by state: only a hydrating cache still reads its source, so only it is bound
+            # to the source's identity; a complete or detached one opens without asking it
+            if sb.state is CacheState.HYDRATING and source is not None and (
+                    source.size != sb.size or source.identity != sb.source_identity):
                 raise SourceMismatch(
                     f"{path}: the source {redact(source.url)} (size {source.size}) is not the disk "
                     f"this cache was filled from ({sb.source_url}, size {sb.size}); refusing to mix "

@@ -31,6 +31,9 @@ class Superblock:
     size: int
     unit: int
     source_url: str  # redacted: never holds a password
+    #: what the cache is bound to (``Source.identity``): the client's fingerprint, and the
+    #: operator's ``--source-id`` when one was given (``:id=...``). Checked only while
+    #: hydrating: a complete or detached cache never asks its source (``needs_source``).
     source_identity: str
     state: CacheState
 
@@ -89,3 +92,12 @@ def write_superblock(path: str, sb: Superblock) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def needs_source(cache_path: str) -> bool:
+    """Whether opening the cache at ``cache_path`` needs its source: only a hydrating cache (or
+    one not made yet) does. A complete or detached one opens and serves without it, with no
+    identity check against a source that may be gone: after cutover the source site may be
+    decommissioned, which is the point of the migration."""
+    sb = read_superblock(f"{cache_path}.meta")
+    return sb is None or sb.state is CacheState.HYDRATING

@@ -15,10 +15,12 @@ from gevent.server import StreamServer
 
 from lazyiscsi.source import (
     Priority,
+    SourceChanged,
+    SourceConfigError,
     SourceError,
     SourceNotFound,
-    SourceProtocolError,
     SourceUnavailable,
+    SourceUnreachable,
     open_source,
 )
 from lazyiscsi.source.http import open_http
@@ -72,16 +74,18 @@ def test_changed_object_is_refused(site: tuple[Nginx, bytes], tmp_path: Path) ->
     make_image(path, 8 * MiB, seed=99)
     st = path.stat()
     os.utime(path, (st.st_atime + 10, st.st_mtime + 10))  # nginx's ETag is mtime-size
-    with pytest.raises(SourceProtocolError, match="changed"):
+    with pytest.raises(SourceChanged, match="412"):
         src.read(0, 4096)
+    with pytest.raises(SourceChanged):  # and for good, even where the old bytes are asked
+        src.read(4096, 4096)
     src.close()
 
 
 def test_stopped_server_is_unavailable(site: tuple[Nginx, bytes]) -> None:
     server, _ = site
-    src = open_source(server.url("disk.img"))
+    src = open_source(server.url("disk.img"), deadline=0.5)
     server.stop()
-    with pytest.raises(SourceUnavailable):
+    with pytest.raises(SourceUnreachable):  # after its patience: two deadlines of redialling
         src.read(0, 4096)
     src.close()
 
@@ -139,5 +143,86 @@ def test_server_without_range_support(tmp_path: Path) -> None:
     try:
         with pytest.raises(SourceError, match="ignores Range"):
             open_source(f"http://127.0.0.1:{server.server_port}/disk")
+    finally:
+        server.stop()
+
+
+class RangeServer:
+    """A server that answers byte ranges of ``body`` with the validator headers a test gives,
+    and ignores every precondition (as a careless proxy or object store might): what the
+    client itself must check. It records each request's headers."""
+
+    def __init__(self, body: bytes, validators: dict[str, str]) -> None:
+        self.body, self.validators = body, validators
+        self.requests: list[dict[str, str]] = []
+        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/disk"
+
+    def _handle(self, sock, _addr) -> None:  # type: ignore[no-untyped-def]
+        f = sock.makefile("rb")
+        while True:
+            line = f.readline()
+            if not line:
+                return
+            headers = {}
+            while (h := f.readline().strip()):
+                k, _, v = h.decode().partition(":")
+                headers[k.strip().lower()] = v.strip()
+            self.requests.append(headers)
+            a, b = (int(x) for x in headers["range"].removeprefix("bytes=").split("-"))
+            part = self.body[a:b + 1]
+            extra = "".join(f"{k}: {v}\r\n" for k, v in self.validators.items())
+            sock.sendall(f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(part)}\r\n"
+                         f"Content-Range: bytes {a}-{b}/{len(self.body)}\r\n{extra}\r\n".encode() + part)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def test_every_range_carries_if_match_and_every_206_is_checked() -> None:
+    """Issue 10, defect 6: a changed object was caught only by a server honouring If-Range. Here
+    the server ignores preconditions; the client sends If-Match on every range and notices the
+    206's new ETag itself."""
+    body = random.Random(5).randbytes(MiB)
+    server = RangeServer(body, {"ETag": '"v1"', "Last-Modified": "Mon, 30 Nov 2026 10:00:00 GMT"})
+    try:
+        src = open_source(server.url)
+        assert src.read(1000, 5000) == body[1000:6000]
+        assert server.requests[-1]["if-match"] == '"v1"'
+        server.validators["ETag"] = '"v2"'  # the object behind the URL was replaced
+        with pytest.raises(SourceChanged, match='"v2"'):
+            src.read(0, 4096)
+        n = len(server.requests)
+        with pytest.raises(SourceChanged):
+            src.read(8192, 4096)
+        assert len(server.requests) == n, "a changed source is not asked again"
+        src.close()
+    finally:
+        server.stop()
+
+
+def test_last_modified_is_the_weaker_fallback() -> None:
+    body = random.Random(6).randbytes(MiB)
+    server = RangeServer(body, {"ETag": 'W/"weak"', "Last-Modified": "Mon, 30 Nov 2026 10:00:00 GMT"})
+    try:
+        src = open_source(server.url)
+        assert src.read(0, 100) == body[:100]
+        assert server.requests[-1]["if-unmodified-since"] == "Mon, 30 Nov 2026 10:00:00 GMT"
+        assert "if-match" not in server.requests[-1]
+        server.validators["Last-Modified"] = "Mon, 30 Nov 2026 10:00:01 GMT"
+        with pytest.raises(SourceChanged, match="last-modified"):
+            src.read(0, 100)
+        src.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("validators", [{}, {"ETag": 'W/"only-weak"'}])
+def test_an_object_without_a_validator_is_refused(validators: dict[str, str]) -> None:
+    server = RangeServer(bytes(MiB), validators)
+    try:
+        with pytest.raises(SourceConfigError, match="no strong ETag and no Last-Modified"):
+            open_source(server.url)
     finally:
         server.stop()

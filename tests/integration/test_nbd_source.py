@@ -218,3 +218,22 @@ def test_foreground_not_queued_behind_background(tmp_path: Path, nbdkit: list[Nb
     # 32 background reads through 4 threads take ~800 ms; the foreground read takes ~100 ms
     assert fg < 0.4, fg
     src.close()
+
+
+def test_block_status_never_delays_a_guest_read(tmp_path: Path, nbdkit: list[Nbdkit]) -> None:
+    """Issue 10, defect 13: block status went through the foreground connection, so with a
+    server that serializes a connection's requests (nbdkit noparallel) a guest's read waited
+    behind the copier's slow block status. It goes on the background connection now."""
+    img = tmp_path / "a.img"
+    image = make_image(img, 8 * MiB)
+    server = Nbdkit(["--filter=noparallel", "--filter=delay", "file", str(img), "serialize=requests",
+                     "delay-extents=2"], free_port()).start()
+    nbdkit.append(server)
+    src = open_source(server.url)
+    status = gevent.spawn(src.extents, 0, src.size)
+    gevent.sleep(0.2)  # the block status request is in the server
+    t0 = time.monotonic()
+    assert src.read(MiB, 4096, Priority.FOREGROUND) == image[MiB:MiB + 4096]
+    assert time.monotonic() - t0 < 1.0
+    assert sum(e.length for e in status.get(timeout=30)) == src.size
+    src.close()

@@ -3,6 +3,16 @@
 Two channels, one per priority: a guest's on-demand read never waits behind background
 runs in the same TCP stream (nor in the server's per-connection queue). The background one
 connects on first use, so a source that is only read on demand costs one connection.
+
+Identity (what a cache is bound to, checked when a hydrating cache resumes): the export's size,
+nine 4 KiB samples spread over it, the export name, and the operator's ``source_id`` if one was
+given. NBD carries no content identity of its own. What it guards: a cache resumed against
+another export, another size, or any disk whose samples differ (a different OS image, a disk
+that was written to in the sampled places). What it cannot: two clones of one template served
+under the same export name whose writes missed every sample look alike; and a disk written to
+during the copy is not noticed (no NBD server reports a change). The operator's ``--source-id``
+(the VM's disk UUID, say) closes the first gap; the second needs a frozen source (or the
+pre-copy phase with a dirty bitmap).
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ import gevent.lock
 import structlog
 
 from lazyiscsi.source.base import (
+    DEFAULT_REQUEST_DEADLINE,
+    PATIENCE,
     Extent,
     Priority,
     SourceConfigError,
@@ -64,19 +76,21 @@ def parse_nbd_url(url: str) -> tuple[Dialer, str]:
 class NbdSource:
     """A read-only NBD export."""
 
-    def __init__(self, url: str, dial: Dialer, export: str, first: Connection, timeout: float) -> None:
+    def __init__(self, url: str, dial: Dialer, export: str, first: Connection, *, deadline: float,
+                 source_id: str | None = None) -> None:
         self.url = redact(url)
         info = first.info
         self.size = info.size
         self._max_payload = info.max_payload
         self._block_status = info.meta_context_id is not None
-        self._dial, self._export, self._timeout = dial, export, timeout
-        foreground = Channel(dial, export, f"{self.url} foreground", timeout=timeout, first=first)
+        self._dial, self._export, self._deadline = dial, export, deadline
+        foreground = Channel(dial, export, f"{self.url} foreground", deadline=deadline, first=first)
         self._channels = {Priority.FOREGROUND: foreground}
         self._bg_lock = gevent.lock.Semaphore()
         self._closed = False
         samples = _parallel([(self._sample, off, n) for off, n in sample_ranges(self.size)])
-        self.identity = fingerprint("nbd", self.size, samples)
+        extra = f"export={export!r}" + (f":id={source_id}" if source_id else "")
+        self.identity = fingerprint("nbd", self.size, samples, extra=extra)
 
     def _sample(self, offset: int, length: int) -> bytes:
         """A fingerprint read: retried a few times, since one EIO must not fail an open."""
@@ -92,14 +106,20 @@ class NbdSource:
     def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
         self._check(offset, length)
         channel = self._channels.get(priority) or self._background()
+        patience = self._patience(priority)
         if length <= self._max_payload:
-            buf = channel.call(Cmd.READ, offset, length).buf
+            buf = channel.call(Cmd.READ, offset, length, patience).buf
             assert buf is not None
             return buf  # type: ignore[return-value]  # a bytearray: bytes-like, and no copy
         # larger than the server takes in one request: pieces in parallel on the same channel
         pieces = [(o, min(self._max_payload, offset + length - o))
                   for o in range(offset, offset + length, self._max_payload)]
-        return b"".join(r.buf for r in _parallel([(channel.call, Cmd.READ, o, n) for o, n in pieces]))
+        return b"".join(r.buf for r in _parallel([(channel.call, Cmd.READ, o, n, patience)
+                                                   for o, n in pieces]))
+
+    def _patience(self, priority: Priority) -> float | None:
+        deadlines = PATIENCE[priority]
+        return None if deadlines is None else deadlines * self._deadline
 
     def _background(self) -> Channel:
         """The background channel, connected on first use. A server that serves one client at a
@@ -108,10 +128,10 @@ class NbdSource:
         with self._bg_lock:
             if Priority.BACKGROUND not in self._channels:
                 try:
-                    first = Connection.open(self._dial, self._export, min(self._timeout, 5.0),
-                                            f"{self.url} background")
+                    first = Connection.open(self._dial, self._export, self._deadline,
+                                            f"{self.url} background", self._deadline)
                     channel = Channel(self._dial, self._export, f"{self.url} background",
-                                      timeout=self._timeout, first=first)
+                                      deadline=self._deadline, first=first)
                 except (OSError, SourceUnavailable) as e:
                     log.warning("source_single_connection", url=self.url, error=str(e) or type(e).__name__,
                                 hint="the server takes one client at a time (qemu-nbd: use --shared=2 "
@@ -126,9 +146,12 @@ class NbdSource:
             return [Extent(offset, length, False)]
         out: list[Extent] = []
         pos, end = offset, offset + length
-        channel = self._channels[Priority.FOREGROUND]
+        # only the copier asks for extents: on its channel, never ahead of a guest's read in
+        # the foreground connection (a server may serialize a connection's requests)
+        channel = self._background()
         while pos < end:
-            got = channel.call(Cmd.BLOCK_STATUS, pos, min(end - pos, _MAX_STATUS)).extents
+            got = channel.call(Cmd.BLOCK_STATUS, pos, min(end - pos, _MAX_STATUS),
+                               self._patience(Priority.BACKGROUND)).extents
             for ext in got:
                 if out and out[-1].zero == ext.zero:
                     out[-1] = Extent(out[-1].offset, out[-1].length + ext.length, ext.zero)
@@ -173,20 +196,21 @@ def _parallel(calls: list[tuple]) -> list:  # type: ignore[type-arg]
     return out
 
 
-def open_nbd(url: str, *, timeout: float = 30.0) -> NbdSource:
+def open_nbd(url: str, *, timeout: float = 30.0, deadline: float = DEFAULT_REQUEST_DEADLINE,
+             source_id: str | None = None) -> NbdSource:
     """Connect and negotiate, retrying a refused or unreachable server until ``timeout``."""
     dial, export = parse_nbd_url(url)
-    deadline = time.monotonic() + timeout
+    give_up = time.monotonic() + timeout
     delay = 0.1
     while True:
         try:
-            first = Connection.open(dial, export, max(0.5, deadline - time.monotonic()),
-                                    f"{redact(url)} foreground")
+            first = Connection.open(dial, export, max(0.5, min(deadline, give_up - time.monotonic())),
+                                    f"{redact(url)} foreground", deadline)
             break
         except (OSError, SourceUnavailable) as e:
-            if time.monotonic() + delay > deadline:
+            if time.monotonic() + delay > give_up:
                 why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 raise SourceUnavailable(f"cannot reach {redact(url)}: {why or type(e).__name__}") from None
             gevent.sleep(delay)
             delay = min(delay * 2, 2.0)
-    return NbdSource(url, dial, export, first, timeout)
+    return NbdSource(url, dial, export, first, deadline=deadline, source_id=source_id)

@@ -4,10 +4,18 @@ A ``Connection`` is one negotiated socket with one reader greenlet and a table o
 flight, matched by cookie. When anything goes wrong with the stream (EOF, reset, a protocol
 violation) the connection dies whole: every request in flight fails with ``ConnectionLost``.
 
+A connection that goes silent without a RST (a WAN path that died) is found by its watchdog:
+when a request has waited ``deadline`` seconds and the connection has delivered no byte for as
+long, the connection is killed like one that was reset. Every byte received restarts the clock,
+so a slow link still moving is never mistaken for a dead one; the price is that a server that
+keeps answering other requests but never one is not caught (that is a server bug, not a path).
+TCP keepalive (``base.set_keepalive``) covers a dead connection with nothing in flight.
+
 A ``Channel`` is a connection that comes back: callers ask it for a connection, and the first
-one to find it dead reconnects with exponential backoff while the others wait. Requests that
-died with a connection are simply sent again on the next one: every request this client makes
-(READ, BLOCK_STATUS) is idempotent. A caller that gives up (a gevent.Timeout) abandons its
+one to find it dead reconnects with exponential backoff (at most half a deadline apart) while
+the others wait. Requests that died with a connection are simply sent again on the next one:
+every request this client makes (READ, BLOCK_STATUS) is idempotent. A request gives up after its
+``patience`` with ``SourceUnreachable``. A caller that gives up (a gevent.Timeout) abandons its
 cookie; the reader then swallows the late reply.
 """
 
@@ -17,6 +25,7 @@ import contextlib
 import itertools
 import random
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +41,9 @@ from lazyiscsi.source.base import (
     SourceProtocolError,
     SourceReadError,
     SourceUnavailable,
+    SourceUnreachable,
+    redial_delay_cap,
+    set_keepalive,
 )
 from lazyiscsi.source.nbd import replies
 from lazyiscsi.source.nbd.constants import (
@@ -86,40 +98,32 @@ class _Request:
     extents: list[Extent] = field(default_factory=list)
     error: SourceError | None = None
     result: AsyncResult = field(default_factory=AsyncResult)
-
-
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    while view:
-        n = sock.recv_into(view)
-        if n == 0:
-            raise ConnectionLost("the server closed the connection")
-        view = view[n:]
-
-
-def _recv(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    _recv_into(sock, memoryview(buf))
-    return bytes(buf)
+    sent: float = 0.0  # time.monotonic() when it was handed to the socket
 
 
 class Connection:
     """One negotiated NBD connection with many requests in flight."""
 
-    def __init__(self, sock: socket.socket, info: Negotiated, label: str) -> None:
+    def __init__(self, sock: socket.socket, info: Negotiated, label: str, deadline: float) -> None:
         self.sock = sock
         self.info = info
         self.label = label
+        self.deadline = deadline
         self.alive = True
         self._cookies = itertools.count(1)
         self._inflight: dict[int, _Request] = {}
         self._abandoned: dict[int, _Request] = {}
         self._send_lock = gevent.lock.Semaphore()
+        self._last_rx = time.monotonic()
         self._reader = gevent.spawn(self._read_loop)
+        self._watchdog = gevent.spawn(self._watch)
 
     @classmethod
-    def open(cls, dial: Dialer, export: str, timeout: float, label: str) -> Connection:
+    def open(cls, dial: Dialer, export: str, timeout: float, label: str, deadline: float) -> Connection:
+        """Dial and negotiate; ``timeout`` bounds the connect and each handshake read."""
         sock = dial(timeout)
         try:
+            set_keepalive(sock, deadline)
             hs = Handshake(export)
             while hs.result is None:
                 out = hs.data_to_send()
@@ -129,8 +133,8 @@ class Connection:
                 if not data:
                     raise SourceUnavailable("the server closed the connection during the handshake")
                 hs.receive(data)
-            sock.settimeout(None)  # the transmission phase has no fixed deadline; callers do
-            return cls(sock, hs.result, label)
+            sock.settimeout(None)  # the transmission phase: the watchdog keeps the deadline
+            return cls(sock, hs.result, label, deadline)
         except BaseException:
             sock.close()
             raise
@@ -145,6 +149,7 @@ class Connection:
         self._inflight[cookie] = req
         try:
             with self._send_lock:
+                req.sent = time.monotonic()
                 self.sock.sendall(replies.request(cmd, cookie, offset, length))
             req.result.get()
         except OSError as e:
@@ -168,26 +173,62 @@ class Connection:
         self._abandoned.clear()
         with contextlib.suppress(OSError):
             self.sock.close()
-        if gevent.getcurrent() is not self._reader:
-            self._reader.kill(block=False)
+        for g in (self._reader, self._watchdog):
+            if gevent.getcurrent() is not g:
+                g.kill(block=False)
 
     def disconnect(self) -> None:
         """NBD_CMD_DISC, then close: the polite way to leave (NBD document, "Terminating")."""
         if self.alive:
-            with contextlib.suppress(OSError), self._send_lock:
+            # bounded: on a silent path with a full send buffer, leaving must not hang
+            with contextlib.suppress(OSError), gevent.Timeout(self.deadline, False), self._send_lock:
                 self.sock.sendall(replies.request(Cmd.DISC, 0, 0, 0))
         self.kill("closed")
 
+    # -- the watchdog ----------------------------------------------------------------------
+
+    def overdue(self, now: float) -> bool:
+        """Whether a request has waited a whole deadline with the connection silent as long."""
+        if not self._inflight:
+            return False
+        oldest = min(req.sent or now for req in self._inflight.values())
+        return now - max(oldest, self._last_rx) >= self.deadline
+
+    def _watch(self) -> None:
+        """Checks four times a deadline: a silent connection dies at most 1.25 deadlines after
+        the last byte it delivered."""
+        while self.alive:
+            gevent.sleep(self.deadline / 4)
+            if self.overdue(time.monotonic()):
+                log.warning("source_request_deadline", connection=self.label, deadline_s=self.deadline,
+                            inflight=len(self._inflight),
+                            hint="no reply and no byte within the deadline: the path may be dead; "
+                                 "redialling and resending")
+                self.kill(f"no reply within the {self.deadline:g} s deadline")
+
     # -- the reader ------------------------------------------------------------------------
+
+    def _recv_into(self, view: memoryview) -> None:
+        while view:
+            n = self.sock.recv_into(view)
+            if n == 0:
+                raise ConnectionLost("the server closed the connection")
+            self._last_rx = time.monotonic()
+            view = view[n:]
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf))
+        return bytes(buf)
 
     def _read_loop(self) -> None:
         try:
             while True:
-                first = _recv(self.sock, 4)
+                first = self._recv(4)
                 if replies.magic_of(first) == SIMPLE_REPLY_MAGIC:
-                    self._on_simple(first + _recv(self.sock, SIMPLE_HEADER - 4))
+                    self._on_simple(first + self._recv(SIMPLE_HEADER - 4))
                 else:
-                    self._on_chunk(replies.parse_chunk_header(_recv(self.sock, 16)))
+                    self._on_chunk(replies.parse_chunk_header(self._recv(16)))
         except ConnectionLost as e:
             self._die(str(e))
         except SourceProtocolError as e:
@@ -220,7 +261,7 @@ class Connection:
                                         f"({req.length} bytes): {replies.errno_name(h.error)}")
         elif req.cmd is Cmd.READ:
             assert req.buf is not None
-            _recv_into(self.sock, memoryview(req.buf))
+            self._recv_into(memoryview(req.buf))
             req.filled = req.length
         self._finish(h.cookie, req, abandoned)
 
@@ -228,12 +269,12 @@ class Connection:
         req, abandoned = self._lookup(h.cookie)
         replies.check_chunk_for(req.cmd, h)
         if h.type == Chunk.OFFSET_DATA:
-            pos, n = replies.data_range(h, _recv(self.sock, 8), req.offset, req.length)
+            pos, n = replies.data_range(h, self._recv(8), req.offset, req.length)
             assert req.buf is not None
-            _recv_into(self.sock, memoryview(req.buf)[pos:pos + n])
+            self._recv_into(memoryview(req.buf)[pos:pos + n])
             req.filled += n
         elif h.type == Chunk.OFFSET_HOLE:
-            pos, n = replies.hole_range(h, _recv(self.sock, h.length), req.offset, req.length)
+            pos, n = replies.hole_range(h, self._recv(h.length), req.offset, req.length)
             assert req.buf is not None
             req.buf[pos:pos + n] = bytes(n)  # a retried request may reuse nothing: explicit
             req.filled += n
@@ -241,10 +282,10 @@ class Connection:
             ctx = self.info.meta_context_id
             if ctx is None:
                 raise SourceProtocolError("block status without a negotiated context")
-            req.extents = replies.parse_block_status(_recv(self.sock, h.length), ctx, req.offset,
+            req.extents = replies.parse_block_status(self._recv(h.length), ctx, req.offset,
                                                      req.length)
         elif h.is_error:
-            error, msg = replies.parse_error(h, _recv(self.sock, h.length))
+            error, msg = replies.parse_error(h, self._recv(h.length))
             req.error = SourceReadError(f"the server failed {req.cmd.name} at {req.offset} "
                                         f"({req.length} bytes): {replies.errno_name(error)}"
                                         + (f" ({msg})" if msg else ""))
@@ -266,47 +307,65 @@ class Connection:
 class Channel:
     """A connection that reconnects: what one priority class of requests goes through."""
 
-    def __init__(self, dial: Dialer, export: str, label: str, *, timeout: float,
+    def __init__(self, dial: Dialer, export: str, label: str, *, deadline: float,
                  first: Connection | None = None) -> None:
         self._dial = dial
         self._export = export
         self._label = label
-        self._timeout = timeout
+        self._deadline = deadline
         self._conn = first
         self._lock = gevent.lock.Semaphore()
         self._closed = False
 
-    def call(self, cmd: Cmd, offset: int, length: int) -> _Request:
-        """Send a request, resending it on a new connection as often as connections die."""
+    def call(self, cmd: Cmd, offset: int, length: int, patience: float | None) -> _Request:
+        """Send a request, resending it on a new connection as often as connections die, for
+        at most ``patience`` seconds (None: until the channel is closed)."""
+        give_up = None if patience is None else time.monotonic() + patience
         while True:
-            conn = self._connection()
+            conn = self._connection(give_up)
             try:
                 return conn.call(cmd, offset, length)
-            except ConnectionLost:
+            except ConnectionLost as e:
                 if self._closed:
                     raise SourceUnavailable("closed") from None
+                if give_up is not None and time.monotonic() >= give_up:
+                    raise SourceUnreachable(f"{self._label}: no answer within {patience:g} s ({e})") from None
 
-    def _connection(self) -> Connection:
+    def _connection(self, give_up: float | None) -> Connection:
         conn = self._conn
         if conn is not None and conn.alive:
             return conn
-        with self._lock:  # one greenlet reconnects, the rest wait for it
+        # one greenlet reconnects, the rest wait for it (or for their patience)
+        if not self._lock.acquire(timeout=None if give_up is None else max(0.0, give_up - time.monotonic())):
+            raise SourceUnreachable(f"{self._label}: cannot reconnect")
+        try:
             if self._conn is not None and self._conn.alive:
                 return self._conn
             delay = 0.1
             while True:
                 if self._closed:
                     raise SourceUnavailable("closed")
+                left = None if give_up is None else give_up - time.monotonic()
                 try:
-                    self._conn = Connection.open(self._dial, self._export, self._timeout, self._label)
+                    if left is not None and left <= 0:
+                        raise SourceUnreachable(f"{self._label}: cannot reconnect")
+                    handshake = self._deadline if left is None else min(left, self._deadline)
+                    self._conn = Connection.open(self._dial, self._export, handshake, self._label,
+                                                 self._deadline)
                     log.info("source_connected", connection=self._label)
                     return self._conn
+                except SourceUnreachable:
+                    raise
                 except (OSError, SourceUnavailable) as e:
                     wait = delay * random.uniform(0.75, 1.25)
-                    log.warning("source_reconnect", connection=self._label, error=str(e),
+                    if left is not None:
+                        wait = min(wait, max(0.0, give_up - time.monotonic()))  # type: ignore[operator]
+                    log.warning("source_reconnect", connection=self._label, error=str(e) or type(e).__name__,
                                 retry_in_s=round(wait, 2))
                     gevent.sleep(wait)
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, redial_delay_cap(self._deadline))
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         self._closed = True
