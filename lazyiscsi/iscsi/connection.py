@@ -432,7 +432,8 @@ class Connection:
         if cmd.immediate and self._immediate_tasks >= MAX_IMMEDIATE_TASKS:
             raise RemoteProtocolError(f"more than {MAX_IMMEDIATE_TASKS} immediate commands running",
                                       RejectReason.IMMEDIATE_COMMAND_REJECT)
-        self._check_unsolicited(cmd)
+        if cmd.data or not cmd.final:  # (most commands carry no unsolicited data: no lookups)
+            self._check_unsolicited(cmd)
         lun = self.target.luns.get(cmd.lun)
         cdb_out = self._data_out_length(cmd.cdb, lun) if lun is not None else 0
         want = min(cdb_out, cmd.expected_length) if cmd.write else 0

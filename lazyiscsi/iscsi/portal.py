@@ -125,10 +125,12 @@ class _Session:
 
     def _owe(self, n: int) -> None:
         self.owed += n
-        if self.owed <= MAX_OUTSTANDING_BYTES:
-            self.room.set()
-        else:
-            self.room.clear()
+        within = self.owed <= MAX_OUTSTANDING_BYTES
+        if within != self.room.is_set():  # only a crossing of the limit touches the event
+            if within:
+                self.room.set()
+            else:
+                self.room.clear()
 
     def _wait_for_room(self) -> None:
         """Read no further PDU while the initiator has not taken what it is owed. The timeout
