@@ -17,11 +17,13 @@ MaxCmdSN moves on only as commands finish, and a command outside it is ignored (
 an initiator that pipelines more than the window gets no more tasks, greenlets or buffers for it.
 Unsolicited data (immediate data and Data-Out before the first R2T) is held to what the session
 negotiated (InitialR2T, ImmediateData, FirstBurstLength); solicited data to the R2T that asked for
-it. StatSN counts responses.
+it, and R2Ts go out only while the write data a connection holds fits ``MAX_SOLICITED_BYTES``.
+StatSN counts responses.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import struct
 from collections.abc import Callable
@@ -58,6 +60,11 @@ QUEUE_DEPTH = 64
 #: immediate commands bypass the window (RFC 7143 4.2.2.1); past this many running at once they get
 #: Reject "Immediate command reject" (RFC 7143 11.17.1), so they cannot widen it without limit
 MAX_IMMEDIATE_TASKS = 8
+#: write data a connection solicits (R2T) and holds until its command has run. The target sends
+#: R2Ts when it is ready for the data (RFC 7143 11.8): a command is admitted to them whole, in
+#: arrival order, while its data fits, and one always is; the others wait for a command to finish.
+#: 16 MiB is two of the largest transfers (MAX_TRANSFER_BYTES), sixteen 1 MiB writes in flight
+MAX_SOLICITED_BYTES = 16 << 20
 #: the Target Transfer Tag of unsolicited Data-Out (RFC 7143 11.7.4)
 UNSOLICITED_TTT = 0xFFFFFFFF
 SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
@@ -80,9 +87,9 @@ class Target:
     portal: str = ""
 
 
-@dataclass
+@dataclass(eq=False)
 class Task:
-    """One SCSI command in flight."""
+    """One SCSI command in flight (compared by identity: two commands are never the same one)."""
 
     itt: int
     lun: int
@@ -96,6 +103,7 @@ class Task:
     unsolicited_open: bool = False
     unsolicited: int = 0  # bytes of unsolicited data received (immediate data included)
     finished: bool = False  # no longer counted against the window
+    admitted: int = 0  # bytes of solicited data reserved for it (MAX_SOLICITED_BYTES)
     data: bytearray = field(default_factory=bytearray)
     #: outstanding R2Ts: Target Transfer Tag -> end offset of the burst it asked for
     r2ts: dict[int, int] = field(default_factory=dict)
@@ -194,6 +202,8 @@ class Connection:
         self._in_window = 0  # non-immediate tasks not finished: they hold MaxCmdSN back
         self._immediate_tasks = 0  # immediate tasks not finished
         self.ignored_commands = 0  # non-immediate commands outside the window (RFC 7143 4.2.2.1)
+        self._solicited = 0  # bytes admitted tasks may send or hold (MAX_SOLICITED_BYTES)
+        self._r2t_queue: collections.deque[Task] = collections.deque()  # tasks waiting to be admitted
         self._pending_tmfs: list[_PendingTmf] = []
         self.ping_outstanding: int | None = None  # Target Transfer Tag of an unanswered ping
         self._ttt = 1
@@ -228,8 +238,11 @@ class Connection:
         self._finish(task)
         if self.state is State.CLOSED:
             return []
-        if task.aborted:
-            return self._tmf_progress(task.itt)
+        out = self._tmf_progress(task.itt) if task.aborted else self._response(task, status, data_in, sense)
+        return out + self._admit_waiting()
+
+    def _response(self, task: Task, status: int, data_in: bytes | bytearray | None,
+                  sense: bytes | None) -> list[Action]:
         out: list[Action] = []
         full = memoryview(data_in) if task.read and data_in else memoryview(b"")
         data = full[:task.expected]  # slices of a memoryview: no copy until the PDU is encoded
@@ -413,7 +426,8 @@ class Connection:
                       "(RFC 7143 4.2.2.1), as are any more")]
 
     def _finish(self, task: Task) -> None:
-        """The task no longer holds its place: MaxCmdSN may move on by one."""
+        """The task no longer holds its place: MaxCmdSN may move on by one, and the write data
+        it was admitted for no longer counts."""
         if task.finished:
             return
         task.finished = True
@@ -421,6 +435,29 @@ class Connection:
             self._immediate_tasks -= 1
         else:
             self._in_window -= 1
+        self._solicited -= task.admitted
+        task.admitted = 0
+        if task in self._r2t_queue:
+            self._r2t_queue.remove(task)
+
+    def _admit(self, task: Task, *, queued: bool = False) -> bool:
+        """Reserve what is left of a task's write data, if it fits in MAX_SOLICITED_BYTES behind
+        the tasks already waiting (or nothing else is reserved: one task always goes on)."""
+        need = task.want_out - len(task.data)
+        if self._r2t_queue and not queued:
+            return False
+        if self._solicited and self._solicited + need > MAX_SOLICITED_BYTES:
+            return False
+        task.admitted = need
+        self._solicited += need
+        return True
+
+    def _admit_waiting(self) -> list[Action]:
+        """R2Ts for the waiting tasks that fit now, in the order they came."""
+        out: list[Action] = []
+        while self._r2t_queue and self._admit(self._r2t_queue[0], queued=True):
+            out += self._advance(self._r2t_queue.popleft())
+        return out
 
     def _scsi_command(self, cmd: ScsiCommand) -> list[Action]:
         if not self._window(cmd.immediate, cmd.cmdsn):
@@ -473,6 +510,9 @@ class Connection:
             # an initiator may send up to its EDTL: each command judges what it got (scsi layer)
             return [Execute(task)]
         if task.solicited_to < 0:
+            if not task.admitted and not self._admit(task):
+                self._r2t_queue.append(task)  # its R2Ts come when write data of others is done
+                return []
             task.solicited_to = len(task.data)  # after the unsolicited burst, if any
         burst = int(self.values.get("MaxBurstLength", "262144"))
         most = int(self.values.get("MaxOutstandingR2T", "1"))
@@ -665,6 +705,7 @@ class Connection:
         actions: list[Action] = []
         if req.function in (5, 6):
             actions.append(Reset(req.lun if req.function == 5 else None))
+        actions += self._admit_waiting()  # what the dropped tasks had reserved is free again
         pending = _PendingTmf(req.itt, response, waiting)
         if waiting:
             self._pending_tmfs.append(pending)

@@ -7,6 +7,7 @@ import struct
 
 from lazyiscsi.iscsi.connection import (
     MAX_IMMEDIATE_TASKS,
+    MAX_SOLICITED_BYTES,
     QUEUE_DEPTH,
     Close,
     Connection,
@@ -20,6 +21,7 @@ from lazyiscsi.iscsi.pdu import BHS_LEN, Framer, Opcode, RejectReason, encode
 
 IQN = "iqn.2026-11.test:target"
 BS = 512
+MiB = 1 << 20
 
 
 def feed(conn: Connection, raw: bytes) -> list:  # type: ignore[type-arg]
@@ -238,3 +240,32 @@ def test_a_data_digest_error_is_rejected_and_the_connection_kept() -> None:
     sense = response[BHS_LEN + 2:]
     assert sense[2] & 0x0F == 0x0B and (sense[12], sense[13]) == (0x47, 0x05)
     assert 2 not in conn.tasks and conn.state is State.FULL_FEATURE
+
+
+def test_solicited_write_data_is_admitted_within_max_solicited_bytes() -> None:
+    """Write data is solicited (R2T) only while what the connection holds and has asked for fits
+    in MAX_SOLICITED_BYTES: later commands wait, in order, for earlier ones to finish or be
+    aborted, instead of each being sent its R2Ts at once."""
+    conn = logged_in("InitialR2T=Yes\0ImmediateData=No\0MaxBurstLength=1048576\0")
+    blocks = (MAX_SOLICITED_BYTES // 2 - MiB) // BS  # two fit, a third does not
+    assert len(r2ts(feed(conn, write_cmd(1, blocks, 0)))) == 1
+    ((ttt2, *_),) = r2ts(feed(conn, write_cmd(2, blocks, 1)))
+    assert feed(conn, write_cmd(3, blocks, 2)) == [] and feed(conn, write_cmd(4, blocks, 3)) == []
+    b = bytearray(BHS_LEN)
+    b[0], b[1] = Opcode.TASK_MGMT_REQUEST | 0x40, 0x80 | 1  # ABORT TASK 1, still gathering data
+    struct.pack_into(">III", b, 16, 0x50, 1, 4)
+    actions = feed(conn, encode(b))
+    assert [pdu[0] & 0x3F for pdu in sent(actions)] == [Opcode.R2T, Opcode.TASK_MGMT_RESPONSE]
+    assert struct.unpack_from(">I", sent(actions)[0], 16)[0] == 3  # the first in line goes on
+    offset, ttt = 0, ttt2
+    while True:  # task 2's data, burst by burst
+        actions = feed(conn, data_out(2, ttt, 0, offset, bytes(MiB), True))
+        offset += MiB
+        if offset == blocks * BS:
+            break
+        ((ttt, *_),) = r2ts(actions)
+    (execute,) = actions
+    assert isinstance(execute, Execute)
+    response, r2t = sent(conn.task_done(execute.task, 0, None, None))
+    assert response[0] & 0x3F == Opcode.SCSI_RESPONSE and r2t[0] & 0x3F == Opcode.R2T
+    assert struct.unpack_from(">I", r2t, 16)[0] == 4  # task 4's turn now
