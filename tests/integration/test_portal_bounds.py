@@ -29,6 +29,7 @@ import pytest
 from lazyiscsi.iscsi import portal as portal_module
 from lazyiscsi.iscsi.connection import QUEUE_DEPTH, Target
 from lazyiscsi.iscsi.pdu import BHS_LEN, Opcode, RejectReason, digest
+from lazyiscsi.iscsi.portal import MAX_OUTSTANDING_BYTES
 from lazyiscsi.scsi.lun import Lun
 from lazyiscsi.store.lazydisk import LazyDisk
 from tests.integration.peers import free_port, make_image, wait_listening
@@ -424,5 +425,36 @@ def test_a_closed_session_is_freed_without_the_cyclic_collector(tmp_path: Path, 
         assert not alive, f"still alive without a cyclic collection: {alive}"
     finally:
         gc.enable()
+        portal.stop()
+        disk.close()
+
+
+def test_the_reader_stops_while_the_initiator_owes_max_outstanding_bytes(tmp_path: Path, sessions) -> None:  # type: ignore[no-untyped-def]
+    """Backpressure, not buffering, not dropping: while what a connection owes its initiator
+    exceeds MAX_OUTSTANDING_BYTES the portal reads no further command; once the initiator reads,
+    every command is taken and answered."""
+    data = bytes(range(256)) * (64 * MiB // 256)
+    portal, disk = start_portal(tmp_path, InstantSource(data))
+    count = 3 * MAX_OUTSTANDING_BYTES // MiB
+    try:
+        ini = Initiator.login(portal.address[1], connect=gevent.socket.create_connection)
+        reads = (ini.command(read10(i * MiB // BS, MiB // BS), read=MiB) for i in range(count))
+        ini.sock.sendall(b"".join(reads))
+        session = sessions[0]()
+        assert session is not None
+        deadline, seen, steady_since = time.monotonic() + 30, -1, time.monotonic()
+        while time.monotonic() < min(deadline, steady_since + 1.0):  # until the reader holds a second
+            gevent.sleep(0.05)
+            if session.conn.expcmdsn != seen:
+                seen, steady_since = session.conn.expcmdsn, time.monotonic()
+        assert seen < count // 2, f"the portal took {seen} of {count} 1 MiB READs nobody reads"
+        assert session.owed <= MAX_OUTSTANDING_BYTES + MiB, session.owed
+        del session
+        ini.sock.settimeout(30)
+        for n in range(count):  # now the initiator reads: everything comes, in order of CmdSN
+            status, got = ini.response(0x101 + n)
+            assert status == 0 and got == data[n * MiB:(n + 1) * MiB], n
+        ini.close()
+    finally:
         portal.stop()
         disk.close()
