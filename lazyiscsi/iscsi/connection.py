@@ -596,8 +596,10 @@ class Connection:
         framing holds and the connection stays. The PDU is discarded and answered with Reject
         (reason Data Digest Error, 11.17.1). A Data-Out's command then fails at the end of its
         burst with "protocol service CRC error" (11.4.7.2); there is no recovery of the data at
-        ErrorRecoveryLevel 0. A command's CmdSN counts as received, so that the commands behind
-        it still arrive in order and the initiator's abort of it finds no task (11.6.1)."""
+        ErrorRecoveryLevel 0. A discarded command leaves a gap in CmdSN that only a retry with the
+        same CmdSN (ERL 1 and up) would fill; at ERL 0 nothing does, so its CmdSN counts as
+        received: the commands behind it stay in order and the initiator's abort of it finds no
+        task (11.6.1), after which it sends the command again as a new one."""
         if self.state is not State.FULL_FEATURE:
             self.state = State.CLOSED
             return [Close("data digest error during login")]
