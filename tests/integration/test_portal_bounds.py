@@ -401,10 +401,12 @@ def test_running_commands_per_connection_are_bounded_by_the_window(tmp_path: Pat
         disk.close()
 
 
-def test_a_closed_session_is_freed_without_the_cyclic_collector(tmp_path: Path, sessions) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("flooded", [False, True])
+def test_a_closed_session_is_freed_without_the_cyclic_collector(tmp_path: Path, sessions,  # type: ignore[no-untyped-def]
+                                                                 flooded: bool) -> None:
     """Issue 14 finding 5: with the cyclic garbage collector off, a session and its connection are
-    gone as soon as the initiator has logged out and closed (no reference cycle keeps them, and
-    with them their queued buffers)."""
+    gone as soon as the initiator has closed (no reference cycle keeps them, and with them their
+    queued buffers), also when it left 16 MiB of answers unread behind it."""
     data = bytes(range(256)) * (4 * MiB // 256)
     portal, disk = start_portal(tmp_path, InstantSource(data))
     gc.collect()
@@ -416,6 +418,9 @@ def test_a_closed_session_is_freed_without_the_cyclic_collector(tmp_path: Path, 
         ini.sock.sendall(ini.command(read10(0, 2048), read=MiB))
         status, got = ini.response(ini.itt)
         assert status == 0 and got == data[:MiB]
+        if flooded:
+            ini.sock.sendall(b"".join(ini.command(read10(0, 2048), read=MiB) for _ in range(40)))
+            gevent.sleep(1.0)
         ini.close()
         assert len(sessions) == 2
         deadline = time.monotonic() + 10
