@@ -18,11 +18,18 @@ Login Request and takes over when it reaches full feature. A discovery session's
 phase takes only ``DISCOVERY_EVENTS`` (RFC 7143 4.3); anything else there is rejected.
 
 Sequence numbers: CmdSN advances for every non-immediate command; the window offered to the
-initiator is ExpCmdSN..MaxCmdSN (``QUEUE_DEPTH`` wide). StatSN counts responses.
+initiator is ExpCmdSN..MaxCmdSN. It is ``QUEUE_DEPTH`` wide less the commands still running, so
+MaxCmdSN moves on only as commands finish, and a command outside it is ignored (RFC 7143 4.2.2.1):
+an initiator that pipelines more than the window gets no more tasks, greenlets or buffers for it.
+Unsolicited data (immediate data and Data-Out before the first R2T) is held to what the session
+negotiated (InitialR2T, ImmediateData, FirstBurstLength); solicited data to the R2T that asked for
+it, and R2Ts go out only while the write data a connection holds fits ``MAX_SOLICITED_BYTES``.
+StatSN counts responses.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import struct
 from collections.abc import Callable
@@ -54,7 +61,20 @@ from lazyiscsi.iscsi.pdu import (
 from lazyiscsi.iscsi.text import Incoming, Outgoing, TextTooLong
 from lazyiscsi.scsi.sense import Reason, Status, fixed_sense
 
+#: the CmdSN window (RFC 7143 4.2.2.1): at most this many non-immediate commands are outstanding,
+#: since MaxCmdSN advances only when one finishes. 64 keeps a 10 GbE link busy with 1 MiB I/O
+#: (Linux's open-iscsi queues 32 per session by default) and bounds tasks per connection
 QUEUE_DEPTH = 64
+#: immediate commands bypass the window (RFC 7143 4.2.2.1); past this many running at once they get
+#: Reject "Immediate command reject" (RFC 7143 11.17.1), so they cannot widen it without limit
+MAX_IMMEDIATE_TASKS = 8
+#: write data a connection solicits (R2T) and holds until its command has run. The target sends
+#: R2Ts when it is ready for the data (RFC 7143 11.8): a command is admitted to them whole, in
+#: arrival order, while its data fits, and one always is; the others wait for a command to finish.
+#: 16 MiB is two of the largest transfers (MAX_TRANSFER_BYTES), sixteen 1 MiB writes in flight
+MAX_SOLICITED_BYTES = 16 << 20
+#: the Target Transfer Tag of unsolicited Data-Out (RFC 7143 11.7.4)
+UNSOLICITED_TTT = 0xFFFFFFFF
 
 
 class State(enum.Enum):
@@ -63,9 +83,9 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass
+@dataclass(eq=False)
 class Task:
-    """One SCSI command in flight."""
+    """One SCSI command in flight (compared by identity: two commands are never the same one)."""
 
     itt: int
     lun: int
@@ -74,6 +94,12 @@ class Task:
     expected: int  # the initiator's Expected Data Transfer Length
     want_out: int  # bytes of data-out to gather (no more than expected)
     cdb_out: int = 0  # bytes of data-out the CDB itself describes (for the residual)
+    immediate: bool = False  # sent for immediate delivery: outside the CmdSN window
+    #: unsolicited Data-Out may still come: the command had F=0 and no unsolicited PDU had F=1 yet
+    unsolicited_open: bool = False
+    unsolicited: int = 0  # bytes of unsolicited data received (immediate data included)
+    finished: bool = False  # no longer counted against the window
+    admitted: int = 0  # bytes of solicited data reserved for it (MAX_SOLICITED_BYTES)
     data: bytearray = field(default_factory=bytearray)
     #: outstanding R2Ts: Target Transfer Tag -> end offset of the burst it asked for
     r2ts: dict[int, int] = field(default_factory=dict)
@@ -82,6 +108,7 @@ class Task:
     seq_ttt: int = 0xFFFFFFFF  # the sequence now arriving (all ones: the unsolicited one)
     next_datasn: int = 0  # of that sequence (RFC 7143 11.7.5)
     sequence_error: str = ""  # why its data-out cannot be trusted: it fails, it is not run
+    digest_error: bool = False  # the reason is a data digest error
     executing: bool = False
     aborted: bool = False  # an ABORT TASK (or a reset) came while it ran: no status goes out
 
@@ -138,10 +165,10 @@ DISCOVERY_EVENTS = frozenset({TextRequest, NopOut, LogoutRequest})
 class Connection:
     """Target side of one connection. ``find_target(name)`` looks targets up by IQN;
     ``all_targets()`` lists them for SendTargets; ``data_out_length(cdb, lun)`` says how many
-    bytes a command carries."""
+    bytes a command to that LUN object (one of ``Target.luns``' values) carries."""
 
     def __init__(self, find_target: Callable[[str], Target | None], all_targets: Callable[[], list[Target]],
-                 data_out_length: Callable[[bytes, int], int], *, max_recv: int = 262144) -> None:
+                 data_out_length: Callable[[bytes, object], int], *, max_recv: int = 262144) -> None:
         self._find = find_target
         self._all = all_targets
         self._data_out_length = data_out_length
@@ -154,6 +181,11 @@ class Connection:
         self.statsn = 0
         self.expcmdsn = 0
         self.tasks: dict[int, Task] = {}
+        self._in_window = 0  # non-immediate tasks not finished: they hold MaxCmdSN back
+        self._immediate_tasks = 0  # immediate tasks not finished
+        self.ignored_commands = 0  # non-immediate commands outside the window (RFC 7143 4.2.2.1)
+        self._solicited = 0  # bytes admitted tasks may send or hold (MAX_SOLICITED_BYTES)
+        self._r2t_queue: collections.deque[Task] = collections.deque()  # tasks waiting to be admitted
         self._pending_tmfs: list[_PendingTmf] = []
         self.ping_outstanding: int | None = None  # Target Transfer Tag of an unanswered ping
         self._ttt = 1
@@ -189,6 +221,8 @@ class Connection:
 
     def receive(self, raw: RawPdu) -> list[Action]:
         try:
+            if not raw.data_intact:
+                return self._data_digest_error(raw)
             event = decode(raw)
             handler = _HANDLERS.get((self.state, type(event)))
             if self.state is State.FULL_FEATURE and self.discovery and type(event) not in DISCOVERY_EVENTS:
@@ -202,18 +236,20 @@ class Connection:
             if e.reject is None or self.state is not State.FULL_FEATURE:
                 self.state = State.CLOSED
                 return [Close(str(e))]
-            bhs, data = build_reject(e.reject, self.statsn, self.expcmdsn, self._maxcmdsn(),
-                                     e.header or raw.bhs)
-            return [Send(self._encode(bhs, data))]
+            return [self._reject(e.reject, e.header or raw.bhs)]
 
     def task_done(self, task: Task, status: int, data_in: bytes | bytearray | None,
                   sense: bytes | None) -> list[Action]:
         if self.tasks.get(task.itt) is task:
             del self.tasks[task.itt]
+        self._finish(task)
         if self.state is State.CLOSED:
             return []
-        if task.aborted:
-            return self._tmf_progress(task.itt)
+        out = self._tmf_progress(task.itt) if task.aborted else self._response(task, status, data_in, sense)
+        return out + self._admit_waiting()
+
+    def _response(self, task: Task, status: int, data_in: bytes | bytearray | None,
+                  sense: bytes | None) -> list[Action]:
         out: list[Action] = []
         full = memoryview(data_in) if task.read and data_in else memoryview(b"")
         data = full[:task.expected]  # slices of a memoryview: no copy until the PDU is encoded
@@ -282,27 +318,108 @@ class Connection:
 
     # -- full feature phase ----------------------------------------------------------------------
 
-    def _window(self, immediate: bool, cmdsn: int, bhs: bytes) -> None:
+    def _window(self, immediate: bool, cmdsn: int) -> bool:
+        """Whether a command is delivered (RFC 7143 4.2.2.1). Immediate ones always are; the
+        target "MUST silently ignore any non-immediate command outside of this range"
+        (ExpCmdSN..MaxCmdSN, compared in serial number arithmetic, RFC 1982)."""
         if immediate:
-            return
-        if cmdsn != self.expcmdsn:
-            # RFC 7143 4.2.2.1: out of window commands are silently ignored at ERL 0; a
-            # single-connection session only ever sees the next one, so anything else is an error
-            raise RemoteProtocolError(f"CmdSN {cmdsn} while expecting {self.expcmdsn}", None, bhs)
+            return True
+        ahead = (cmdsn - self.expcmdsn) & 0xFFFFFFFF
+        room = (self._maxcmdsn() - self.expcmdsn + 1) & 0xFFFFFFFF
+        if ahead >= room:
+            self.ignored_commands += 1
+            return False
+        if ahead:
+            # inside the window but not the next one: a single-connection session only ever
+            # sees the next one (TCP keeps the order), so the initiator lost count of its CmdSN
+            raise RemoteProtocolError(f"CmdSN {cmdsn} while expecting {self.expcmdsn}")
         self.expcmdsn = (self.expcmdsn + 1) & 0xFFFFFFFF
+        return True
+
+    def _ignored(self, cmdsn: int) -> list[Action]:
+        """Nothing goes to the initiator; the log hears of the first one only (a flood of them
+        is one fault, not one line each)."""
+        if self.ignored_commands > 1:
+            return []
+        return [Fault(f"CmdSN {cmdsn} outside the window {self.expcmdsn}..{self._maxcmdsn()}: ignored "
+                      "(RFC 7143 4.2.2.1), as are any more")]
+
+    def _finish(self, task: Task) -> None:
+        """The task no longer holds its place: MaxCmdSN may move on by one, and the write data
+        it was admitted for no longer counts."""
+        if task.finished:
+            return
+        task.finished = True
+        if task.immediate:
+            self._immediate_tasks -= 1
+        else:
+            self._in_window -= 1
+        self._solicited -= task.admitted
+        task.admitted = 0
+        if task in self._r2t_queue:
+            self._r2t_queue.remove(task)
+
+    def _admit(self, task: Task, *, queued: bool = False) -> bool:
+        """Reserve what is left of a task's write data, if it fits in MAX_SOLICITED_BYTES behind
+        the tasks already waiting (or nothing else is reserved: one task always goes on)."""
+        need = task.want_out - len(task.data)
+        if self._r2t_queue and not queued:
+            return False
+        if self._solicited and self._solicited + need > MAX_SOLICITED_BYTES:
+            return False
+        task.admitted = need
+        self._solicited += need
+        return True
+
+    def _admit_waiting(self) -> list[Action]:
+        """R2Ts for the waiting tasks that fit now, in the order they came."""
+        out: list[Action] = []
+        while self._r2t_queue and self._admit(self._r2t_queue[0], queued=True):
+            out += self._advance(self._r2t_queue.popleft())
+        return out
 
     def _scsi_command(self, cmd: ScsiCommand) -> list[Action]:
-        self._window(cmd.immediate, cmd.cmdsn, b"")
+        if not self._window(cmd.immediate, cmd.cmdsn):
+            return self._ignored(cmd.cmdsn)
         assert self.target is not None
+        if cmd.itt in self.tasks:
+            raise RemoteProtocolError(f"Initiator Task Tag {cmd.itt:#x} is in use",
+                                      RejectReason.INVALID_PDU_FIELD)
+        if cmd.immediate and self._immediate_tasks >= MAX_IMMEDIATE_TASKS:
+            raise RemoteProtocolError(f"more than {MAX_IMMEDIATE_TASKS} immediate commands running",
+                                      RejectReason.IMMEDIATE_COMMAND_REJECT)
+        if cmd.data or not cmd.final:  # (most commands carry no unsolicited data: no lookups)
+            self._check_unsolicited(cmd)
         lun = self.target.luns.get(cmd.lun)
-        cdb_out = self._data_out_length(cmd.cdb, cmd.lun) if lun is not None else 0
+        cdb_out = self._data_out_length(cmd.cdb, lun) if lun is not None else 0
         want = min(cdb_out, cmd.expected_length) if cmd.write else 0
-        task = Task(cmd.itt, cmd.lun, cmd.cdb, cmd.read, cmd.expected_length, want, cdb_out)
+        task = Task(cmd.itt, cmd.lun, cmd.cdb, cmd.read, cmd.expected_length, want, cdb_out,
+                    immediate=cmd.immediate, unsolicited_open=not cmd.final, unsolicited=len(cmd.data))
         self.tasks[cmd.itt] = task
+        if cmd.immediate:
+            self._immediate_tasks += 1
+        else:
+            self._in_window += 1
         task.data += cmd.data
         if not cmd.final:
             return []  # F=0: unsolicited Data-Out PDUs follow (InitialR2T=No, RFC 7143 11.3.1)
         return self._advance(task)
+
+    def _check_unsolicited(self, cmd: ScsiCommand) -> None:
+        """Immediate data only where ImmediateData=Yes, F=0 (unsolicited Data-Out to follow) only
+        where InitialR2T=No, and never more than FirstBurstLength of it (RFC 7143 13.10, 13.11,
+        13.14): what the initiator sends unasked is what we hold before any R2T bounds it."""
+        if cmd.data and self.values.get("ImmediateData") != "Yes":
+            raise RemoteProtocolError("immediate data while ImmediateData=No", RejectReason.PROTOCOL_ERROR)
+        if not cmd.final and self.values.get("InitialR2T") != "No":
+            raise RemoteProtocolError("F=0 (unsolicited Data-Out) while InitialR2T=Yes",
+                                      RejectReason.PROTOCOL_ERROR)
+        if len(cmd.data) > self._first_burst():
+            raise RemoteProtocolError(f"{len(cmd.data)} bytes of immediate data exceed FirstBurstLength "
+                                      f"{self._first_burst()}", RejectReason.PROTOCOL_ERROR)
+
+    def _first_burst(self) -> int:
+        return int(self.values.get("FirstBurstLength", "65536"))
 
     def _advance(self, task: Task) -> list[Action]:
         """Execute once all data-out is in; until then keep up to MaxOutstandingR2T R2Ts of at
@@ -312,6 +429,9 @@ class Connection:
             # an initiator may send up to its EDTL: each command judges what it got (scsi layer)
             return [Execute(task)]
         if task.solicited_to < 0:
+            if not task.admitted and not self._admit(task):
+                self._r2t_queue.append(task)  # its R2Ts come when write data of others is done
+                return []
             task.solicited_to = len(task.data)  # after the unsolicited burst, if any
         burst = int(self.values.get("MaxBurstLength", "262144"))
         most = int(self.values.get("MaxOutstandingR2T", "1"))
@@ -333,31 +453,85 @@ class Connection:
         task = self.tasks.get(d.itt)
         if task is None or task.executing:
             raise RemoteProtocolError(f"Data-Out for unknown task {d.itt:#x}", RejectReason.INVALID_PDU_FIELD)
-        if d.offset != len(task.data) or len(task.data) + len(d.data) > task.expected:
-            # beyond the Expected Data Transfer Length the initiator itself declared
-            raise RemoteProtocolError("Data-Out out of order or beyond the expected length",
-                                      RejectReason.PROTOCOL_ERROR)
-        if d.ttt != 0xFFFFFFFF and d.ttt not in task.r2ts:
-            raise RemoteProtocolError(f"Data-Out with Target Transfer Tag {d.ttt:#x} that no R2T gave",
-                                      RejectReason.INVALID_PDU_FIELD)
-        if d.ttt != task.seq_ttt:
-            task.seq_ttt, task.next_datasn = d.ttt, 0  # the next sequence begins
-        if d.datasn != task.next_datasn and not task.sequence_error:
-            # a lost or reordered Data-Out: the data cannot be trusted, but the connection can
-            task.sequence_error = f"Data-Out DataSN {d.datasn} while expecting {task.next_datasn}"
-        task.next_datasn = d.datasn + 1
-        task.data += d.data
+        if not task.sequence_error:
+            # once the data cannot be trusted nothing more is kept: the rest of the burst only
+            # has to arrive for the command to fail
+            self._check_data_out(task, d)
+            if d.ttt != task.seq_ttt:
+                task.seq_ttt, task.next_datasn = d.ttt, 0  # the next sequence begins
+            if d.datasn != task.next_datasn:
+                # a lost or reordered Data-Out: the data cannot be trusted, but the connection can
+                task.sequence_error = f"Data-Out DataSN {d.datasn} while expecting {task.next_datasn}"
+            task.next_datasn = d.datasn + 1
+            task.data += d.data
+            if d.ttt == UNSOLICITED_TTT:
+                task.unsolicited += len(d.data)
         if not d.final:
             return []
-        task.r2ts.pop(d.ttt, None)
+        return self._burst_end(task, d.ttt)
+
+    def _check_data_out(self, task: Task, d: DataOut) -> None:
+        """Data-Out within what was allowed: unsolicited only while the command's unsolicited
+        burst is open and up to FirstBurstLength (RFC 7143 13.10, 13.14), solicited only inside
+        the burst its R2T asked for (RFC 7143 11.8.3), never past the initiator's own Expected
+        Data Transfer Length. The PDU is refused (Reject) and nothing of it is kept."""
+        end = len(task.data) + len(d.data)
+        if d.offset != len(task.data) or end > task.expected:
+            raise RemoteProtocolError("Data-Out out of order or beyond the expected length",
+                                      RejectReason.PROTOCOL_ERROR)
+        if d.ttt == UNSOLICITED_TTT:
+            if not task.unsolicited_open:
+                raise RemoteProtocolError("unsolicited Data-Out the session or the command does not allow",
+                                          RejectReason.PROTOCOL_ERROR)
+            if task.unsolicited + len(d.data) > self._first_burst():
+                raise RemoteProtocolError(f"unsolicited data beyond FirstBurstLength {self._first_burst()}",
+                                          RejectReason.PROTOCOL_ERROR)
+            return
+        burst_end = task.r2ts.get(d.ttt)
+        if burst_end is None:
+            raise RemoteProtocolError(f"Data-Out with Target Transfer Tag {d.ttt:#x} that no R2T gave",
+                                      RejectReason.INVALID_PDU_FIELD)
+        if end > burst_end:
+            raise RemoteProtocolError(f"Data-Out past the end of its R2T's burst ({burst_end})",
+                                      RejectReason.PROTOCOL_ERROR)
+
+    def _burst_end(self, task: Task, ttt: int) -> list[Action]:
+        """A Data-Out with F=1 closed a burst, unsolicited or solicited: execute, solicit the
+        rest, or fail the command if its data went wrong on the way."""
+        if ttt == UNSOLICITED_TTT:
+            task.unsolicited_open = False
+        task.r2ts.pop(ttt, None)
         if task.sequence_error:
             # at the end of the burst: fail the command (ABORTED COMMAND, which initiators retry)
             # instead of writing data that may be in the wrong place
             del self.tasks[task.itt]
+            reason = Reason.PROTOCOL_SERVICE_CRC_ERROR if task.digest_error else Reason.DATA_PHASE_ERROR
             return [Fault(task.sequence_error), *self.task_done(
-                task, Status.CHECK_CONDITION, None, fixed_sense(Reason.DATA_PHASE_ERROR))]
-        # the end of a burst, unsolicited or solicited: execute, or solicit the rest
+                task, Status.CHECK_CONDITION, None, fixed_sense(reason))]
         return self._advance(task)
+
+    def _data_digest_error(self, raw: RawPdu) -> list[Action]:
+        """A PDU whose data segment failed its digest (RFC 7143 7.8): the header is sound, so
+        framing holds and the connection stays. The PDU is discarded and answered with Reject
+        (reason Data Digest Error, 11.17.1). A Data-Out's command then fails at the end of its
+        burst with "protocol service CRC error" (11.4.7.2); there is no recovery of the data at
+        ErrorRecoveryLevel 0. A discarded command leaves a gap in CmdSN that only a retry with the
+        same CmdSN (ERL 1 and up) would fill; at ERL 0 nothing does, so its CmdSN counts as
+        received: the commands behind it stay in order and the initiator's abort of it finds no
+        task (11.6.1), after which it sends the command again as a new one."""
+        if self.state is not State.FULL_FEATURE:
+            self.state = State.CLOSED
+            return [Close("data digest error during login")]
+        if raw.opcode in _NUMBERED:
+            self._window(raw.immediate, struct.unpack_from(">I", raw.bhs, 24)[0])
+        out: list[Action] = [self._reject(RejectReason.DATA_DIGEST_ERROR, raw.bhs)]
+        task = self.tasks.get(raw.itt) if raw.opcode == Opcode.SCSI_DATA_OUT else None
+        if task is not None and not task.executing:
+            if not task.sequence_error:
+                task.sequence_error, task.digest_error = "data digest error in a Data-Out", True
+            if raw.final:
+                out += self._burst_end(task, struct.unpack_from(">I", raw.bhs, 20)[0])
+        return out
 
     def ping(self) -> list[Action]:
         """A target NOP-In that asks for an answer (RFC 7143 11.19): the portal sends one when
@@ -379,7 +553,8 @@ class Connection:
             if nop.ttt == self.ping_outstanding:
                 self.ping_outstanding = None  # the answer to our ping
             return []
-        self._window(nop.immediate, nop.cmdsn, b"")
+        if not self._window(nop.immediate, nop.cmdsn):
+            return self._ignored(nop.cmdsn)
         b = bytearray(BHS_LEN)
         b[0], b[1] = Opcode.NOP_IN, 0x80
         struct.pack_into(">IIIII", b, 16, nop.itt, 0xFFFFFFFF, self._next_statsn(), self.expcmdsn,
@@ -391,7 +566,8 @@ class Connection:
         each answered empty until the last; an answer longer than the initiator's
         MaxRecvDataSegmentLength goes out in pieces, each but the last with C=1, F=0 and a
         Target Transfer Tag the initiator returns in an empty request for the next (11.10, 11.11)."""
-        self._window(req.immediate, req.cmdsn, b"")
+        if not self._window(req.immediate, req.cmdsn):
+            return self._ignored(req.cmdsn)
         if req.ttt != 0xFFFFFFFF and req.ttt != self._text_ttt:
             raise RemoteProtocolError(f"Text Request with Target Transfer Tag {req.ttt:#x} that "
                                       "continues no exchange", RejectReason.PROTOCOL_ERROR)
@@ -435,7 +611,8 @@ class Connection:
         return [Send(self._encode(b, data))]
 
     def _logout(self, req: LogoutRequest) -> list[Action]:
-        self._window(req.immediate, req.cmdsn, b"")
+        if not self._window(req.immediate, req.cmdsn):
+            return self._ignored(req.cmdsn)
         b = bytearray(BHS_LEN)
         b[0], b[1] = Opcode.LOGOUT_RESPONSE, 0x80
         struct.pack_into(">IIIII", b, 16, req.itt, 0, self._next_statsn(), self.expcmdsn, self._maxcmdsn())
@@ -447,7 +624,8 @@ class Connection:
         one cannot be recalled from the store, so it is marked aborted, its status is never
         sent, and the response waits until it has finished (RFC 7143 11.5.1, SAM-5 7.2).
         A task not found is "task does not exist" (RFC 7143 11.6.1)."""
-        self._window(req.immediate, req.cmdsn, b"")
+        if not self._window(req.immediate, req.cmdsn):
+            return self._ignored(req.cmdsn)
         response = 0  # function complete
         hit: list[Task] = []
         if req.function == 1:  # ABORT TASK
@@ -465,12 +643,15 @@ class Connection:
         waiting = set()
         for task in hit:
             if task.executing:
-                task.aborted = True
+                task.aborted = True  # it holds its place in the window until it has finished
                 waiting.add(task.itt)
+            else:
+                self._finish(task)
             del self.tasks[task.itt]
         actions: list[Action] = []
         if req.function in (5, 6):
             actions.append(Reset(req.lun if req.function == 5 else None))
+        actions += self._admit_waiting()  # what the dropped tasks had reserved is free again
         pending = _PendingTmf(req.itt, response, waiting)
         if waiting:
             self._pending_tmfs.append(pending)
@@ -497,7 +678,13 @@ class Connection:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _maxcmdsn(self) -> int:
-        return (self.expcmdsn + QUEUE_DEPTH - 1) & 0xFFFFFFFF
+        """Every command received moves ExpCmdSN and takes a place, every one finished gives its
+        place back: MaxCmdSN never goes back (RFC 7143 4.2.2.1 has initiators ignore a smaller one)."""
+        return (self.expcmdsn + QUEUE_DEPTH - 1 - self._in_window) & 0xFFFFFFFF
+
+    def _reject(self, reason: RejectReason, header: bytes) -> Send:
+        bhs, data = build_reject(reason, self.statsn, self.expcmdsn, self._maxcmdsn(), header)
+        return Send(self._encode(bhs, data))
 
     def _next_statsn(self) -> int:
         s = self.statsn
@@ -507,6 +694,10 @@ class Connection:
     def _encode(self, bhs: bytearray, data: bytes | memoryview = b"") -> list[bytes | bytearray | memoryview]:
         return encode_parts(bhs, data, header_digest=self.header_digest, data_digest=self.data_digest)
 
+
+#: initiator PDUs that carry a CmdSN (RFC 7143 11.1: bytes 24-27 of their BHS)
+_NUMBERED = frozenset({Opcode.SCSI_COMMAND, Opcode.NOP_OUT, Opcode.TEXT_REQUEST, Opcode.TASK_MGMT_REQUEST,
+                       Opcode.LOGOUT_REQUEST})
 
 _HANDLERS: dict[tuple[State, type], Callable[[Connection, object], list[Action]]] = {
     (State.LOGIN, LoginRequest): Connection._login,  # type: ignore[dict-item]

@@ -81,6 +81,8 @@ class RawPdu:
     bhs: bytes
     ahs: bytes
     data: bytes
+    #: False when the data segment failed its digest: the header holds, the data is discarded
+    data_intact: bool = True
 
     @property
     def opcode(self) -> int:
@@ -139,7 +141,9 @@ class Framer:
         data_start = header_end + hd
         data = raw[data_start:data_start + data_len]
         if dd and raw[total - 4:total] != digest(raw[data_start:data_start + data_len + pad(data_len)]):
-            raise RemoteProtocolError("data digest mismatch", RejectReason.DATA_DIGEST_ERROR, header=bhs)
+            # the header (and its digest) held, so the next PDU starts where this one ends: the
+            # connection goes on, the PDU is answered with a Reject (RFC 7143 7.8)
+            return RawPdu(bhs, raw[BHS_LEN:header_end], b"", data_intact=False)
         return RawPdu(bhs, raw[BHS_LEN:header_end], data)
 
 

@@ -8,6 +8,12 @@ The portal owns the clock and the bookkeeping across connections that the sans-I
 cannot: the login timeout (fed in as ``login_timed_out``), the connection caps, checked as a
 connection is accepted, and the live sessions by initiator port, for session reinstatement
 (RFC 7143 6.3.5), which is also where the old session's I_T nexus loss is reported.
+
+Backpressure, not buffering: what a connection owes its initiator (PDUs queued and not yet sent,
+plus the data-in of READs still running) is counted, and while it exceeds
+``MAX_OUTSTANDING_BYTES`` the reader takes no further PDU from the socket. An initiator that does
+not read its responses thus stops being read itself (TCP's window then stops its sending), and
+the CmdSN window (connection.py) bounds the commands it may have running meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from collections import Counter
 
 import gevent
+import gevent.event
 import gevent.pool
 import gevent.queue
 import structlog
@@ -39,7 +46,7 @@ from lazyiscsi.iscsi.pdu import Framer, RemoteProtocolError
 from lazyiscsi.iscsi.text import LOGIN_MAX_DATA
 from lazyiscsi.scsi import dispatch
 from lazyiscsi.scsi.cdb import Op
-from lazyiscsi.scsi.lun import Lun
+from lazyiscsi.scsi.lun import MAX_TRANSFER_BYTES, Lun
 
 log = structlog.get_logger("lazyiscsi.iscsi")
 
@@ -64,6 +71,11 @@ MAX_CONNECTIONS_PER_ADDRESS = 64
 #: connection_refused event per this many seconds, carrying the count refused since the last:
 #: the journal must not be the next thing a flood fills.
 REFUSAL_LOG_INTERVAL = 10.0
+#: what one connection may owe its initiator (queued PDUs and the data-in of running READs) before
+#: its reader stops reading: one largest transfer (MAX_TRANSFER_BYTES) plus as much again in
+#: flight, which keeps loopback and a 10 GbE link at 5 ms RTT busy while bounding the memory an
+#: initiator that never reads can hold (DESIGN: never hand a peer unbounded memory)
+MAX_OUTSTANDING_BYTES = 2 * MAX_TRANSFER_BYTES
 #: READ(6/10/12/16) opcodes, as CDB prefixes
 _INLINE_READS = frozenset(bytes([op]) for op in (Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16))
 
@@ -155,20 +167,36 @@ class _Session:
         self.portal = portal
         self.nop_interval = portal.nop_interval
         self.last_heard = time.monotonic()
-        self.conn = Connection(portal.target, portal.all_targets, self._data_out_length)
+        # a plain function, not a bound method: the connection must not refer back to the
+        # session, or a closed session would wait for the cyclic garbage collector
+        self.conn = Connection(portal.target, portal.all_targets, _data_out_length)
         self.key: tuple[str, bytes, str] | None = None  # in portal.sessions while live
         self.reinstated = False
         self.out: gevent.queue.Queue = gevent.queue.Queue()
         self.workers: set[gevent.Greenlet] = set()
         self.closing = False
+        self.owed = 0  # bytes queued to send plus the data-in reserved by running READs
+        self.room = gevent.event.Event()  # set while ``owed`` is within MAX_OUTSTANDING_BYTES
+        self.room.set()
 
     def _lun(self, number: int) -> Lun | None:
         target = self.conn.target
         return target.luns.get(number) if target is not None else None  # type: ignore[return-value]
 
-    def _data_out_length(self, cdb: bytes, lun_number: int) -> int:
-        lun = self._lun(lun_number)
-        return dispatch.data_out_length(cdb, lun.block_size) if lun is not None else 0
+    def _owe(self, n: int) -> None:
+        self.owed += n
+        within = self.owed <= MAX_OUTSTANDING_BYTES
+        if within != self.room.is_set():  # only a crossing of the limit touches the event
+            if within:
+                self.room.set()
+            else:
+                self.room.clear()
+
+    def _wait_for_room(self) -> None:
+        """Read no further PDU while the initiator has not taken what it is owed. The timeout
+        only re-checks ``closing``: every path that frees bytes sets ``room``."""
+        while not self.room.is_set() and not self.closing:
+            self.room.wait(1.0)
 
     def run(self) -> None:
         writer = gevent.spawn(self._write_loop)
@@ -177,12 +205,14 @@ class _Session:
         framer = Framer(max_data=LOGIN_MAX_DATA)  # RFC 7143 13.12: the default, during login
         try:
             while not self.closing:
+                self._wait_for_room()
                 data = self.sock.recv(262144)
                 if not data:
                     break
                 self.last_heard = time.monotonic()
                 framer.receive_data(data)
                 while not self.closing and (pdu := framer.next_pdu()) is not None:
+                    self._wait_for_room()
                     was_login = self.conn.state is State.LOGIN
                     actions = self.conn.receive(pdu)
                     if was_login and self.conn.state is State.FULL_FEATURE:
@@ -254,12 +284,16 @@ class _Session:
     def _perform(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
+                self._owe(sum(map(len, action.parts)))
                 self.out.put(action.parts)
             elif isinstance(action, Execute):
                 if self._never_blocks(action.task):
                     self._execute(action.task)  # no greenlet to spawn or switch to
                     continue
-                g = gevent.spawn(self._execute, action.task)
+                # its data-in counts as owed from now on: READs running at once are bounded too
+                reserved = min(action.task.expected, MAX_TRANSFER_BYTES) if action.task.read else 0
+                self._owe(reserved)
+                g = gevent.spawn(self._execute, action.task, reserved)
                 self.workers.add(g)
                 g.link(self.workers.discard)
             elif isinstance(action, Fault):
@@ -289,15 +323,18 @@ class _Session:
         lun = self._lun(task.lun)
         return lun is not None and task.cdb[:1] in _INLINE_READS and lun.backend.complete
 
-    def _execute(self, task: Task) -> None:
-        lun = self._lun(task.lun)
-        if lun is None:
-            target = self.conn.target
-            result = dispatch.execute_no_lun(task.cdb, sorted(target.luns) if target else [])
-        else:
-            data = task.data if task.data else None  # no copy: the task is done growing
-            result = dispatch.execute(lun, task.cdb, data, self.conn.nexus)
-        self._perform(self.conn.task_done(task, result.status, result.data_in, result.sense))
+    def _execute(self, task: Task, reserved: int = 0) -> None:
+        try:
+            lun = self._lun(task.lun)
+            if lun is None:
+                target = self.conn.target
+                result = dispatch.execute_no_lun(task.cdb, sorted(target.luns) if target else [])
+            else:
+                data = task.data if task.data else None  # no copy: the task is done growing
+                result = dispatch.execute(lun, task.cdb, data, self.conn.nexus)
+            self._perform(self.conn.task_done(task, result.status, result.data_in, result.sense))
+        finally:
+            self._owe(-reserved)  # its PDUs, if any, are counted in the queue now
 
     def _ping_loop(self) -> None:
         """After ``nop_interval`` of silence, ping; after as long again without an answer (or
@@ -335,7 +372,9 @@ class _Session:
                 _send_all(self.sock, batch)
             except OSError:
                 self.closing = True
+                self.room.set()  # a reader waiting for room must see the connection is gone
                 return
+            self._owe(-size)
 
 
 def _send_all(sock: socket.socket, buffers: list[bytes | bytearray | memoryview]) -> None:
@@ -349,3 +388,9 @@ def _send_all(sock: socket.socket, buffers: list[bytes | bytearray | memoryview]
             i += 1
         if sent:
             views[i] = views[i][sent:]
+
+
+def _data_out_length(cdb: bytes, lun: object) -> int:
+    """Bytes of data-out a command to ``lun`` (a Lun of the session's target) carries."""
+    assert isinstance(lun, Lun)
+    return dispatch.data_out_length(cdb, lun.block_size)

@@ -61,6 +61,7 @@ class Reason(enum.Enum):
     REGISTRATIONS_PREEMPTED = "registrations preempted"
     INVALID_RELEASE_OF_PERSISTENT_RESERVATION = "invalid release of persistent reservation"
     DATA_PHASE_ERROR = "data phase error"
+    PROTOCOL_SERVICE_CRC_ERROR = "protocol service CRC error"
     INTERNAL_ERROR = "internal target failure"
 
 
@@ -94,6 +95,9 @@ SENSE_TABLE: dict[Reason, tuple[SenseKey, int, int]] = {
     Reason.INVALID_RELEASE_OF_PERSISTENT_RESERVATION: (SenseKey.ILLEGAL_REQUEST, 0x26, 0x04),
     # the transport lost or reordered data-out: ABORTED COMMAND, which initiators retry
     Reason.DATA_PHASE_ERROR: (SenseKey.ABORTED_COMMAND, 0x4B, 0x00),
+    # the transport's data digest failed (the iSCSI condition of RFC 7143 11.4.7.2): ABORTED
+    # COMMAND, PROTOCOL SERVICE CRC ERROR
+    Reason.PROTOCOL_SERVICE_CRC_ERROR: (SenseKey.ABORTED_COMMAND, 0x47, 0x05),
     Reason.INTERNAL_ERROR: (SenseKey.HARDWARE_ERROR, 0x44, 0x00),  # INTERNAL TARGET FAILURE
 }
 
