@@ -374,7 +374,8 @@ class Connection:
 
     def _scsi_command(self, cmd: ScsiCommand) -> list[Action]:
         self._window(cmd.immediate, cmd.cmdsn, b"")
-        assert self.target is not None
+        if self.target is None:  # a discovery session has no LUNs (RFC 7143 4.3)
+            raise RemoteProtocolError("SCSI Command in a discovery session", RejectReason.PROTOCOL_ERROR)
         lun = self.target.luns.get(cmd.lun)
         cdb_out = self._data_out_length(cmd.cdb, cmd.lun) if lun is not None else 0
         want = min(cdb_out, cmd.expected_length) if cmd.write else 0
