@@ -462,6 +462,12 @@ class Connection:
                 self.ping_outstanding = None  # the answer to our ping
             return []
         self._window(nop.immediate, nop.cmdsn, b"")
+        if len(nop.data) > self.max_send:
+            # the ping data comes back in the NOP-In (RFC 7143 11.19), which may not exceed the
+            # initiator's MaxRecvDataSegmentLength (13.12): refused as LIO refuses it
+            raise RemoteProtocolError(f"ping data of {len(nop.data)} bytes exceeds the initiator's "
+                                      f"MaxRecvDataSegmentLength {self.max_send}",
+                                      RejectReason.PROTOCOL_ERROR)
         b = bytearray(BHS_LEN)
         b[0], b[1] = Opcode.NOP_IN, 0x80
         struct.pack_into(">IIIII", b, 16, nop.itt, 0xFFFFFFFF, self._next_statsn(), self.expcmdsn,

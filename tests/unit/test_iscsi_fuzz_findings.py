@@ -56,3 +56,17 @@ def test_scsi_command_in_a_discovery_session_is_rejected_not_an_exception() -> N
     (text,) = sent(feed(conn, encode(b, b"SendTargets=All\0")))
     assert text[0] & 0x3F == Opcode.TEXT_RESPONSE and IQN.encode() in text
 
+
+def test_ping_data_longer_than_the_initiators_limit_is_rejected() -> None:
+    """Fuzz finding: a NOP-Out with 4096 bytes of ping data came back as a 4096-byte NOP-In to an
+    initiator that declared MaxRecvDataSegmentLength=512 (RFC 7143 13.12: the target may not send
+    more). Like LIO, the target rejects such a ping as a protocol error instead of echoing it."""
+    conn = login(f"TargetName={IQN}\0SessionType=Normal\0MaxRecvDataSegmentLength=512\0")
+    b = bytearray(BHS_LEN)
+    b[0], b[1] = Opcode.NOP_OUT, 0x80
+    struct.pack_into(">IIII", b, 16, 5, 0xFFFFFFFF, 0, 0)
+    (reply,) = sent(feed(conn, encode(b, bytes(4096))))
+    assert reply[0] & 0x3F == Opcode.REJECT and int.from_bytes(reply[5:8], "big") <= 512
+    struct.pack_into(">IIII", b, 16, 6, 0xFFFFFFFF, 1, 0)  # a ping within the limit is echoed
+    (echo,) = sent(feed(conn, encode(b, b"ping")))
+    assert echo[0] & 0x3F == Opcode.NOP_IN and echo[BHS_LEN:BHS_LEN + 4] == b"ping"
