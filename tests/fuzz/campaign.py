@@ -87,6 +87,7 @@ class Report:
     framing_errors: list[str] = field(default_factory=list)
     mutations: Counter[str] = field(default_factory=Counter)
     cdb_opcodes: Counter[int] = field(default_factory=Counter)
+    login_kinds: Counter[str] = field(default_factory=Counter)
     recent_seeds: list[int] = field(default_factory=list)
     log_path: str = ""
 
@@ -117,8 +118,9 @@ class Report:
 
     def summary(self) -> str:
         top = ",".join(f"{k}={v}" for k, v in self.mutations.most_common())
+        kinds = ",".join(f"{k}={v}" for k, v in self.login_kinds.most_common())
         return (f"fuzz_portal seed={self.seed} pdus={self.pdus} rate={self.rate:.0f}/s "
-                f"seconds={self.seconds:.1f} sessions={self.sessions} logins={self.logins} "
+                f"seconds={self.seconds:.1f} sessions={self.sessions} logins={self.logins}[{kinds}] "
                 f"responses={self.responses} good_rounds={self.good_rounds} "
                 f"good_worst={self.good_worst_s:.2f}s rss_start={self.rss_start / MiB:.1f}MiB "
                 f"rss_peak={self.rss_peak / MiB:.1f}MiB rss_end={self.rss_end / MiB:.1f}MiB "
@@ -337,7 +339,7 @@ def run(work: Path, *, seed: int, pdus: int | None = None, seconds: float | None
     report.pdus, report.bytes, report.responses = stats.pdus, stats.bytes, stats.responses
     report.connections, report.logins, report.framing_errors = stats.connections, stats.logins, \
         stats.framing_errors
-    report.cdb_opcodes = stats.cdb_opcodes
+    report.cdb_opcodes, report.login_kinds = stats.cdb_opcodes, stats.login_kinds
     report.log_problems = daemon.log_problems()
     return report
 

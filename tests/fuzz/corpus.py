@@ -67,6 +67,7 @@ class Session:
             keys = _LOGINS[kind][1](self)
             if keys is None:
                 return
+            self.stats.login_kinds[kind] += 1
             discovery = kind == "discovery"
             ops = _DISCOVERY_OPS if discovery else _OPS
             names, weights = list(ops), [w for w, _ in ops.values()]
@@ -122,8 +123,6 @@ class Session:
         if not discovery:
             security.append(("TargetName", self.layout.chap_target if chap else self.layout.target))
         security.append(("AuthMethod", "CHAP,None" if chap else "None"))
-        if not clean:
-            security += [(f"X-fuzz-{i}", "v" * rng.choice([1, 255])) for i in range(rng.randint(0, 3))]
         if not chap and rng.random() < 0.2:
             # straight from security to full feature with every operational key at its default
             # (MaxRecvDataSegmentLength 8192, RFC 7143 13.12)
@@ -131,7 +130,17 @@ class Session:
             stages = [(0, 3, security)]
         else:
             stages = [(0, 1, security), (1, 3, self._operational(digests))]
-        return ini.login(stages, chap=self.layout.chap if chap else None, clean=clean)
+        if clean:
+            return ini.login(stages, chap=self.layout.chap if chap else None, clean=True)
+        for _csg, _nsg, keys in stages:  # keys out of place, repeated, unknown or out of range
+            keys += rng.sample(_LOGIN_INJECTIONS, rng.randint(0, 3))
+        ini.reader.max_data = (1 << 24) - 1  # our own declaration may be among the damage
+        rate = self.mutator.rate
+        self.mutator.rate = max(rate, 0.3)  # damage the login itself, whatever the session's rate
+        try:
+            return ini.login(stages, chap=self.layout.chap if chap else None, clean=False)
+        finally:
+            self.mutator.rate = rate
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -159,7 +168,7 @@ class Session:
         pdu = wire.scsi_command(itt=itt, lun=self.lun, cmdsn=cmdsn, expstatsn=ini.expstatsn, cdb=cdb,
                                 edtl=edtl, read=read, write=write, final=not unsolicited,
                                 immediate=immediate, data=imm, attributes=rng.choice([1, 1, 1, 0, 2, 4]))
-        ini.send([pdu, *unsolicited], track=[itt], write=(itt, self.lun, data) if data else None)
+        ini.send([pdu, *unsolicited], track=(itt,), write=(itt, self.lun, data) if data else None)
         return itt
 
     def _blocks(self) -> tuple[int, int]:
@@ -218,7 +227,7 @@ class Session:
         itt = ini.next_itt()
         ini.send([wire.task_mgmt(function=function, itt=itt, rtt=victim or rng.randrange(1 << 32),
                                  lun=self.lun, cmdsn=ini.cmdsn, expstatsn=ini.expstatsn,
-                                 refcmdsn=(ini.cmdsn - 1) & 0xFFFFFFFF)], track=[itt])
+                                 refcmdsn=(ini.cmdsn - 1) & 0xFFFFFFFF)], track=(itt,))
 
     def op_nop(self) -> None:
         assert self.ini is not None
@@ -231,7 +240,7 @@ class Session:
         immediate = rng.random() < 0.5
         ini.send([wire.nop_out(itt=itt, ttt=ALL_ONES, cmdsn=ini.cmdsn if immediate else ini.next_cmdsn(),
                                expstatsn=ini.expstatsn, data=rng.randbytes(rng.choice([0, 4, 48, 4096])),
-                               immediate=immediate)], track=[itt])
+                               immediate=immediate)], track=(itt,))
 
     def op_text(self) -> None:
         assert self.ini is not None
@@ -243,7 +252,7 @@ class Session:
                            wire.format_text([("HeaderDigest", "CRC32C")])])
         itt = ini.next_itt()
         ini.send([wire.text(itt=itt, cmdsn=ini.next_cmdsn(), expstatsn=ini.expstatsn, body=body)],
-                 track=[itt])
+                 track=(itt,))
 
     def op_snack(self) -> None:
         assert self.ini is not None
@@ -255,6 +264,19 @@ class Session:
         """A short pause, so the target's own timers (pings) meet the session mid-stream."""
         gevent.sleep(self.rng.choice([0.001, 0.01, 0.05]))
 
+
+#: keys a damaged login slips into its stages: session keys in a later PDU (RFC 7143 6.3: only
+#: the first may carry them), declarative keys twice, values out of range or malformed, unknown keys
+_LOGIN_INJECTIONS = [
+    ("SessionType", "Discovery"), ("SessionType", "Normal"), ("SessionType", "Bogus"),
+    ("TargetName", "iqn.2026-11.test.fuzz:chap"), ("TargetName", ""),
+    ("InitiatorName", "iqn.2026-11.test.fuzz:other"), ("AuthMethod", "None"), ("AuthMethod", "CHAP"),
+    ("CHAP_A", "5"), ("CHAP_R", "0x00"), ("CHAP_N", "nobody"), ("MaxConnections", "2"),
+    ("ErrorRecoveryLevel", "2"), ("MaxRecvDataSegmentLength", "0"), ("MaxRecvDataSegmentLength", "16777216"),
+    ("MaxBurstLength", "1"), ("FirstBurstLength", "99999999999999999999"), ("HeaderDigest", "CRC32C,Bogus"),
+    ("DefaultTime2Wait", "-1"), ("X-com.example.fuzz", "v" * 255), ("TargetAlias", "not-yours"),
+    ("MaxOutstandingR2T", "0"), ("InitialR2T", "Maybe"), ("MaxRecvDataSegmentLength", "0x1000"),
+]
 
 _Op = Callable[[Session], None]
 #: full feature operations: name -> (weight, operation)

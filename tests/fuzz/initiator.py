@@ -51,6 +51,7 @@ class Stats:
     logins: int = 0
     framing_errors: list[str] = field(default_factory=list)
     cdb_opcodes: Counter[int] = field(default_factory=Counter)  # fuzzed CDBs by opcode
+    login_kinds: Counter[str] = field(default_factory=Counter)  # logins that reached full feature
 
 
 @dataclass
@@ -106,8 +107,8 @@ class Initiator:
         self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF
         return n
 
-    def send(self, pdus: list[Pdu], *, track: list[int] = (), write: tuple[int, int, bytes] | None = None,  # type: ignore[assignment]
-             clean: bool = False) -> bool:
+    def send(self, pdus: list[Pdu], *, track: tuple[int, ...] = (),
+             write: tuple[int, int, bytes] | None = None, clean: bool = False) -> bool:
         """Send ``pdus`` (damaged unless ``clean``). ``track``: ITTs whose answer counts against
         the window; ``write``: (itt, lun, data) to answer R2Ts from. False once the connection is
         gone or the stream was cut."""
@@ -308,7 +309,7 @@ class Initiator:
             pos += n
             datasn += 1
         if pdus:
-            gevent.spawn(self.send, pdus, clean=self.damage is None)
+            gevent.spawn(self.send, pdus)
 
 
 _CARRIES_STATSN = frozenset({Op.SCSI_RESPONSE, Op.TASK_MGMT_RESPONSE, Op.LOGIN_RESPONSE, Op.TEXT_RESPONSE,
