@@ -18,6 +18,9 @@ FIELDS_BY_LENGTH = {6: (1, 3, 4, 1), 10: (2, 4, 7, 2), 12: (2, 4, 6, 4), 16: (2,
 #: opcodes that carry data to the target, so that most of their fuzz cases send some
 DATA_OUT = frozenset({0x0A, 0x15, 0x2A, 0x2E, 0x2F, 0x41, 0x42, 0x55, 0x5F, 0x89, 0x8A, 0x8E, 0x8F, 0x93,
                       0xAA, 0xAE, 0xAF})
+#: (offset, size) of the parameter list length of the commands that carry one: MODE SELECT
+#: (6)/(10) (SPC-4 6.11, 6.12), UNMAP (SBC-4 5.30), PERSISTENT RESERVE OUT (SPC-4 6.16)
+PARAMETER_LIST_LENGTH = {0x15: (4, 1), 0x55: (7, 2), 0x42: (7, 2), 0x5F: (5, 4)}
 #: opcodes that take a service action in byte 1 (SPC-4 4.2.5.2), with the actions worth hitting
 SERVICE_ACTIONS = {0x9E: (0x10, 0x12), 0xA3: (0x0C,), 0x5E: (0, 1, 2, 3), 0x5F: tuple(range(9))}
 
@@ -77,6 +80,12 @@ def fuzz_command(opcodes: list[int], n_blocks: int, block_size: int, rng: random
     sends = opcode in DATA_OUT if rng.random() < 0.9 else rng.random() < 0.5
     edtl = rng.choice([natural, natural, 0, block_size, 24, 4096, 65536, natural + 512,
                        max(natural - 512, 0)])
+    if opcode in PARAMETER_LIST_LENGTH and len(cdb) == cdb_length(opcode) and rng.random() < 0.6:
+        # a parameter list whose length the CDB states truly, so that its content is parsed
+        at, size = PARAMETER_LIST_LENGTH[opcode]
+        edtl = rng.choice([8, 12, 24, 28, 40, 64, 200])
+        cdb = cdb[:at] + edtl.to_bytes(size, "big") + cdb[at + size:]
+        sends = True
     if sends:
         data = _data_out(opcode, edtl, n_blocks, rng)
         return FuzzCommand(cdb, edtl, read=rng.random() < 0.05, write=True, data=data)
@@ -93,6 +102,31 @@ def _data_out(opcode: int, length: int, n_blocks: int, rng: random.Random) -> by
             for _ in range(rng.randint(0, 8)))
         header = (len(descriptors) + 6).to_bytes(2, "big") + len(descriptors).to_bytes(2, "big") + bytes(4)
         return (header + descriptors)[:length].ljust(length, b"\0")
+    if opcode in (0x15, 0x55) and rng.random() < 0.7:
+        return _mode_parameters(opcode == 0x55, length, rng)
+    if opcode == 0x5F and rng.random() < 0.7:
+        # PERSISTENT RESERVE OUT parameters (SPC-4 6.16.3): keys from a small set, so that
+        # registrations, reservations and preemptions of different sessions meet
+        keys = [0, 1, 0xFFFFFFFFFFFFFFFF, 0x1234]
+        params = (rng.choice(keys).to_bytes(8, "big") + rng.choice(keys).to_bytes(8, "big") + bytes(4)
+                  + bytes([rng.choice([0, 1, 4, 5, 0xFF])]) + bytes(3) + rng.randbytes(rng.choice([0, 24])))
+        return params[:length].ljust(length, b"\0")
     if rng.random() < 0.3:
         return bytes(length)
     return rng.randbytes(length)
+
+
+def _mode_parameters(ten: bool, length: int, rng: random.Random) -> bytes:
+    """A MODE SELECT parameter list (SPC-4 7.5.4): a header, maybe a block descriptor, then
+    pages with the codes a target knows (caching 08h, control 0Ah), 3Fh and others, with
+    lengths that fit or do not."""
+    descriptor = rng.choice([b"", bytes(8), rng.randbytes(8)])
+    # the block descriptor length: bytes 6-7 of the 10-byte form's header, byte 3 of the 6-byte
+    header = bytes(6) + len(descriptor).to_bytes(2, "big") if ten else bytes(3) + bytes([len(descriptor)])
+    pages = b""
+    for _ in range(rng.randint(0, 3)):
+        code = rng.choice([0x08, 0x0A, 0x3F, 0x48, 0x00, rng.randrange(64)])
+        size = rng.choice([0x12, 0x0A, 0, 1, 0xFF])
+        pages += bytes([code, size]) + rng.choice([bytes(size), rng.randbytes(size)])
+    params = header + descriptor + pages
+    return params[:length].ljust(length, b"\0")
