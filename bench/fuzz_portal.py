@@ -49,6 +49,8 @@ def main() -> int:
     problems = report.problems()
     for p in problems:
         print(f"  problem: {p}")
+    for note in report.framing_notes[:5]:
+        print(f"  note (a session with a damaged login): {note}")
     if problems:
         print(f"  recent session seeds: {report.recent_seeds}")
     if args.keep or problems:

@@ -85,6 +85,7 @@ class Report:
     died_during_run: bool = False
     log_problems: list[str] = field(default_factory=list)
     framing_errors: list[str] = field(default_factory=list)
+    framing_notes: list[str] = field(default_factory=list)
     mutations: Counter[str] = field(default_factory=Counter)
     cdb_opcodes: Counter[int] = field(default_factory=Counter)
     login_kinds: Counter[str] = field(default_factory=Counter)
@@ -126,6 +127,7 @@ class Report:
                 f"rss_peak={self.rss_peak / MiB:.1f}MiB rss_end={self.rss_end / MiB:.1f}MiB "
                 f"threads_peak={self.threads_peak} greenlets={self.greenlets_start}/"
                 f"{self.greenlets_peak}/{self.greenlets_end} problems={len(self.problems())} "
+                f"framing_notes={len(self.framing_notes)} "
                 f"mutations[{top}]")
 
 
@@ -339,6 +341,7 @@ def run(work: Path, *, seed: int, pdus: int | None = None, seconds: float | None
     report.pdus, report.bytes, report.responses = stats.pdus, stats.bytes, stats.responses
     report.connections, report.logins, report.framing_errors = stats.connections, stats.logins, \
         stats.framing_errors
+    report.framing_notes = stats.framing_notes
     report.cdb_opcodes, report.login_kinds = stats.cdb_opcodes, stats.login_kinds
     report.log_problems = daemon.log_problems()
     return report
