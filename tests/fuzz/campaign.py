@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import struct
 import subprocess
@@ -71,6 +72,8 @@ class Report:
     logins: int = 0
     sessions: int = 0
     seconds: float = 0.0
+    daemon_cpu_s: float = 0.0
+    fuzzer_cpu_s: float = 0.0
     good_rounds: int = 0
     good_errors: list[str] = field(default_factory=list)
     good_worst_s: float = 0.0
@@ -121,7 +124,9 @@ class Report:
         top = ",".join(f"{k}={v}" for k, v in self.mutations.most_common())
         kinds = ",".join(f"{k}={v}" for k, v in self.login_kinds.most_common())
         return (f"fuzz_portal seed={self.seed} pdus={self.pdus} rate={self.rate:.0f}/s "
-                f"seconds={self.seconds:.1f} sessions={self.sessions} logins={self.logins}[{kinds}] "
+                f"seconds={self.seconds:.1f} "
+                f"cpu_s[daemon={self.daemon_cpu_s:.1f},fuzzer={self.fuzzer_cpu_s:.1f}] "
+                f"sessions={self.sessions} logins={self.logins}[{kinds}] "
                 f"responses={self.responses} good_rounds={self.good_rounds} "
                 f"good_worst={self.good_worst_s:.2f}s rss_start={self.rss_start / MiB:.1f}MiB "
                 f"rss_peak={self.rss_peak / MiB:.1f}MiB rss_end={self.rss_end / MiB:.1f}MiB "
@@ -181,6 +186,14 @@ class Daemon:
             return 0, 0
         rss, threads = re.search(r"VmRSS:\s+(\d+) kB", status), re.search(r"Threads:\s+(\d+)", status)
         return (int(rss.group(1)) * 1024 if rss else 0), (int(threads.group(1)) if threads else 0)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the daemon used so far (/proc/PID/stat, in clock ticks)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def greenlets(self) -> int:
         """The last greenlet count the daemon wrote (0 before the first)."""
@@ -295,6 +308,9 @@ def run(work: Path, *, seed: int, pdus: int | None = None, seconds: float | None
         master = random.Random(seed)
         sessions: list[Session] = []
         started = time.monotonic()
+        cpu_start = daemon.cpu_seconds()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        fuzzer_cpu_start = usage.ru_utime + usage.ru_stime
         deadline = started + seconds if seconds else float("inf")
 
         def budget_left() -> bool:
@@ -324,6 +340,9 @@ def run(work: Path, *, seed: int, pdus: int | None = None, seconds: float | None
         workers = [gevent.spawn(lane) for _ in range(lanes)]
         gevent.joinall(workers)
         report.seconds = time.monotonic() - started
+        report.daemon_cpu_s = daemon.cpu_seconds() - cpu_start
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        report.fuzzer_cpu_s = usage.ru_utime + usage.ru_stime - fuzzer_cpu_start
         report.died_during_run = daemon.proc.poll() is not None
         stop.set()
         gevent.joinall(watchers, timeout=GOOD_COMMAND_TIMEOUT * 5)
