@@ -28,6 +28,11 @@ MAX_RECV = 65536
 #: how long a login step may take before the session is given up (the daemon is under load)
 LOGIN_TIMEOUT = 10.0
 
+#: commands a connection keeps unanswered at most: well inside the portal's CmdSN window
+#: (QUEUE_DEPTH 64), so the target runs what the fuzzer sends instead of ignoring it as
+#: out of window (RFC 7143 4.2.2.1)
+WINDOW = 16
+
 #: Damage hook: (pdus, header digest on, data digest on) -> (bytes to send, PDUs in them, stream cut)
 Damage = Callable[[list[Pdu], bool, bool], tuple[bytes, int, bool]]
 
@@ -44,6 +49,8 @@ class Completion:
 
 @dataclass
 class Stats:
+    """What the initiators of a campaign did and saw, summed over all of them."""
+
     pdus: int = 0
     bytes: int = 0
     responses: int = 0
@@ -97,7 +104,6 @@ class Initiator:
         self._inflight: set[int] = set()
         self._window_open = gevent.event.Event()
         self._window_open.set()
-        self.window = 16
         self._reader = gevent.spawn(self._read_loop)
 
     # -- sending -------------------------------------------------------------------------------
@@ -122,7 +128,7 @@ class Initiator:
         if write is not None:
             self._writes[write[0]] = _Write(write[1], write[2])
         self._inflight.update(track)
-        if len(self._inflight) >= self.window:
+        if len(self._inflight) >= WINDOW:
             self._window_open.clear()
         if self.damage is not None and not clean:
             payload, count, cut = self.damage(pdus, self.header_digest, self.data_digest)
@@ -145,7 +151,7 @@ class Initiator:
         return not cut
 
     def wait_window(self, timeout: float) -> None:
-        """Wait until fewer than ``window`` tracked commands are unanswered; what a damaged PDU
+        """Wait until fewer than ``WINDOW`` tracked commands are unanswered; what a damaged PDU
         left unanswered is forgotten after ``timeout``."""
         if not self._window_open.wait(timeout):
             self._inflight.clear()
@@ -291,7 +297,7 @@ class Initiator:
     def _complete(self, itt: int, completion: Completion) -> None:
         self._writes.pop(itt, None)
         self._inflight.discard(itt)
-        if len(self._inflight) < self.window:
+        if len(self._inflight) < WINDOW:
             self._window_open.set()
         result = self._waiting.get(itt)
         if result is not None:
