@@ -3,6 +3,7 @@ well-behaved session checked throughout, and mutated PDU sessions plus fuzzed CD
 ``--pdus`` PDUs were sent or ``--seconds`` passed (issue 14, acceptance item 3).
 
     .venv/bin/python bench/fuzz_portal.py [--pdus N] [--seconds S] [--lanes N] [--seed N]
+    .venv/bin/python bench/fuzz_portal.py --replay SESSION_SEED...
 
 Prints one summary line (and the problems, if any); exit status 1 when something broke. The
 seed is printed first: the same seed makes the same sessions (as far as the daemon answers
@@ -32,6 +33,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="the campaign's seed (default: random)")
     parser.add_argument("--log-level", default="info", help="the daemon's --log-level (default info)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--replay", type=int, nargs="+", default=(), metavar="SESSION_SEED",
+                        help="run only these sessions (seeds from a failed run's list), one at a time")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
     print(f"fuzz_portal seed={seed}", flush=True)
@@ -44,7 +47,7 @@ def main() -> int:
 
     report = campaign.run(work, seed=seed, pdus=args.pdus, seconds=args.seconds, lanes=args.lanes,
                           opcodes=tuple(sorted(int(op) for op in HANDLERS)), log_level=args.log_level,
-                          progress=progress)
+                          replay=tuple(args.replay), progress=progress)
     print(report.summary())
     problems = report.problems()
     for p in problems:

@@ -290,8 +290,10 @@ class GoodSession:
 
 
 def run(work: Path, *, seed: int, pdus: int | None = None, seconds: float | None = None, lanes: int = 16,
-        opcodes: tuple[int, ...], log_level: str = "info", progress=None) -> Report:  # type: ignore[no-untyped-def]
-    """Fuzz until ``pdus`` PDUs were sent or ``seconds`` passed (whichever comes first)."""
+        opcodes: tuple[int, ...], log_level: str = "info", replay: tuple[int, ...] = (),
+        progress=None) -> Report:  # type: ignore[no-untyped-def]
+    """Fuzz until ``pdus`` PDUs were sent or ``seconds`` passed (whichever comes first). With
+    ``replay``, run only those session seeds (from a report's ``recent_seeds``), one at a time."""
     report = Report(seed=seed, lanes=lanes)
     daemon = Daemon(work, log_level)
     report.log_path = str(daemon.log)
@@ -317,12 +319,19 @@ def run(work: Path, *, seed: int, pdus: int | None = None, seconds: float | None
             return (pdus is None or stats.pdus < pdus) and time.monotonic() < deadline \
                 and daemon.proc.poll() is None
 
+        queue = list(replay)
+
+        def next_seed() -> int | None:
+            if not replay:
+                return master.getrandbits(64) if budget_left() else None
+            return queue.pop(0) if queue and daemon.proc.poll() is None else None
+
         def lane() -> None:
-            while budget_left():
-                session = Session(layout, master.getrandbits(64), stats)
+            while (session_seed := next_seed()) is not None:
+                session = Session(layout, session_seed, stats)
                 sessions.append(session)
                 report.recent_seeds = [s.seed for s in sessions[-2 * lanes:]]
-                session.run(budget_left)
+                session.run(budget_left if not replay else lambda: daemon.proc.poll() is None)
 
         def sample() -> None:
             while not stop.is_set():
@@ -337,7 +346,7 @@ def run(work: Path, *, seed: int, pdus: int | None = None, seconds: float | None
                 stop.wait(0.5)
 
         watchers = [gevent.spawn(good.run, stop, 0.3), gevent.spawn(sample)]
-        workers = [gevent.spawn(lane) for _ in range(lanes)]
+        workers = [gevent.spawn(lane) for _ in range(1 if replay else lanes)]
         gevent.joinall(workers)
         report.seconds = time.monotonic() - started
         report.daemon_cpu_s = daemon.cpu_seconds() - cpu_start
