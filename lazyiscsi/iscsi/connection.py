@@ -381,7 +381,8 @@ class Connection:
     def _scsi_command(self, cmd: ScsiCommand) -> list[Action]:
         if not self._window(cmd.immediate, cmd.cmdsn):
             return self._ignored(cmd.cmdsn)
-        assert self.target is not None
+        if self.target is None:  # a discovery session has no LUNs (RFC 7143 4.3)
+            raise RemoteProtocolError("SCSI Command in a discovery session", RejectReason.PROTOCOL_ERROR)
         if cmd.itt in self.tasks:
             raise RemoteProtocolError(f"Initiator Task Tag {cmd.itt:#x} is in use",
                                       RejectReason.INVALID_PDU_FIELD)
@@ -555,6 +556,12 @@ class Connection:
             return []
         if not self._window(nop.immediate, nop.cmdsn):
             return self._ignored(nop.cmdsn)
+        if len(nop.data) > self.max_send:
+            # the ping data comes back in the NOP-In (RFC 7143 11.19), which may not exceed the
+            # initiator's MaxRecvDataSegmentLength (13.12): refused as LIO refuses it
+            raise RemoteProtocolError(f"ping data of {len(nop.data)} bytes exceeds the initiator's "
+                                      f"MaxRecvDataSegmentLength {self.max_send}",
+                                      RejectReason.PROTOCOL_ERROR)
         b = bytearray(BHS_LEN)
         b[0], b[1] = Opcode.NOP_IN, 0x80
         struct.pack_into(">IIIII", b, 16, nop.itt, 0xFFFFFFFF, self._next_statsn(), self.expcmdsn,

@@ -223,7 +223,7 @@ def mode_select(lun: Lun, cdb: bytes, data: memoryview | None, ten: bool) -> Non
         page = params[pos:pos + 2 + plen]
         try:
             build = MODE_PAGES[ModePage(code)]
-        except ValueError:
+        except (ValueError, KeyError):  # 3Fh names all pages for MODE SENSE only (SPC-4 7.5.1)
             raise invalid_param(pos) from None
         current = build(lun, 0)
         if len(page) != len(current):
