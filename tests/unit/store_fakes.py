@@ -1,31 +1,100 @@
-"""Fakes *below* the store, for the model-based tests: a file that can crash and a source whose
-reads complete when the test says so, in any order. The store itself is the real code."""
+"""Fakes *below* the store, for the model-based and schedule tests: files that can crash and
+a source, whose every operation parks on a gate until the test lets it go, in any order, and
+sources that answer at once or over a simulated link. The store itself is the real code."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import random
 from dataclasses import dataclass, field
 
+import gevent
 from gevent.event import AsyncResult
 
 from lazyiscsi.source.base import Extent, Priority, SourceReadError, SourceUnavailable
 
 
-class VolatileFile:
-    """A file whose writes are volatile until ``sync``; ``crash`` decides what survives.
+class Parked:
+    """One operation below the store, stopped at its yield point until the test releases it."""
 
-    ``durable`` is what the medium holds; ``pending`` is the list of writes since the last sync
-    (offset, bytes), replayed in order over ``durable`` to give what a read sees.
+    def __init__(self, kind: str, where: str, offset: int, length: int) -> None:
+        self.kind, self.where, self.offset, self.length = kind, where, offset, length
+        self.result: AsyncResult = AsyncResult()
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.where} {self.offset}+{self.length}>"
+
+
+class Gate:
+    """The schedule: every I/O point below the store parks here, and the test (or a seeded
+    scheduler) picks which parked operation goes on next, and whether it fails.
+
+    The points are those where the real code can yield to the hub: a cache or map write
+    (in-line today, but the store must not rely on it), the start of writeback and fdatasync
+    (both handed to gevent's thread pool, whose ``spawn`` also yields when the pool is busy),
+    and every source reply. While ``passthrough`` is set nothing parks (opening a cache).
     """
 
-    def __init__(self, disk: VolatileDisk) -> None:
-        self.disk = disk
-        self.durable = bytearray()
-        self.durable_size = 0
-        self.pending: list[tuple[int, bytes | None, int]] = []  # (offset, data or None=truncate, size)
+    def __init__(self) -> None:
+        self.parked: list[Parked] = []
+        self.passthrough = False
+        self.points = 0  # yield points reached: how much of a schedule the test explored
+
+    def park(self, kind: str, where: str, offset: int = 0, length: int = 0) -> None:
+        if self.passthrough:
+            return
+        p = Parked(kind, where, offset, length)
+        self.parked.append(p)
+        self.points += 1
+        try:
+            p.result.get()
+        finally:
+            if p in self.parked:
+                self.parked.remove(p)
+
+    def release(self, index: int, error: BaseException | None = None) -> Parked:
+        p = self.parked.pop(index)
+        if error is None:
+            p.result.set(None)
+        else:
+            p.result.set_exception(error)
+        return p
+
+    def release_all(self) -> None:
+        while self.parked:
+            self.release(0)
+            settle()
+
+
+def settle() -> None:
+    """Run every greenlet that can run until each is parked, blocked or done."""
+    gevent.idle()
+    gevent.idle()
+
+
+class GatedFile:
+    """A file whose writes are volatile until a sync, and whose every write, writeback start
+    and sync parks on the gate.
+
+    ``view`` is what reads see (the page cache); ``durable`` what the medium holds; ``pending``
+    the writes made since they were last made durable, in order. A sync makes durable the
+    writes that were complete when it began (not later ones: fdatasync promises no more). A
+    sync released with an error behaves as Linux does after a failed writeback: those writes
+    stay readable but will never be durable, the error is reported once, and the next sync
+    succeeds.
+    """
+
+    def __init__(self, gate: Gate, name: str) -> None:
+        self.gate = gate
+        self.name = name
         self.view = bytearray()
-        self.open = False
+        self.durable = bytearray()
+        self.pending: list[tuple[int, bytes | None, int]] = []  # (offset, data or None=truncate, size)
         self.syncs = 0
+        self.sync_errors = 0
+        self.free_bytes: int | None = None  # a full filesystem: writes past this fail ENOSPC
 
     def size(self) -> int:
         return len(self.view)
@@ -45,35 +114,46 @@ class VolatileFile:
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         data = bytes(data)
+        self.gate.park("pwrite", self.name, offset, len(data))
+        if self.free_bytes is not None:
+            if len(data) > self.free_bytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.free_bytes -= len(data)
         self._apply(self.view, offset, data, 0)
         self.pending.append((offset, data, 0))
 
     def punch(self, offset: int, length: int) -> None:
+        self.gate.park("punch", self.name, offset, length)
         end = min(offset + length, len(self.view))
         if end > offset:
-            self.pwrite(bytes(end - offset), offset)
+            zeros = bytes(end - offset)
+            self._apply(self.view, offset, zeros, 0)
+            self.pending.append((offset, zeros, 0))
 
     def sync(self) -> None:
-        """Like fdatasync in a thread: other greenlets run meanwhile, and while the disk's
-        gate is shut the sync waits for the test to release it (a crash may come first)."""
-        if self.disk.gate:
-            release = AsyncResult()
-            self.disk.pending_syncs.append(release)
-            release.get()
-        self.durable = bytearray(self.view)
-        self.pending.clear()
+        """fdatasync in the thread pool: other greenlets run until the gate lets it finish."""
+        covered = len(self.pending)
+        self.gate.park("sync", self.name)
+        done, self.pending = self.pending[:covered], self.pending[covered:]
+        if self.sync_errors:
+            self.sync_errors -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))  # ``done`` is lost to the medium
+        for offset, data, size in done:
+            self._apply(self.durable, offset, data, size)
         self.syncs += 1
 
     def start_writeback(self, offset: int, length: int) -> None:
-        """Writeback without durability: nothing a crash test can observe."""
+        """A thread-pool spawn: it yields when the pool is busy. No durability is promised."""
+        self.gate.park("writeback", self.name, offset, length)
 
     def close(self) -> None:
-        self.open = False
+        pass
 
-    def crash(self, keep: bool) -> None:
-        """Power loss: unsynced writes are all kept (``keep``) or all lost."""
-        if keep:
-            self.durable = bytearray(self.view)
+    def crash(self, rnd: random.Random) -> None:
+        """Power loss: any subset of the writes not yet synced reached the medium, in order."""
+        for offset, data, size in self.pending:
+            if rnd.random() < 0.5:
+                self._apply(self.durable, offset, data, size)
         self.view = bytearray(self.durable)
         self.pending.clear()
 
@@ -90,25 +170,49 @@ class VolatileFile:
         buf[offset:offset + len(data)] = data
 
 
-class VolatileDisk:
-    """The opener the store is given: one VolatileFile per path, surviving "reopen"."""
+class GatedDisk:
+    """The opener the store is given: one GatedFile per path, surviving a reopen."""
 
-    def __init__(self) -> None:
-        self.files: dict[str, VolatileFile] = {}
-        self.gate = False
-        self.pending_syncs: list[AsyncResult] = []
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.files: dict[str, GatedFile] = {}
 
-    def release_sync(self, index: int) -> None:
-        self.pending_syncs.pop(index).set(None)
-
-    def __call__(self, path: str, *, create: bool) -> VolatileFile:
+    def __call__(self, path: str, *, create: bool) -> GatedFile:
         f = self.files.get(path)
         if f is None:
             if not create:
                 raise FileNotFoundError(path)
-            f = self.files[path] = VolatileFile(self)
-        f.open = True
+            f = self.files[path] = GatedFile(self.gate, os.path.basename(path))
         return f
+
+    def remove(self, path: str) -> None:
+        self.files.pop(path, None)
+
+
+class GatedSource:
+    """A source whose every reply parks on the gate; the test releases it as data or as an
+    error (``SourceReadError``: the server answered EIO; ``SourceUnavailable``: no answer)."""
+
+    def __init__(self, gate: Gate, data: bytes) -> None:
+        self.gate = gate
+        self.data = data
+        self.size = len(data)
+        self.url = "gated://test"
+        self.identity = "gated:" + hashlib.sha256(data).hexdigest()[:16]
+        self.closed = False
+
+    def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
+        if self.closed:
+            raise SourceUnavailable("closed")
+        assert offset >= 0 and offset + length <= self.size, (offset, length)
+        self.gate.park("source", priority.value, offset, length)
+        return self.data[offset:offset + length]
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(offset, length, False)]
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @dataclass(eq=False)
