@@ -140,6 +140,9 @@ class LazyDisk:
         self._commit_lock = gevent.lock.Semaphore()
         # held around every write into the cache and the map update that goes with it
         self._data_lock = gevent.lock.Semaphore()
+        # .written pages are written one at a time, each with the bits of that moment: two
+        # writers racing could otherwise land an older image of a page over a newer one
+        self._written_lock = gevent.lock.Semaphore()
         #: why the volume is fail-stopped (an fdatasync failed), or None while it is healthy
         self._failed: str | None = None
         self._closed = False
@@ -234,7 +237,16 @@ class LazyDisk:
         written = ExtentMap(n_units)
         _load_map(writtenfile, written)
         orphans = [m for w in _runs(written, 0, n_units) for m in emap.missing_runs(*w)]
-        if orphans and not _same_boot(opener, path):
+        same_boot = _same_boot(opener, path)
+        if not same_boot:
+            # After a reboot the page cache is empty anyway; after a fail-stop in this boot
+            # (which cleared .boot) it may hold pages whose writeback failed: clean, readable,
+            # never on the medium. What we serve and vouch for from now on is the medium's.
+            try:
+                cache.drop_cache()
+            except OSError as e:
+                log.warning("cache_drop_failed", path=path, error=e.strerror)
+        if orphans and not same_boot:
             written = _intersect(written, emap)
             for page in range(written.n_pages):
                 writtenfile.pwrite(written.page_bytes(page), page * PAGE_BYTES)
@@ -528,8 +540,11 @@ class LazyDisk:
         costs one sync, not two), so that a killed daemon's successor adopts them."""
         self._written.set_local(a, b)
         try:
-            for page, data in self._written.take_dirty().items():
-                self._writtenfile.pwrite(data, page * PAGE_BYTES)
+            # taken after our bits are set: if an earlier writer's image already holds them,
+            # its write is finished (it held the lock) before we acknowledge ours
+            with self._written_lock:
+                for page, data in self._written.take_dirty().items():
+                    self._writtenfile.pwrite(data, page * PAGE_BYTES)
         except OSError as e:
             raise self._cache_error(e, "record a guest write in .written") from None
 

@@ -15,6 +15,9 @@ from gevent.event import AsyncResult
 
 from lazyiscsi.source.base import Extent, Priority, SourceReadError, SourceUnavailable
 
+#: the page cache's unit of writeback
+PAGE = 4096
+
 
 class Parked:
     """One operation below the store, stopped at its yield point until the test releases it."""
@@ -80,7 +83,8 @@ class GatedFile:
 
     ``view`` is what reads see (the page cache); ``durable`` what the medium holds; ``pending``
     the writes made since they were last made durable, in order. A sync makes durable the
-    writes that were complete when it began (not later ones: fdatasync promises no more). A
+    pages of the writes that were complete when it began, as they are in the page cache when it
+    ends (fdatasync promises no more than those writes, and writes back whole pages). A
     sync released with an error behaves as Linux does after a failed writeback: those writes
     stay readable but will never be durable, the error is reported once, and the next sync
     succeeds.
@@ -91,7 +95,8 @@ class GatedFile:
         self.name = name
         self.view = bytearray()
         self.durable = bytearray()
-        self.pending: list[tuple[int, bytes | None, int]] = []  # (offset, data or None=truncate, size)
+        # (offset, data or None for a truncate, size, the pages it touched as they were after it)
+        self.pending: list[tuple[int, bytes | None, int, dict[int, bytes]]] = []
         self.syncs = 0
         self.sync_errors = 0
         self.free_bytes: int | None = None  # a full filesystem: writes past this fail ENOSPC
@@ -101,7 +106,7 @@ class GatedFile:
 
     def truncate(self, size: int) -> None:
         self._apply(self.view, 0, None, size)
-        self.pending.append((0, None, size))
+        self.pending.append((0, None, size, {}))
 
     def preadinto(self, buf: memoryview, offset: int) -> None:
         chunk = self.view[offset:offset + len(buf)]
@@ -119,16 +124,13 @@ class GatedFile:
             if len(data) > self.free_bytes:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             self.free_bytes -= len(data)
-        self._apply(self.view, offset, data, 0)
-        self.pending.append((offset, data, 0))
+        self._write(offset, data)
 
     def punch(self, offset: int, length: int) -> None:
         self.gate.park("punch", self.name, offset, length)
         end = min(offset + length, len(self.view))
         if end > offset:
-            zeros = bytes(end - offset)
-            self._apply(self.view, offset, zeros, 0)
-            self.pending.append((offset, zeros, 0))
+            self._write(offset, bytes(end - offset))
 
     def sync(self) -> None:
         """fdatasync in the thread pool: other greenlets run until the gate lets it finish."""
@@ -138,24 +140,53 @@ class GatedFile:
         if self.sync_errors:
             self.sync_errors -= 1
             raise OSError(errno.EIO, os.strerror(errno.EIO))  # ``done`` is lost to the medium
-        for offset, data, size in done:
-            self._apply(self.durable, offset, data, size)
+        for offset, data, size, _ in done:
+            if data is None:
+                self._apply(self.durable, offset, data, size)
+                continue
+            # the kernel writes back whole pages of the page cache, with whatever they hold now
+            lo = offset // PAGE * PAGE
+            hi = min(len(self.view), -(-(offset + len(data)) // PAGE) * PAGE)
+            self._apply(self.durable, lo, bytes(self.view[lo:hi]), 0)
         self.syncs += 1
 
     def start_writeback(self, offset: int, length: int) -> None:
         """A thread-pool spawn: it yields when the pool is busy. No durability is promised."""
         self.gate.park("writeback", self.name, offset, length)
 
+    def drop_cache(self) -> None:
+        """Clean pages go (reads see the medium); dirty ones stay as they are."""
+        old, self.view = self.view, bytearray(self.durable)
+        self._apply(self.view, 0, None, len(old))
+        for _, _, _, pages in self.pending:
+            for page in pages:
+                self.view[page * PAGE:(page + 1) * PAGE] = old[page * PAGE:(page + 1) * PAGE]
+
     def close(self) -> None:
         pass
 
     def crash(self, rnd: random.Random) -> None:
-        """Power loss: any subset of the writes not yet synced reached the medium, in order."""
-        for offset, data, size in self.pending:
-            if rnd.random() < 0.5:
+        """Power loss: each page holds what it held after some prefix of the unsynced writes to
+        it (the kernel writes a page back with everything written to it so far; pages go in
+        any order)."""
+        versions: dict[int, list[bytes]] = {}  # page -> its contents after each pending write
+        for offset, data, size, pages in self.pending:
+            if data is None:
                 self._apply(self.durable, offset, data, size)
+            for page, content in pages.items():
+                versions.setdefault(page, []).append(content)
+        for page, contents in versions.items():
+            k = rnd.randint(0, len(contents))
+            if k:
+                self._apply(self.durable, page * PAGE, contents[k - 1], 0)
         self.view = bytearray(self.durable)
         self.pending.clear()
+
+    def _write(self, offset: int, data: bytes) -> None:
+        self._apply(self.view, offset, data, 0)
+        pages = {page: bytes(self.view[page * PAGE:(page + 1) * PAGE])
+                 for page in range(offset // PAGE, -(-(offset + len(data)) // PAGE))}
+        self.pending.append((offset, data, 0, pages))
 
     @staticmethod
     def _apply(buf: bytearray, offset: int, data: bytes | None, size: int) -> None:
