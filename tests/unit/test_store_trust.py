@@ -13,8 +13,16 @@ import gevent
 import pytest
 from structlog.testing import capture_logs
 
+from lazyiscsi.scsi.sense import SENSE_TABLE, Reason, SenseKey, reason_for_store_error
 from lazyiscsi.source.base import Priority, SourceReadError, SourceUnavailable
-from lazyiscsi.store.errors import SourceIOError, SourceUnreachable, StoreError
+from lazyiscsi.store.errors import (
+    CacheFailed,
+    CacheFull,
+    SourceIOError,
+    SourceTimeout,
+    SourceUnreachable,
+    StoreError,
+)
 from lazyiscsi.store.fetch import RetryPolicy
 from lazyiscsi.store.hydrator import Hydrator, JobState
 from lazyiscsi.store.lazydisk import LazyDisk
@@ -264,3 +272,19 @@ def test_source_failure_reasons(tmp_path: Path, error: Exception, expect: type) 
     reader = gevent.spawn(rig.disk.read, 0, UNIT)
     rig.run_until(reader.ready, error=lambda p: error if p.kind == "source" else None)
     assert type(reader.exception) is expect
+
+
+@pytest.mark.parametrize(("error", "writing", "reason"), [
+    (SourceUnreachable("x"), False, Reason.SOURCE_UNREACHABLE),
+    (SourceTimeout("x"), False, Reason.SOURCE_UNREACHABLE),
+    (SourceUnreachable("x"), True, Reason.SOURCE_UNREACHABLE),
+    (SourceIOError("x"), False, Reason.UNRECOVERED_READ_ERROR),
+    (CacheFull("x"), True, Reason.SPACE_ALLOCATION_FAILED),
+    (CacheFull("x"), False, Reason.CACHE_WRITE_FAULT),
+    (CacheFailed("x"), True, Reason.WRITE_ERROR),
+])
+def test_store_errors_map_to_one_sense_each(error: StoreError, writing: bool, reason: Reason) -> None:
+    """Issue 10, defect 9: one table; unreachable is NOT READY / LOGICAL UNIT NOT READY however
+    the source failed to answer, and a full cache is never a MEDIUM ERROR."""
+    assert reason_for_store_error(error, writing=writing) is reason
+    assert SENSE_TABLE[Reason.SOURCE_UNREACHABLE] == (SenseKey.NOT_READY, 0x04, 0x00)
