@@ -219,6 +219,11 @@ class Fetcher:
     def inflight_units(self) -> int:
         return len(self._inflight)
 
+    def priority_at(self, unit: int) -> Priority | None:
+        """Who the flight fetching ``unit`` is for, or None if none is."""
+        f = self._inflight.get(unit)
+        return f.priority if f is not None else None
+
     def close(self) -> None:
         """Abort every flight and refuse new ones; waiters get ``SourceIOError`` at once."""
         self._closed = True

@@ -464,6 +464,11 @@ class LazyDisk:
     def inflight_units(self) -> int:
         return self._fetcher.inflight_units
 
+    def fetching(self, offset: int) -> Priority | None:
+        """Whether the unit at ``offset`` is being fetched, and for whom (the miss-latency
+        benchmark measures misses inside the copier's runs with it)."""
+        return self._fetcher.priority_at(offset // self.unit)
+
     def stats(self) -> DiskStats:
         lat = sorted(self._miss_ms)
         return DiskStats(

@@ -4,6 +4,9 @@ and map writes, writeback starts, fdatasyncs in the thread pool, source replies)
 it fails. Guest reads, writes, UNMAP, WRITE SAME, COMPARE AND WRITE and flushes (at the store's
 API) interleave with background fills (the hydrator's ``populate`` and ``mark_zero``), source
 errors, fdatasync errors, kills (the same boot) and power losses. One example is one schedule.
+The same model runs under two drivers: hypothesis (``TestLazyDiskModel``, which shrinks a
+failure to a short schedule) and a seeded random driver (``test_seeded_schedules``, thousands
+of schedules per run, each reproducible from its seed: ``LAZYISCSI_MODEL_SEED``).
 
 Checked after every step:
 
