@@ -487,6 +487,7 @@ def run_schedule(seed: int) -> StoreModel:
     names = [name for name, _ in ACTIONS]
     weights = [w for _, w in ACTIONS]
     trail: list[str] = []
+    failure: AssertionError | None = None
     try:
         model.check()
         for _ in range(STEPS):
@@ -494,10 +495,15 @@ def run_schedule(seed: int) -> StoreModel:
             trail.append(action)
             getattr(model, action)(c)
             model.check()
+        trail.append("teardown")
     except AssertionError as e:
-        raise AssertionError(f"schedule seed {seed} ({' '.join(trail)}): {e}") from e
-    finally:
+        failure = e
+    try:
         model.teardown()
+    except AssertionError as e:
+        failure = failure or e
+    if failure is not None:
+        raise AssertionError(f"schedule seed {seed} ({' '.join(trail)}): {failure}") from failure
     return model
 
 
