@@ -272,6 +272,8 @@ class Hydrator:
             while not self.disk.complete:
                 if self.disk.source is None:
                     raise StoreError("units are missing and no source is attached")
+                if self.disk.failed:  # fail-stopped: no run can land any more
+                    raise StoreError(self.disk.failed)
                 failed_before = self._failed_runs
                 for offset, length in self._plan():
                     self._checkpoint()

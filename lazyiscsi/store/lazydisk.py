@@ -667,7 +667,7 @@ class LazyDisk:
             source.close()
 
     def _autocommit(self, interval: float) -> None:
-        while True:
+        while self._failed is None:
             gevent.sleep(interval)
             # a failure is logged by commit; the next round or the guest's flush tries again
             with contextlib.suppress(StoreError):
