@@ -65,11 +65,6 @@ class Gate:
             p.result.set_exception(error)
         return p
 
-    def release_all(self) -> None:
-        while self.parked:
-            self.release(0)
-            settle()
-
 
 def settle() -> None:
     """Run every greenlet that can run until each is parked, blocked or done."""
@@ -97,9 +92,7 @@ class GatedFile:
         self.durable = bytearray()
         # (offset, data or None for a truncate, size, the pages it touched as they were after it)
         self.pending: list[tuple[int, bytes | None, int, dict[int, bytes]]] = []
-        self.syncs = 0
         self.sync_errors = 0
-        self.free_bytes: int | None = None  # a full filesystem: writes past this fail ENOSPC
 
     def size(self) -> int:
         return len(self.view)
@@ -120,10 +113,6 @@ class GatedFile:
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         data = bytes(data)
         self.gate.park("pwrite", self.name, offset, len(data))
-        if self.free_bytes is not None:
-            if len(data) > self.free_bytes:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.free_bytes -= len(data)
         self._write(offset, data)
 
     def punch(self, offset: int, length: int) -> None:
@@ -148,7 +137,6 @@ class GatedFile:
             lo = offset // PAGE * PAGE
             hi = min(len(self.view), -(-(offset + len(data)) // PAGE) * PAGE)
             self._apply(self.durable, lo, bytes(self.view[lo:hi]), 0)
-        self.syncs += 1
 
     def start_writeback(self, offset: int, length: int) -> None:
         """A thread-pool spawn: it yields when the pool is busy. No durability is promised."""
@@ -215,9 +203,6 @@ class GatedDisk:
                 raise FileNotFoundError(path)
             f = self.files[path] = GatedFile(self.gate, os.path.basename(path))
         return f
-
-    def remove(self, path: str) -> None:
-        self.files.pop(path, None)
 
 
 class GatedSource:

@@ -52,9 +52,10 @@ from tests.unit.store_fakes import Gate, GatedDisk, GatedSource, settle
 UNIT = 512
 MAX_UNITS = 12
 #: hypothesis schedules per run (they shrink a failure to a short schedule)
-EXAMPLES = int(os.environ.get("LAZYISCSI_MODEL_EXAMPLES", "300" if os.environ.get("CI") else "100"))
-#: seeded random schedules per run (cheaper per schedule: the bulk of the exploration)
-SCHEDULES = int(os.environ.get("LAZYISCSI_MODEL_SCHEDULES", "5000" if os.environ.get("CI") else "1000"))
+EXAMPLES = int(os.environ.get("LAZYISCSI_MODEL_EXAMPLES", "200"))
+#: seeded random schedules per run, the bulk of the exploration (issue 10 asks for >= 5,000 per
+#: CI run; set fewer while working on the store)
+SCHEDULES = int(os.environ.get("LAZYISCSI_MODEL_SCHEDULES", "5000"))
 #: steps per schedule: enough for a fill, two guest writes and the releases between them
 STEPS = 30
 
