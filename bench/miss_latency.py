@@ -3,7 +3,7 @@ the hydrator copies flat out over the same emulated WAN, in two regions: *ahead*
 (at least 64 MiB past it) and *inside* its in-flight window (units a background run is fetching
 at that moment); and the same reads on an idle link.
 
-    python bench/miss_latency.py [--seconds S] [--links 1G 100M] [--count N]
+    python bench/miss_latency.py [--seconds S] [--links 1G 100M] [--count N] [--regions ahead inside idle]
 
 Reports, per cell, the median over N runs of p50 and p99 and their ratio to the added delay
 (target: p99 <= 2x the delay in every region).
@@ -99,13 +99,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--links", nargs="*", default=list(LINKS))
     ap.add_argument("--count", type=int, default=1, help="runs per cell (medians are reported)")
+    ap.add_argument("--regions", nargs="*", default=[name for name, _ in REGIONS])
     args = ap.parse_args()
     logsetup.configure("warning")
     report = {}
     rows = []
     for name in args.links:
         link = LINKS[name]
-        for region, hydrating in REGIONS:
+        for region, hydrating in [r for r in REGIONS if r[0] in args.regions]:
             runs = [sample(link, args.seconds, region, hydrating) for _ in range(args.count)]
             runs = [r for r in runs if r]
             if not runs:
