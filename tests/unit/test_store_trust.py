@@ -54,17 +54,28 @@ class Rig:
                                   retry=retry or RetryPolicy(attempts=2, first_delay=0), opener=self.files)
         self.gate.passthrough = False
 
+    def reopen(self) -> None:
+        """The process dies (nothing of it runs on) and a new one opens the same files."""
+        self.gate.passthrough = True
+        self.source = GatedSource(self.gate, self.data)
+        self.disk = LazyDisk.open(self.path, self.source, unit=UNIT, readahead=UNIT, io_timeout=30,
+                                  autocommit_s=None, retry=RetryPolicy(attempts=2, first_delay=0),
+                                  opener=self.files)
+        self.gate.passthrough = False
+
     def file(self, suffix: str):  # type: ignore[no-untyped-def]
         return self.files.files[self.path + suffix]
 
     def run_until(self, done: Callable[[], bool], hold: Callable[[Parked], bool] = lambda p: False,
-                  error: Callable[[Parked], BaseException | None] = lambda p: None) -> None:
+                  error: Callable[[Parked], BaseException | None] = lambda p: None, *,
+                  newest_first: bool = False) -> None:
         """Let parked operations go, oldest first, skipping those ``hold`` keeps, until ``done``."""
         for _ in range(1000):
             settle()
             if done():
                 return
-            p = next((p for p in self.gate.parked if not hold(p)), None)
+            order = reversed(self.gate.parked) if newest_first else iter(self.gate.parked)
+            p = next((p for p in order if not hold(p)), None)
             assert p is not None, f"nothing left to release, still parked: {self.gate.parked}"
             self.gate.release(self.gate.parked.index(p), error(p))
         raise AssertionError("schedule did not finish")
@@ -140,6 +151,47 @@ def test_failed_cache_sync_is_fail_stop(tmp_path: Path) -> None:
     assert rig.finish(gevent.spawn(rig.disk.read, 0, UNIT)) == b"W" * UNIT
     assert rig.file(".boot").view == b""
     rig.finish(gevent.spawn(rig.disk.close))
+
+
+def test_written_pages_never_land_out_of_order(tmp_path: Path) -> None:
+    """Found by the schedule model (issue 10): two guest writes record their units in .written;
+    if the second one's page image lands first and the first one's (older) image after it, the
+    second write's bit is gone, and a successor in this boot refetches an acknowledged write."""
+    rig = Rig(tmp_path)
+    w1 = gevent.spawn(rig.disk.write, 1 * UNIT, b"A" * UNIT)
+    w2 = gevent.spawn(rig.disk.write, 4 * UNIT, b"B" * UNIT)
+    settle()
+    for _ in range(2):  # w1 then w2 write their data, then record their units in .written
+        i = next(i for i, p in enumerate(rig.gate.parked) if p.where == "cache" and p.kind == "pwrite")
+        rig.gate.release(i)
+        settle()
+    rig.run_until(lambda: w1.ready() and w2.ready(), newest_first=True)
+    bits = rig.file(".written").view[0]
+    assert bits == 0b10010, f".written holds {bits:#x}: an older page image landed last"
+
+
+def test_successor_of_a_failed_sync_serves_the_medium(tmp_path: Path) -> None:
+    """Found by the schedule model (issue 10, defect 2): after a failed fdatasync the page cache
+    holds pages that never reached the medium (Linux marks them clean). A successor in the same
+    boot that served them, then flushed (nothing to sync), lost them at the next power loss:
+    it must serve what the medium holds."""
+    rig = Rig(tmp_path)
+    rig.finish(gevent.spawn(rig.disk.write, 0, b"1" * UNIT))
+    rig.finish(gevent.spawn(rig.disk.flush))
+    rig.finish(gevent.spawn(rig.disk.write, 0, b"2" * UNIT))
+    rig.file("").sync_errors = 1
+    with pytest.raises(StoreError):
+        rig.finish(gevent.spawn(rig.disk.flush))
+    rig.reopen()  # killed; the same boot
+    served = rig.finish(gevent.spawn(rig.disk.read, 0, UNIT))
+    rig.finish(gevent.spawn(rig.disk.flush))
+    import random
+
+    for f in rig.files.files.values():
+        f.crash(random.Random(1))  # power loss
+    rig.reopen()
+    after = rig.finish(gevent.spawn(rig.disk.read, 0, UNIT))
+    assert after == served, "data served and flushed after the failure was not on the medium"
 
 
 def test_waiter_succeeds_when_the_guest_wrote_the_unit_of_a_failed_fetch(tmp_path: Path) -> None:
