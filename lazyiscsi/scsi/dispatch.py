@@ -202,6 +202,17 @@ def _data_out_length(op: Op, cdb: bytes, block_size: int) -> int:
     return 0
 
 
+#: block commands that only read the medium: a store error there is reported as a read's
+_READING_KINDS = frozenset({"read", "verify", "prefetch"})
+
+
+def _writes(cdb: bytes) -> bool:
+    """Whether a command changes the medium (WRITE, WRITE SAME, UNMAP, COMPARE AND WRITE,
+    SYNCHRONIZE CACHE...), which picks the column of ``STORE_ERRORS``."""
+    row = LAYOUTS.get(Op(cdb[0]))
+    return row is None or row[1] not in _READING_KINDS
+
+
 def execute_no_lun(cdb: bytes, target_luns: list[int]) -> Result:
     """A command addressed to a LUN the target does not have (SPC-4 4.6.4): REPORT LUNS still
     answers, INQUIRY says no device is connected (qualifier 011b, type 1Fh), all else fails."""
@@ -244,7 +255,7 @@ def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | Non
     except SenseError as e:
         return Result(Status.CHECK_CONDITION, sense=fixed_sense(e.reason, field=e.field, info=e.info))
     except StoreError as e:
-        reason = reason_for_store_error(e)
+        reason = reason_for_store_error(e, writing=_writes(cdb))
         log.warning("scsi_command_failed", lun=lun.name, opcode=f"{cdb[0]:#04x}", reason=reason.value,
                     error=str(e))
         return Result(Status.CHECK_CONDITION, sense=fixed_sense(reason))

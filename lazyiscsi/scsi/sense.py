@@ -11,10 +11,12 @@ import struct
 from dataclasses import dataclass
 
 from lazyiscsi.store.errors import (
-    NoSource,
+    CacheFull,
+    CacheIOError,
+    CacheReadError,
     OutOfRange,
     SourceIOError,
-    SourceTimeout,
+    SourceUnreachable,
     StoreError,
 )
 
@@ -36,6 +38,7 @@ class SenseKey(enum.IntEnum):
     HARDWARE_ERROR = 0x4
     ILLEGAL_REQUEST = 0x5
     UNIT_ATTENTION = 0x6
+    DATA_PROTECT = 0x7
     ABORTED_COMMAND = 0xB
     MISCOMPARE = 0xE
 
@@ -51,6 +54,8 @@ class Reason(enum.Enum):
     SAVING_PARAMETERS_NOT_SUPPORTED = "saving parameters not supported"
     UNRECOVERED_READ_ERROR = "unrecovered read error"
     WRITE_ERROR = "write error"
+    SPACE_ALLOCATION_FAILED = "space allocation failed write protect"
+    CACHE_WRITE_FAULT = "peripheral device write fault"
     SOURCE_UNREACHABLE = "source site not answering"
     MISCOMPARE_DURING_VERIFY = "miscompare during verify operation"
     POWER_ON_OR_RESET = "power on, reset, or bus device reset occurred"
@@ -79,6 +84,12 @@ SENSE_TABLE: dict[Reason, tuple[SenseKey, int, int]] = {
     Reason.SAVING_PARAMETERS_NOT_SUPPORTED: (SenseKey.ILLEGAL_REQUEST, 0x39, 0x00),
     Reason.UNRECOVERED_READ_ERROR: (SenseKey.MEDIUM_ERROR, 0x11, 0x00),  # UNRECOVERED READ ERROR
     Reason.WRITE_ERROR: (SenseKey.MEDIUM_ERROR, 0x0C, 0x00),  # WRITE ERROR
+    # The cache's filesystem is full: SPACE ALLOCATION FAILED WRITE PROTECT, the thin-provisioning
+    # resource-exhaustion answer to a write (SBC-4 4.7.3.7); the initiator's write fails, reads go on.
+    Reason.SPACE_ALLOCATION_FAILED: (SenseKey.DATA_PROTECT, 0x27, 0x07),
+    # A read whose data came from the source but could not be stored in the cache (full or
+    # failed): PERIPHERAL DEVICE WRITE FAULT, the target's own medium, not the source's fault.
+    Reason.CACHE_WRITE_FAULT: (SenseKey.HARDWARE_ERROR, 0x03, 0x00),
     # The source did not answer within the I/O timeout: NOT READY, LOGICAL UNIT NOT READY, CAUSE
     # NOT REPORTABLE. Initiators retry NOT READY (the source may come back); a MEDIUM ERROR would
     # be taken for a bad sector and surface as an I/O error at once.
@@ -130,20 +141,26 @@ def invalid_param(byte: int, bit: int | None = None) -> SenseError:
     return SenseError(Reason.INVALID_FIELD_IN_PARAMETER_LIST, field=FieldPointer(byte, bit, in_cdb=False))
 
 
-#: The store's failures, mapped once (most specific class first).
-STORE_ERRORS: tuple[tuple[type[StoreError], Reason], ...] = (
-    (OutOfRange, Reason.LBA_OUT_OF_RANGE),
-    (SourceTimeout, Reason.SOURCE_UNREACHABLE),
-    (NoSource, Reason.UNRECOVERED_READ_ERROR),
-    (SourceIOError, Reason.UNRECOVERED_READ_ERROR),
-    (StoreError, Reason.WRITE_ERROR),
+#: The store's failures, mapped once: (error, reason for a command that reads, reason for one
+#: that writes), most specific class first. A source that does not answer is NOT READY whatever
+#: the protocol (an initiator retries it; NBD, HTTP and file say the same); a source that
+#: answered with an error, after retries, is a MEDIUM ERROR; a cache that cannot take data is
+#: the target's own fault, never reported as the source's.
+STORE_ERRORS: tuple[tuple[type[StoreError], Reason, Reason], ...] = (
+    (OutOfRange, Reason.LBA_OUT_OF_RANGE, Reason.LBA_OUT_OF_RANGE),
+    (SourceUnreachable, Reason.SOURCE_UNREACHABLE, Reason.SOURCE_UNREACHABLE),
+    (SourceIOError, Reason.UNRECOVERED_READ_ERROR, Reason.UNRECOVERED_READ_ERROR),
+    (CacheFull, Reason.CACHE_WRITE_FAULT, Reason.SPACE_ALLOCATION_FAILED),
+    (CacheReadError, Reason.UNRECOVERED_READ_ERROR, Reason.UNRECOVERED_READ_ERROR),
+    (CacheIOError, Reason.CACHE_WRITE_FAULT, Reason.WRITE_ERROR),
+    (StoreError, Reason.UNRECOVERED_READ_ERROR, Reason.WRITE_ERROR),
 )
 
 
-def reason_for_store_error(error: StoreError) -> Reason:
-    for cls, reason in STORE_ERRORS:
+def reason_for_store_error(error: StoreError, *, writing: bool) -> Reason:
+    for cls, on_read, on_write in STORE_ERRORS:
         if isinstance(error, cls):
-            return reason
+            return on_write if writing else on_read
     raise AssertionError("StoreError is the last row")
 
 

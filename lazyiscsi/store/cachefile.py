@@ -52,6 +52,10 @@ class BlockFile(Protocol):
         """Begin writing a range to the medium without waiting; durability still needs sync."""
         ...
 
+    def drop_cache(self) -> None:
+        """Forget the file's clean pages in the page cache, so reads see the medium."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -136,6 +140,11 @@ class OsFile:
         70-90 ms outliers)."""
         gevent.get_hub().threadpool.spawn(_sync_file_range, self._fd, offset, length,
                                           _SYNC_FILE_RANGE_WRITE)
+
+    def drop_cache(self) -> None:
+        """posix_fadvise DONTNEED: clean pages go (dirty ones are kept until written). After a
+        failed writeback the kernel marks pages clean without writing them; this drops them."""
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -19,11 +19,33 @@ class OutOfRange(StoreError):
     """An I/O reaches past the end of the LUN."""
 
 
+class CacheIOError(StoreError):
+    """The local cache file refused a write (the source is not to blame)."""
+
+
+class CacheReadError(CacheIOError):
+    """The local cache file failed a read of data that is local."""
+
+
+class CacheFull(CacheIOError):
+    """The cache's filesystem has no space left (ENOSPC, EDQUOT) for data the LUN must hold."""
+
+
+class CacheFailed(CacheIOError):
+    """The volume is fail-stopped: an fdatasync of the cache failed, so data acknowledged
+    earlier may never reach the medium. Every later write and flush fails; reads of local data
+    still work (read-only-failed) until the volume is reopened."""
+
+
 class SourceIOError(StoreError):
     """Data the guest asked for could not be read from the source (after retries)."""
 
 
-class SourceTimeout(SourceIOError):
+class SourceUnreachable(SourceIOError):
+    """The source did not answer (connection refused, dropped or silent), after retries."""
+
+
+class SourceTimeout(SourceUnreachable):
     """The source did not answer an on-demand read within the I/O timeout."""
 
 

@@ -134,10 +134,6 @@ class ExtentMap:
         self._dirty.clear()
         return pages
 
-    def requeue_dirty(self, pages: dict[int, bytes]) -> None:
-        """Put back pages ``take_dirty`` returned when persisting them failed."""
-        self._dirty.update(pages)
-
     def page_bytes(self, page: int) -> bytes:
         state = self._state[page]
         if state == PageState.EMPTY:

@@ -7,8 +7,8 @@ abandon the fetch other callers share.
 
 When a flight's data arrives, only the units that are *still missing* are written: a guest
 write that landed meanwhile set those units' bits and must not be overwritten by the older
-source data. Checking the bits and writing the cache happen with no yield in between (file
-I/O is in-line, see cachefile), so no guest write can slip between the check and the write.
+source data. That check is made by ``fill`` (``LazyDisk._fill``) at each write into the cache,
+under the lock guest writes take, never once per flight: a fill may yield between its runs.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import gevent
 import structlog
 from gevent.event import AsyncResult, Event
 
-from lazyiscsi.source.base import Priority, Source, SourceError
-from lazyiscsi.store.errors import NoSource, SourceIOError
+from lazyiscsi.source.base import Priority, Source, SourceError, SourceUnavailable
+from lazyiscsi.store.errors import NoSource, SourceIOError, SourceUnreachable, StoreError
 from lazyiscsi.store.extentmap import ExtentMap
 
 log = structlog.get_logger("lazyiscsi.store")
@@ -73,6 +73,7 @@ class Fetcher:
         self._retry = retry or RetryPolicy()
         self._inflight: dict[int, Flight] = {}
         self._greenlets: set[gevent.Greenlet] = set()
+        self._closed = False
         self._fg_active = 0
         self.fg_idle = Event()
         self.fg_idle.set()
@@ -80,8 +81,11 @@ class Fetcher:
         self.bytes_fetched = {Priority.FOREGROUND: 0, Priority.BACKGROUND: 0}
 
     def ensure_local(self, start: int, end: int, priority: Priority) -> None:
-        """Return once every unit of ``[start, end)`` is local; raise ``SourceIOError`` if a
-        fetch it needed failed. Foreground callers also start read-ahead around a miss."""
+        """Return once every unit of ``[start, end)`` is local; raise the ``StoreError`` of a
+        fetch it needed that failed. Foreground callers also start read-ahead around a miss.
+
+        A flight's failure is ours only while units we need from it are still missing: a
+        guest write may have made them local meanwhile (issue 10, defect 10)."""
         fg = priority is Priority.FOREGROUND
         if fg:
             self._fg_active += 1
@@ -92,7 +96,11 @@ class Fetcher:
                 if not flights:
                     return
                 for f in flights:
-                    f.result.get()  # raises the flight's error
+                    try:
+                        f.result.get()
+                    except StoreError:
+                        if next(self._map.missing_runs(max(start, f.start), min(end, f.end)), None):
+                            raise
         finally:
             if fg:
                 self._fg_active -= 1
@@ -100,25 +108,37 @@ class Fetcher:
                     self.fg_idle.set()
 
     def _flights_for(self, start: int, end: int, priority: Priority) -> list[Flight]:
-        """The flights that will make ``[start, end)`` local, starting the missing ones."""
+        """The flights that will make ``[start, end)`` local, starting the missing ones.
+
+        A foreground caller never joins a background flight: that run may be a whole MiB
+        queued behind others on a slow link, and the guest would wait for all of it (issue
+        10, defect 8). It sends its own read of the units it needs; whichever answer lands
+        first fills them, and the other skips them (``fill`` writes only missing units)."""
+        fg = priority is Priority.FOREGROUND
+
+        def joinable(f: Flight | None) -> bool:
+            return f is not None and (not fg or f.priority is Priority.FOREGROUND)
+
         flights: list[Flight] = []
         for a, b in list(self._map.missing_runs(start, end)):
             u = a
             while u < b:
                 f = self._inflight.get(u)
-                if f is not None:
+                if f is not None and joinable(f):
                     if not flights or flights[-1] is not f:
                         flights.append(f)
                     u = f.end
                     continue
                 v = u + 1
-                while v < b and v not in self._inflight:
+                while v < b and not joinable(self._inflight.get(v)):
                     v += 1
                 flights.append(self._start(u, v, priority))
                 u = v
         return flights
 
     def _start(self, a: int, b: int, priority: Priority) -> Flight:
+        if self._closed:
+            raise NoSource("the cache is closing: no more fetches")
         if self.source is None:
             raise NoSource("the data is not local yet and no source is attached")
         if priority is Priority.FOREGROUND:
@@ -126,9 +146,12 @@ class Fetcher:
         flight = Flight(a, b, priority)
         for u in range(a, b):
             self._inflight[u] = flight
-        g = gevent.spawn(self._run, flight)
+        g = gevent.Greenlet(self._run, flight)
         self._greenlets.add(g)
-        g.link(self._greenlets.discard)
+        # A greenlet killed before it starts never runs its ``finally`` (issue 10, defect 11):
+        # its link still runs, and settles the flight so that no waiter hangs.
+        g.link(lambda g, flight=flight: self._landed(g, flight))
+        g.start()
         return flight
 
     def _widen(self, a: int, b: int) -> tuple[int, int]:
@@ -143,41 +166,71 @@ class Fetcher:
         return a, b
 
     def _run(self, flight: Flight) -> None:
-        assert self.source is not None
         offset = flight.start * self._unit
         length = min(flight.end * self._unit, self._size) - offset
         delay = self._retry.first_delay
+        attempt = 0
         try:
-            for attempt in range(1, self._retry.attempts + 1):
+            # Each attempt first asks whether anything is still missing: a guest write may have
+            # covered the run while a retry waited, and completed the cache (which lets the
+            # source go: issue 10, defect 10).
+            while next(self._map.missing_runs(flight.start, flight.end), None) is not None:
+                source = self.source
+                if source is None:
+                    raise NoSource(f"offset {offset} is not local yet and no source is attached")
+                attempt += 1
                 try:
-                    data = self.source.read(offset, length, flight.priority)
-                    break
+                    data = source.read(offset, length, flight.priority)
                 except SourceError as e:
-                    if not e.transient or attempt == self._retry.attempts:
-                        raise
+                    if not e.transient or attempt >= self._retry.attempts:
+                        raise _reason(e)(f"source read at offset {offset} ({length} bytes) failed "
+                                         f"after {attempt} attempt(s): {e}") from None
                     log.warning("source_read_retry", offset=offset, bytes=length, attempt=attempt,
                                 error=str(e), retry_in_s=round(delay, 3))
                     gevent.sleep(delay)
                     delay = min(delay * 2, self._retry.max_delay)
-            self.bytes_fetched[flight.priority] += length
-            self._fill(flight.start, flight.end, memoryview(data))
-        except SourceError as e:
-            flight.result.set_exception(SourceIOError(f"source read at offset {offset} "
-                                                      f"({length} bytes) failed: {e}"))
+                    continue
+                self.bytes_fetched[flight.priority] += length
+                self._fill(flight.start, flight.end, memoryview(data))
+                break
+        except StoreError as e:
+            flight.result.set_exception(e)
         except BaseException as e:  # killed (close) or a bug: waiters must not hang
             flight.result.set_exception(SourceIOError(f"fetch at offset {offset} aborted: {e!r}"))
             raise
         else:
             flight.result.set(None)
         finally:
-            for u in range(flight.start, flight.end):
-                if self._inflight.get(u) is flight:
-                    del self._inflight[u]
+            self._forget(flight)
+
+    def _landed(self, g: gevent.Greenlet, flight: Flight) -> None:
+        self._greenlets.discard(g)
+        if not flight.result.ready():  # killed before it ran
+            flight.result.set_exception(SourceIOError(
+                f"fetch at offset {flight.start * self._unit} aborted before it started"))
+            self._forget(flight)
+
+    def _forget(self, flight: Flight) -> None:
+        for u in range(flight.start, flight.end):
+            if self._inflight.get(u) is flight:
+                del self._inflight[u]
 
     @property
     def inflight_units(self) -> int:
         return len(self._inflight)
 
+    def priority_at(self, unit: int) -> Priority | None:
+        """Who the flight fetching ``unit`` is for, or None if none is."""
+        f = self._inflight.get(unit)
+        return f.priority if f is not None else None
+
     def close(self) -> None:
-        """Abort every flight; their waiters get ``SourceIOError``."""
+        """Abort every flight and refuse new ones; waiters get ``SourceIOError`` at once."""
+        self._closed = True
         gevent.killall(list(self._greenlets), block=True)
+
+
+def _reason(e: SourceError) -> type[SourceIOError]:
+    """A source that did not answer is NOT READY to the guest (it may come back); one that
+    answered with an error is a read error (issue 10, defect 9)."""
+    return SourceUnreachable if isinstance(e, SourceUnavailable) else SourceIOError

@@ -216,6 +216,9 @@ class Hydrator:
     def start(self) -> None:
         self._apply(Verb.START)
         self._main = gevent.spawn(self._run)
+        # a link, not a ``finally`` in _run: a greenlet cancelled before it starts never runs
+        # its ``finally``, and wait() would hang (issue 10, defect 11)
+        self._main.link(lambda _g: self._done.set())
 
     def pause(self) -> None:
         """Stop issuing runs; those in flight finish (nothing is abandoned half-written)."""
@@ -269,6 +272,8 @@ class Hydrator:
             while not self.disk.complete:
                 if self.disk.source is None:
                     raise StoreError("units are missing and no source is attached")
+                if self.disk.failed:  # fail-stopped: no run can land any more
+                    raise StoreError(self.disk.failed)
                 failed_before = self._failed_runs
                 for offset, length in self._plan():
                     self._checkpoint()
@@ -292,8 +297,6 @@ class Hydrator:
             self._error = str(e) or repr(e)
             log.error("hydration_failed", path=self.disk.path, error=self._error)
             self._apply(Verb.FAIL)
-        finally:
-            self._done.set()
 
     def _checkpoint(self) -> None:
         """The one pause/cancel/rate point of every iteration."""

@@ -24,12 +24,25 @@ boot, units written but not in the map are adopted (cache fdatasync, then their 
 reopened after a reboot, those written bits are dropped instead, since their data may not
 have reached the medium, and the units are fetched again (what a write-back cache may do to
 unflushed writes at a power loss).
+
+Source data never lands on a unit the guest wrote. ``_fill`` checks which units are still
+missing at each write into the cache, holding ``_data_lock``, which every guest write, discard
+and zero marking also holds around its own write and map update. A fill yields between its
+runs (writeback start goes to the thread pool, whose ``spawn`` yields when it is busy), so a
+check made once per fill would be stale by its second run (issue 10, defect 1).
+
+A failed fdatasync of the cache is fail-stop (``_fail_stop``): Linux reports a writeback error
+once and marks the pages clean, so the next fdatasync succeeds without the data; retrying the
+commit would let the map vouch for data that never reached the medium (issue 10, defect 2). The
+volume goes read-only-failed: every later write and flush fails, local data stays readable,
+and ``path.boot`` is cleared so that a successor in this boot does not adopt unflushed writes.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +56,10 @@ from lazyiscsi.source.url import redact
 from lazyiscsi.store.cachefile import BlockFile, FileOpener, OsFile
 from lazyiscsi.store.errors import (
     CacheConfigError,
+    CacheFailed,
+    CacheFull,
+    CacheIOError,
+    CacheReadError,
     OutOfRange,
     SourceMismatch,
     SourceTimeout,
@@ -103,8 +120,10 @@ class LazyDisk:
         io_timeout: float,
         autocommit_s: float | None,
         retry: RetryPolicy | None,
+        opener: FileOpener,
     ) -> None:
         self.path = path
+        self._opener = opener
         self._sb = sb
         self.size = sb.size
         self.unit = sb.unit
@@ -119,6 +138,13 @@ class LazyDisk:
         self._io_timeout = io_timeout
         self._complete = emap.complete
         self._commit_lock = gevent.lock.Semaphore()
+        # held around every write into the cache and the map update that goes with it
+        self._data_lock = gevent.lock.Semaphore()
+        # .written pages are written one at a time, each with the bits of that moment: two
+        # writers racing could otherwise land an older image of a page over a newer one
+        self._written_lock = gevent.lock.Semaphore()
+        #: why the volume is fail-stopped (an fdatasync failed), or None while it is healthy
+        self._failed: str | None = None
         self._closed = False
         self._misses = 0
         self._miss_ms: collections.deque[float] = collections.deque(maxlen=4096)
@@ -168,6 +194,10 @@ class LazyDisk:
                                            f"(no {meta_path}); remove it or choose another path")
                 sb = Superblock(size=source.size, unit=unit or DEFAULT_UNIT, source_url=redact(source.url),
                                 source_identity=source.identity, state=CacheState.HYDRATING)
+                # Side files left by an earlier cache at this path (its cache and .meta deleted
+                # to start over) describe another disk: emptied, durably, before the superblock
+                # makes them ours (issue 10, defect 7).
+                _fresh_side_files(opener, path)
                 # The superblock comes first: a cache file without one is never taken for ours.
                 write_superblock(meta_path, sb)
                 cache.truncate(sb.size)
@@ -211,7 +241,16 @@ class LazyDisk:
         written = ExtentMap(n_units)
         _load_map(writtenfile, written)
         orphans = [m for w in _runs(written, 0, n_units) for m in emap.missing_runs(*w)]
-        if orphans and not _same_boot(opener, path):
+        same_boot = _same_boot(opener, path)
+        if not same_boot:
+            # After a reboot the page cache is empty anyway; after a fail-stop in this boot
+            # (which cleared .boot) it may hold pages whose writeback failed: clean, readable,
+            # never on the medium. What we serve and vouch for from now on is the medium's.
+            try:
+                cache.drop_cache()
+            except OSError as e:
+                log.warning("cache_drop_failed", path=path, error=e.strerror)
+        if orphans and not same_boot:
             written = _intersect(written, emap)
             for page in range(written.n_pages):
                 writtenfile.pwrite(written.page_bytes(page), page * PAGE_BYTES)
@@ -223,7 +262,7 @@ class LazyDisk:
             source.close()  # not needed: everything is local
             source = None
         disk = cls(path, sb, cache, mapfile, emap, source, (writtenfile, written), readahead=readahead,
-                   io_timeout=io_timeout, autocommit_s=autocommit_s, retry=retry)
+                   io_timeout=io_timeout, autocommit_s=autocommit_s, retry=retry, opener=opener)
         if orphans:
             # the previous process died in this boot: its acknowledged writes are in the page
             # cache; commit syncs them before their map bits
@@ -246,6 +285,11 @@ class LazyDisk:
         return self._complete
 
     @property
+    def failed(self) -> str | None:
+        """Why the volume is fail-stopped (read-only-failed), or None."""
+        return self._failed
+
+    @property
     def local_bytes(self) -> int:
         return min(self._map.local_units * self.unit, self.size)
 
@@ -260,7 +304,10 @@ class LazyDisk:
             a, b = self._units(offset, length)
             if next(self._map.missing_runs(a, b), None) is not None:
                 self._await(a, b)
-        return self._cache.pread(length, offset)
+        try:
+            return self._cache.pread(length, offset)
+        except OSError as e:
+            raise self._cache_error(e, "read") from None
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the LUN's bytes at ``offset``, fetching what is not local."""
@@ -269,25 +316,29 @@ class LazyDisk:
             a, b = self._units(offset, len(buf))
             if next(self._map.missing_runs(a, b), None) is not None:
                 self._await(a, b)
-        self._cache.preadinto(buf, offset)
+        try:
+            self._cache.preadinto(buf, offset)
+        except OSError as e:
+            raise self._cache_error(e, "read") from None
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         """Write guest data. Units it covers only partly are fetched first (read-modify-write);
         whole units never wait for the source."""
         self._check(offset, len(data))
-        if not self._complete and len(data):
+        self._check_writable()
+        if len(data):
             a, b = self._units(offset, len(data))
             end = offset + len(data)
-            if offset % self.unit and not self._map.is_local(a):
-                self._await(a, a + 1)
-            if end % self.unit and end != self.size and not self._map.is_local(b - 1):
-                self._await(b - 1, b)
-            self._cache.pwrite(data, offset)
-            self._mark_local(a, b)
-        else:
-            self._cache.pwrite(data, offset)
-        if len(data):
-            self._note_written(*self._units(offset, len(data)))
+            if not self._complete:
+                if offset % self.unit and not self._map.is_local(a):
+                    self._await(a, a + 1)
+                if end % self.unit and end != self.size and not self._map.is_local(b - 1):
+                    self._await(b - 1, b)
+            with self._data_lock:
+                self._check_writable()  # the volume may have failed while we waited
+                self._cache_write(self._cache.pwrite, data, offset)
+                self._mark_local(a, b)
+            self._note_written(a, b)
         if fua:
             self.commit()
 
@@ -295,18 +346,22 @@ class LazyDisk:
         """Deallocate whole units in the range: they read as zeros and are never fetched.
         Units the range covers only partly are left as they are (discard is advisory)."""
         self._check(offset, length)
+        self._check_writable()
         a = -(-offset // self.unit)
         end = offset + length
         b = self._map.n_units if end == self.size else end // self.unit
         if a < b:
             start = a * self.unit
-            self._cache.punch(start, min(b * self.unit, self.size) - start)
-            self._mark_local(a, b)
+            with self._data_lock:
+                self._check_writable()
+                self._cache_write(self._cache.punch, start, min(b * self.unit, self.size) - start)
+                self._mark_local(a, b)
             self._note_written(a, b)
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Make the range read as zeros: whole units are deallocated, partial ones written."""
         self._check(offset, length)
+        self._check_writable()
         end = offset + length
         head_end = min(end, -(-offset // self.unit) * self.unit)
         tail_start = max(head_end, (end // self.unit) * self.unit if end != self.size else end)
@@ -372,10 +427,16 @@ class LazyDisk:
         a = -(-offset // self.unit)
         end = offset + length
         b = self._map.n_units if end >= self.size else end // self.unit
-        for ua, ub in list(self._map.missing_runs(a, b)):
-            start = ua * self.unit
-            self._cache.punch(start, min(ub * self.unit, self.size) - start)
-            self._mark_local(ua, ub)
+        while True:
+            with self._data_lock:  # checked at each punch, as in ``_fill``
+                self._check_writable()
+                run = next(self._map.missing_runs(a, b), None)
+                if run is None:
+                    return
+                ua, a = run
+                start = ua * self.unit
+                self._cache_write(self._cache.punch, start, min(a * self.unit, self.size) - start)
+                self._mark_local(ua, a)
 
     def verifiable_runs(self, start_unit: int, end_unit: int) -> Iterator[tuple[int, int]]:
         """Unit runs in ``[start_unit, end_unit)`` that are local and not written by the guest:
@@ -407,6 +468,11 @@ class LazyDisk:
     def inflight_units(self) -> int:
         return self._fetcher.inflight_units
 
+    def fetching(self, offset: int) -> Priority | None:
+        """Whether the unit at ``offset`` is being fetched, and for whom (the miss-latency
+        benchmark measures misses inside the copier's runs with it)."""
+        return self._fetcher.priority_at(offset // self.unit)
+
     def stats(self) -> DiskStats:
         lat = sorted(self._miss_ms)
         return DiskStats(
@@ -430,6 +496,7 @@ class LazyDisk:
         perhaps not yet durable) waits for the next commit.
         """
         with self._commit_lock:
+            self._check_writable()
             pages = self._map.take_dirty()
             try:
                 self._cache.sync()
@@ -438,9 +505,8 @@ class LazyDisk:
                 if pages:
                     self._mapfile.sync()
             except OSError as e:
-                self._map.requeue_dirty(pages)
-                log.error("commit_failed", path=self.path, error=e.strerror)
-                raise StoreError(f"{self.path}: cannot make data durable ({e.strerror})") from None
+                # never put ``pages`` back: the next fdatasync would succeed without the data
+                self._fail_stop(e)
 
     def detach(self, *, force: bool = False) -> None:
         """Let the source go. Without ``force`` only a complete cache may detach; with it,
@@ -464,8 +530,11 @@ class LazyDisk:
             self._finisher.join()  # a completed cache should say so on disk before we go
         self._fetcher.close()
         try:
-            self.commit()
-            self._writtenfile.sync()
+            if self._failed is None:
+                self.commit()
+                self._writtenfile.sync()
+        except OSError as e:
+            raise self._cache_error(e, "sync the written-units file") from None
         finally:
             self._cache.close()
             self._mapfile.close()
@@ -480,11 +549,49 @@ class LazyDisk:
         costs one sync, not two), so that a killed daemon's successor adopts them."""
         self._written.set_local(a, b)
         try:
-            for page, data in self._written.take_dirty().items():
-                self._writtenfile.pwrite(data, page * PAGE_BYTES)
+            # taken after our bits are set: if an earlier writer's image already holds them,
+            # its write is finished (it held the lock) before we acknowledge ours
+            with self._written_lock:
+                for page, data in self._written.take_dirty().items():
+                    self._writtenfile.pwrite(data, page * PAGE_BYTES)
         except OSError as e:
-            log.error("written_map_failed", path=self.path, error=e.strerror)
-            raise StoreError(f"{self.path}.written: cannot record a guest write ({e.strerror})") from None
+            raise self._cache_error(e, "record a guest write in .written") from None
+
+    def _check_writable(self) -> None:
+        if self._failed is not None:
+            raise CacheFailed(self._failed)
+
+    def _cache_error(self, e: OSError, what: str) -> CacheIOError:
+        """The typed reason for a failed cache operation (never the source's fault)."""
+        cls: type[CacheIOError] = CacheIOError
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            cls = CacheFull
+        elif what == "read":
+            cls = CacheReadError
+        log.error("cache_io_failed", path=self.path, what=what, error=e.strerror)
+        return cls(f"{self.path}: cannot {what} ({e.strerror})")
+
+    def _cache_write(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn(*args)
+        except OSError as e:
+            raise self._cache_error(e, "write the cache") from None
+
+    def _fail_stop(self, e: OSError) -> None:
+        """An fdatasync failed: the volume becomes read-only-failed, said once in the log."""
+        if self._failed is None:
+            self._failed = (f"{self.path}: the cache could not be made durable ({e.strerror}); "
+                            "the volume is failed (read-only) until it is reopened")
+            log.error("cache_failed", path=self.path, error=e.strerror,
+                      action="every write and flush now fails; reopen after fixing the disk")
+            # a successor in this boot must not adopt units written since the last good sync
+            with contextlib.suppress(OSError, CacheConfigError):
+                f = self._opener(f"{self.path}.boot", create=True)
+                try:
+                    f.truncate(0)
+                finally:
+                    f.close()
+        raise CacheFailed(self._failed)
 
     def _check(self, offset: int, length: int) -> None:
         if self._closed:
@@ -509,18 +616,27 @@ class LazyDisk:
     def _fill(self, start: int, end: int, data: memoryview) -> int:
         """Write source data for units ``[start, end)`` where they are still missing.
 
-        Called with no yield between the check and the write: a guest write that landed while
-        the fetch was in flight has set its bits, so its units are skipped here.
+        The one place that enforces "a unit the guest wrote is never written by a fetch": the
+        missing run is found under ``_data_lock`` right before each write into the cache, and
+        marked local before the lock is let go; a guest write holds the same lock around its
+        own write and bits. Between runs (writeback start) the fill yields, and a guest write
+        may land: the next run's check sees it.
         """
         filled = 0
         base = start * self.unit
-        for a, b in list(self._map.missing_runs(start, end)):
-            off = a * self.unit
-            length = min(b * self.unit, self.size) - off
-            self._cache.pwrite(data[off - base:off - base + length], off)
+        pos = start
+        while True:
+            with self._data_lock:
+                self._check_writable()
+                run = next(self._map.missing_runs(pos, end), None)
+                if run is None:
+                    return filled
+                a, pos = run
+                off = a * self.unit
+                length = min(pos * self.unit, self.size) - off
+                self._cache_write(self._cache.pwrite, data[off - base:off - base + length], off)
+                filled += self._mark_local(a, pos)
             self._cache.start_writeback(off, length)
-            filled += self._mark_local(a, b)
-        return filled
 
     def _mark_local(self, a: int, b: int) -> int:
         added = self._map.set_local(a, b)
@@ -531,7 +647,10 @@ class LazyDisk:
 
     def _finish(self) -> None:
         """Every unit is local: make it durable, record it, let the source go."""
-        self.commit()
+        try:
+            self.commit()
+        except StoreError:
+            return  # logged by commit; the cache says HYDRATING until a commit succeeds
         self._set_state(CacheState.COMPLETE)
         stats = self.stats()
         log.info("hydration_completed", path=self.path, size=self.size,
@@ -552,11 +671,23 @@ class LazyDisk:
             source.close()
 
     def _autocommit(self, interval: float) -> None:
-        while True:
+        while self._failed is None:
             gevent.sleep(interval)
             # a failure is logged by commit; the next round or the guest's flush tries again
             with contextlib.suppress(StoreError):
                 self.commit()
+
+
+def _fresh_side_files(opener: FileOpener, path: str) -> None:
+    """Empty the map, written-units and boot files of a cache being created, durably."""
+    for suffix in (".map", ".written", ".boot"):
+        f = opener(f"{path}{suffix}", create=True)
+        try:
+            if f.size():
+                f.truncate(0)
+                f.sync()
+        finally:
+            f.close()
 
 
 def _runs(emap: ExtentMap, start: int, end: int) -> Iterator[tuple[int, int]]:

@@ -1,38 +1,105 @@
-"""Fakes *below* the store, for the model-based tests: a file that can crash and a source whose
-reads complete when the test says so, in any order. The store itself is the real code."""
+"""Fakes *below* the store, for the model-based and schedule tests: files that can crash and
+a source, whose every operation parks on a gate until the test lets it go, in any order, and
+sources that answer at once or over a simulated link. The store itself is the real code."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import random
 from dataclasses import dataclass, field
 
+import gevent
 from gevent.event import AsyncResult
 
 from lazyiscsi.source.base import Extent, Priority, SourceReadError, SourceUnavailable
 
+#: the page cache's unit of writeback
+PAGE = 4096
 
-class VolatileFile:
-    """A file whose writes are volatile until ``sync``; ``crash`` decides what survives.
 
-    ``durable`` is what the medium holds; ``pending`` is the list of writes since the last sync
-    (offset, bytes), replayed in order over ``durable`` to give what a read sees.
+class Parked:
+    """One operation below the store, stopped at its yield point until the test releases it."""
+
+    def __init__(self, kind: str, where: str, offset: int, length: int) -> None:
+        self.kind, self.where, self.offset, self.length = kind, where, offset, length
+        self.result: AsyncResult = AsyncResult()
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.where} {self.offset}+{self.length}>"
+
+
+class Gate:
+    """The schedule: every I/O point below the store parks here, and the test (or a seeded
+    scheduler) picks which parked operation goes on next, and whether it fails.
+
+    The points are those where the real code can yield to the hub: a cache or map write
+    (in-line today, but the store must not rely on it), the start of writeback and fdatasync
+    (both handed to gevent's thread pool, whose ``spawn`` also yields when the pool is busy),
+    and every source reply. While ``passthrough`` is set nothing parks (opening a cache).
     """
 
-    def __init__(self, disk: VolatileDisk) -> None:
-        self.disk = disk
-        self.durable = bytearray()
-        self.durable_size = 0
-        self.pending: list[tuple[int, bytes | None, int]] = []  # (offset, data or None=truncate, size)
+    def __init__(self) -> None:
+        self.parked: list[Parked] = []
+        self.passthrough = False
+        self.points = 0  # yield points reached: how much of a schedule the test explored
+
+    def park(self, kind: str, where: str, offset: int = 0, length: int = 0) -> None:
+        if self.passthrough:
+            return
+        p = Parked(kind, where, offset, length)
+        self.parked.append(p)
+        self.points += 1
+        try:
+            p.result.get()
+        finally:
+            if p in self.parked:
+                self.parked.remove(p)
+
+    def release(self, index: int, error: BaseException | None = None) -> Parked:
+        p = self.parked.pop(index)
+        if error is None:
+            p.result.set(None)
+        else:
+            p.result.set_exception(error)
+        return p
+
+
+def settle() -> None:
+    """Run every greenlet that can run until each is parked, blocked or done."""
+    gevent.idle()
+    gevent.idle()
+
+
+class GatedFile:
+    """A file whose writes are volatile until a sync, and whose every write, writeback start
+    and sync parks on the gate.
+
+    ``view`` is what reads see (the page cache); ``durable`` what the medium holds; ``pending``
+    the writes made since they were last made durable, in order. A sync makes durable the
+    pages of the writes that were complete when it began, as they are in the page cache when it
+    ends (fdatasync promises no more than those writes, and writes back whole pages). A
+    sync released with an error behaves as Linux does after a failed writeback: those writes
+    stay readable but will never be durable, the error is reported once, and the next sync
+    succeeds.
+    """
+
+    def __init__(self, gate: Gate, name: str) -> None:
+        self.gate = gate
+        self.name = name
         self.view = bytearray()
-        self.open = False
-        self.syncs = 0
+        self.durable = bytearray()
+        # (offset, data or None for a truncate, size, the pages it touched as they were after it)
+        self.pending: list[tuple[int, bytes | None, int, dict[int, bytes]]] = []
+        self.sync_errors = 0
 
     def size(self) -> int:
         return len(self.view)
 
     def truncate(self, size: int) -> None:
         self._apply(self.view, 0, None, size)
-        self.pending.append((0, None, size))
+        self.pending.append((0, None, size, {}))
 
     def preadinto(self, buf: memoryview, offset: int) -> None:
         chunk = self.view[offset:offset + len(buf)]
@@ -45,37 +112,69 @@ class VolatileFile:
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         data = bytes(data)
-        self._apply(self.view, offset, data, 0)
-        self.pending.append((offset, data, 0))
+        self.gate.park("pwrite", self.name, offset, len(data))
+        self._write(offset, data)
 
     def punch(self, offset: int, length: int) -> None:
+        self.gate.park("punch", self.name, offset, length)
         end = min(offset + length, len(self.view))
         if end > offset:
-            self.pwrite(bytes(end - offset), offset)
+            self._write(offset, bytes(end - offset))
 
     def sync(self) -> None:
-        """Like fdatasync in a thread: other greenlets run meanwhile, and while the disk's
-        gate is shut the sync waits for the test to release it (a crash may come first)."""
-        if self.disk.gate:
-            release = AsyncResult()
-            self.disk.pending_syncs.append(release)
-            release.get()
-        self.durable = bytearray(self.view)
-        self.pending.clear()
-        self.syncs += 1
+        """fdatasync in the thread pool: other greenlets run until the gate lets it finish."""
+        covered = len(self.pending)
+        self.gate.park("sync", self.name)
+        done, self.pending = self.pending[:covered], self.pending[covered:]
+        if self.sync_errors:
+            self.sync_errors -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))  # ``done`` is lost to the medium
+        for offset, data, size, _ in done:
+            if data is None:
+                self._apply(self.durable, offset, data, size)
+                continue
+            # the kernel writes back whole pages of the page cache, with whatever they hold now
+            lo = offset // PAGE * PAGE
+            hi = min(len(self.view), -(-(offset + len(data)) // PAGE) * PAGE)
+            self._apply(self.durable, lo, bytes(self.view[lo:hi]), 0)
 
     def start_writeback(self, offset: int, length: int) -> None:
-        """Writeback without durability: nothing a crash test can observe."""
+        """A thread-pool spawn: it yields when the pool is busy. No durability is promised."""
+        self.gate.park("writeback", self.name, offset, length)
+
+    def drop_cache(self) -> None:
+        """Clean pages go (reads see the medium); dirty ones stay as they are."""
+        old, self.view = self.view, bytearray(self.durable)
+        self._apply(self.view, 0, None, len(old))
+        for _, _, _, pages in self.pending:
+            for page in pages:
+                self.view[page * PAGE:(page + 1) * PAGE] = old[page * PAGE:(page + 1) * PAGE]
 
     def close(self) -> None:
-        self.open = False
+        pass
 
-    def crash(self, keep: bool) -> None:
-        """Power loss: unsynced writes are all kept (``keep``) or all lost."""
-        if keep:
-            self.durable = bytearray(self.view)
+    def crash(self, rnd: random.Random) -> None:
+        """Power loss: each page holds what it held after some prefix of the unsynced writes to
+        it (the kernel writes a page back with everything written to it so far; pages go in
+        any order)."""
+        versions: dict[int, list[bytes]] = {}  # page -> its contents after each pending write
+        for offset, data, size, pages in self.pending:
+            if data is None:
+                self._apply(self.durable, offset, data, size)
+            for page, content in pages.items():
+                versions.setdefault(page, []).append(content)
+        for page, contents in versions.items():
+            k = rnd.randint(0, len(contents))
+            if k:
+                self._apply(self.durable, page * PAGE, contents[k - 1], 0)
         self.view = bytearray(self.durable)
         self.pending.clear()
+
+    def _write(self, offset: int, data: bytes) -> None:
+        self._apply(self.view, offset, data, 0)
+        pages = {page: bytes(self.view[page * PAGE:(page + 1) * PAGE])
+                 for page in range(offset // PAGE, -(-(offset + len(data)) // PAGE))}
+        self.pending.append((offset, data, 0, pages))
 
     @staticmethod
     def _apply(buf: bytearray, offset: int, data: bytes | None, size: int) -> None:
@@ -90,25 +189,46 @@ class VolatileFile:
         buf[offset:offset + len(data)] = data
 
 
-class VolatileDisk:
-    """The opener the store is given: one VolatileFile per path, surviving "reopen"."""
+class GatedDisk:
+    """The opener the store is given: one GatedFile per path, surviving a reopen."""
 
-    def __init__(self) -> None:
-        self.files: dict[str, VolatileFile] = {}
-        self.gate = False
-        self.pending_syncs: list[AsyncResult] = []
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.files: dict[str, GatedFile] = {}
 
-    def release_sync(self, index: int) -> None:
-        self.pending_syncs.pop(index).set(None)
-
-    def __call__(self, path: str, *, create: bool) -> VolatileFile:
+    def __call__(self, path: str, *, create: bool) -> GatedFile:
         f = self.files.get(path)
         if f is None:
             if not create:
                 raise FileNotFoundError(path)
-            f = self.files[path] = VolatileFile(self)
-        f.open = True
+            f = self.files[path] = GatedFile(self.gate, os.path.basename(path))
         return f
+
+
+class GatedSource:
+    """A source whose every reply parks on the gate; the test releases it as data or as an
+    error (``SourceReadError``: the server answered EIO; ``SourceUnavailable``: no answer)."""
+
+    def __init__(self, gate: Gate, data: bytes) -> None:
+        self.gate = gate
+        self.data = data
+        self.size = len(data)
+        self.url = "gated://test"
+        self.identity = "gated:" + hashlib.sha256(data).hexdigest()[:16]
+        self.closed = False
+
+    def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
+        if self.closed:
+            raise SourceUnavailable("closed")
+        assert offset >= 0 and offset + length <= self.size, (offset, length)
+        self.gate.park("source", priority.value, offset, length)
+        return self.data[offset:offset + length]
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(offset, length, False)]
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @dataclass(eq=False)

@@ -1,85 +1,146 @@
-"""Model-based tests of LazyDisk: random interleavings of guest I/O, background populates,
-source completions in any order, source errors, flushes and crashes, checked after every step
-against a reference model.
+"""Model-based schedule exploration of LazyDisk (issue 10): every I/O point below the store (cache
+and map writes, writeback starts, fdatasyncs in the thread pool, source replies) parks on a gate
+(``store_fakes.Gate``), and hypothesis picks which parked operation goes on next and whether
+it fails. Guest reads, writes, UNMAP, WRITE SAME, COMPARE AND WRITE and flushes (at the store's
+API) interleave with background fills (the hydrator's ``populate`` and ``mark_zero``), source
+errors, fdatasync errors, kills (the same boot) and power losses. One example is one schedule.
+The same model runs under two drivers: hypothesis (``TestLazyDiskModel``, which shrinks a
+failure to a short schedule) and a seeded random driver (``test_seeded_schedules``, thousands
+of schedules per run, each reproducible from its seed: ``LAZYISCSI_MODEL_SEED``).
 
-The model keeps, per unit, what a read must return now (``latest``) and every value the unit
-held since the last flush (``history``, oldest = the durable value). After a crash a unit may
-hold any value of its history and nothing else; a unit not written since the last flush must
-hold exactly its durable value. That one rule says both "a flushed write is never lost" and
-"source data never replaces a guest write" (source data is in a unit's history only while no
-guest write to it has been flushed).
+Checked after every step:
 
-A crash is a power loss (a new boot: what was not synced may be gone). A kill is the daemon
-dying while the machine runs on (the same boot: the files keep every write the kernel took);
-then nothing a finished guest write put there may be lost, flushed or not.
+* a read returns what the model says the LUN holds: the source's bytes or the last write;
+* map bits only over durable data: every unit whose bit is on the medium holds, on the medium,
+  a value the unit had since the last completed flush (never a hole or a half-done fill);
+* no acknowledged write lost: after a kill (same boot) every unit not under a guest operation
+  holds exactly its last write; after a power loss every unit holds a value it had since the
+  last completed flush, and a unit written since has one of its own values;
+* after a failed fdatasync the volume is fail-stopped: every flush that ends later fails, and so
+  does every write that starts later (SBC-4 has no way to say "your earlier writes are gone").
 
-Concurrent guest operations never overlap (as with a real initiator that orders its own
-overlapping commands); populates and source completions overlap with anything.
+The model keeps, per unit, the values a read may return now (``allowed``: one, unless a write
+failed half-way) and every value the unit held since the last flush (``history``, oldest
+first). Concurrent guest operations never overlap (an initiator orders its own overlapping
+commands); fills and source replies overlap with anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import TypeVar
 
 import gevent
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from structlog.testing import capture_logs
 
+from lazyiscsi.source.base import SourceReadError, SourceUnavailable
 from lazyiscsi.store import lazydisk
-from lazyiscsi.store.errors import SourceIOError
+from lazyiscsi.store.errors import StoreError
 from lazyiscsi.store.fetch import RetryPolicy
 from lazyiscsi.store.lazydisk import LazyDisk
-from tests.unit.store_fakes import ScriptedSource, VolatileDisk
+from lazyiscsi.store.superblock import CacheState
+from tests.unit.store_fakes import Gate, GatedDisk, GatedSource, settle
 
 UNIT = 512
-MAX_UNITS = 20
-EXAMPLES = int(os.environ.get("LAZYISCSI_MODEL_EXAMPLES", "2000" if os.environ.get("CI") else "300"))
+MAX_UNITS = 12
+#: hypothesis schedules per run (they shrink a failure to a short schedule)
+EXAMPLES = int(os.environ.get("LAZYISCSI_MODEL_EXAMPLES", "200"))
+#: seeded random schedules per run, the bulk of the exploration (issue 10 asks for >= 5,000 per
+#: CI run; set fewer while working on the store)
+SCHEDULES = int(os.environ.get("LAZYISCSI_MODEL_SCHEDULES", "5000"))
+#: steps per schedule: enough for a fill, two guest writes and the releases between them
+STEPS = 30
 
-
-def _settle() -> None:
-    for _ in range(12):
-        gevent.sleep(0)
+T = TypeVar("T")
+SOURCE_OUTCOMES = ("ok", "ok", "ok", "eio", "unreachable")
 
 
 class Op:
-    def __init__(self, kind: str, offset: int, length: int, expect: bytes | None,
-                 undo: dict[int, bytes] | None) -> None:
-        self.kind, self.offset, self.length, self.expect, self.undo = kind, offset, length, expect, undo
+    def __init__(self, kind: str, offset: int, length: int, payload: bytes | None = None) -> None:
+        self.kind, self.offset, self.length, self.payload = kind, offset, length, payload
         self.greenlet: gevent.Greenlet | None = None
-        self.mark: list[int] = []
+        self.expect: list[set[bytes]] = []  # read: allowed values of each unit when it began
+        self.old: dict[int, set[bytes]] = {}  # write: what the units allowed before it
+        self.mark: list[int] = []  # flush: where each unit's history stood when it began
+        self.snapshot: list[set[bytes]] = []  # flush: allowed values when it began
+        self.after_failure = False  # a flush or write begun after an fdatasync had failed
 
     @property
     def units(self) -> range:
         return range(self.offset // UNIT, -(-(self.offset + self.length) // UNIT))
 
 
-class LazyDiskMachine(RuleBasedStateMachine):
+def _outcome(fn, *args, **kwargs) -> tuple[object, Exception | None]:  # type: ignore[no-untyped-def]
+    """Run a guest operation; its error is a result to check (and no traceback on stderr)."""
+    try:
+        return fn(*args, **kwargs), None
+    except Exception as e:
+        return None, e
+
+
+class Choices:
+    """Where a schedule's choices come from: hypothesis (which shrinks a failure to a short
+    schedule) or a seeded ``random.Random`` (cheap: thousands of schedules per run)."""
+
+    def __init__(self, data: st.DataObject | None = None, rnd: random.Random | None = None) -> None:
+        self._data, self._rnd = data, rnd
+
+    def integer(self, lo: int, hi: int) -> int:
+        if self._data is not None:
+            return self._data.draw(st.integers(lo, hi))
+        assert self._rnd is not None
+        return self._rnd.randint(lo, hi)
+
+    def boolean(self) -> bool:
+        return bool(self.integer(0, 1))
+
+    def pick(self, options: Sequence[T]) -> T:
+        return options[self.integer(0, len(options) - 1)]
+
+    def payload(self, n: int) -> bytes:
+        if self._data is not None:
+            return self._data.draw(st.binary(min_size=n, max_size=n))
+        assert self._rnd is not None
+        return self._rnd.randbytes(n)
+
+
+class StoreModel:
+    """The store under a schedule, and the reference model it is checked against."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.tmp = None
+        self.tmp: tempfile.TemporaryDirectory | None = None
 
-    @initialize(n_units=st.integers(2, MAX_UNITS), tail=st.sampled_from([0, 0, 100]),
-                readahead_units=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
     def setup(self, n_units: int, tail: int, readahead_units: int, seed: int) -> None:
-        import tempfile
-
-        self.tmp = tempfile.TemporaryDirectory()
+        # the superblock is replaced with fsyncs: on tmpfs they cost nothing
+        self.tmp = tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.boot = 0
         self.real_boot_id = lazydisk.current_boot_id
         lazydisk.current_boot_id = lambda: f"model-boot-{self.boot}"  # type: ignore[assignment]
         rnd = random.Random(seed)
         self.size = n_units * UNIT - tail
-        self.data = bytes(rnd.randrange(1, 256) for _ in range(self.size))
+        data = bytearray(rnd.randbytes(self.size).replace(b"\0", b"\1"))
+        # some units are zero at the source: the hydrator may mark them without reading
+        self.zero_units = [u for u in range(n_units) if rnd.random() < 0.25]
+        for u in self.zero_units:
+            data[u * UNIT:(u + 1) * UNIT] = bytes(len(data[u * UNIT:(u + 1) * UNIT]))
+        self.data = bytes(data)
         self.path = os.path.join(self.tmp.name, "cache")
-        self.vdisk = VolatileDisk()
+        self.gate = Gate()
+        self.files = GatedDisk(self.gate)
         self.readahead = readahead_units * UNIT
-        self.latest = bytearray(self.data)
-        self.history: list[list[bytes]] = [[self._unit(self.latest, u)] for u in range(self._n_units)]
-        self.syncs_at_flush = 0
+        self.allowed: list[set[bytes]] = [{self._unit(self.data, u)} for u in range(self._n_units)]
+        self.history: list[list[bytes]] = [[self._unit(self.data, u)] for u in range(self._n_units)]
         self.ops: list[Op] = []
-        self.populates: list[gevent.Greenlet] = []
+        self.fills: list[gevent.Greenlet] = []
+        self.sync_failed = False  # an fdatasync failed in this process: the volume is fail-stopped
         self._open()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -92,14 +153,18 @@ class LazyDiskMachine(RuleBasedStateMachine):
         return bytes(buf[u * UNIT:min((u + 1) * UNIT, self.size)])
 
     def _open(self) -> None:
-        self.source = ScriptedSource(self.data)
-        self.disk = LazyDisk.open(self.path, self.source, unit=UNIT, readahead=self.readahead,
-                                  autocommit_s=None, retry=RetryPolicy(attempts=2, first_delay=0),
-                                  opener=self.vdisk)
+        self.source = GatedSource(self.gate, self.data)
+        self.gate.passthrough = True
+        try:
+            self.disk = LazyDisk.open(self.path, self.source, unit=UNIT, readahead=self.readahead,
+                                      io_timeout=1e6, autocommit_s=None,
+                                      retry=RetryPolicy(attempts=2, first_delay=0), opener=self.files)
+        finally:
+            self.gate.passthrough = False
+        settle()
 
-    @property
-    def cache_file(self):  # type: ignore[no-untyped-def]
-        return self.vdisk.files[self.path]
+    def _file(self, suffix: str):  # type: ignore[no-untyped-def]
+        return self.files.files[self.path + suffix]
 
     def _busy_units(self) -> set[int]:
         return {u for op in self.ops for u in op.units}
@@ -108,211 +173,349 @@ class LazyDiskMachine(RuleBasedStateMachine):
         busy = self._busy_units()
         return not any(u in busy for u in range(offset // UNIT, -(-(offset + length) // UNIT)))
 
-    def _range(self, data: st.DataObject) -> tuple[int, int]:
-        offset = data.draw(st.integers(0, self.size - 1))
-        length = data.draw(st.integers(1, min(self.size - offset, 3 * UNIT)))
+    def _range(self, c: Choices) -> tuple[int, int]:
+        offset = c.integer(0, self.size - 1)
+        length = c.integer(1, min(self.size - offset, 3 * UNIT))
         return offset, length
 
     def _spawn(self, op: Op, fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        op.greenlet = gevent.spawn(fn, *args, **kwargs)
+        op.after_failure = self.sync_failed and (op.kind == "flush" or bool(op.old))
+        op.greenlet = gevent.spawn(_outcome, fn, *args, **kwargs)
         self.ops.append(op)
-        _settle()
+        settle()
 
-    def _set_latest(self, offset: int, data: bytes) -> dict[int, bytes]:
-        """Apply a guest write to the model; return the units' old values (to undo a failure)."""
+    def _apply_write(self, op: Op, offset: int, data: bytes) -> None:
+        """A guest write, in the model: the units now read as ``data``."""
         first, last = offset // UNIT, -(-(offset + len(data)) // UNIT)
-        undo = {u: self._unit(self.latest, u) for u in range(first, last)}
-        self.latest[offset:offset + len(data)] = data
         for u in range(first, last):
-            self.history[u].append(self._unit(self.latest, u))
-        return undo
+            op.old.setdefault(u, set(self.allowed[u]))
+            (old,) = self.allowed[u] if len(self.allowed[u]) == 1 else (None,)
+            base = bytearray(old if old is not None else self._unit(self.data, u))
+            lo, hi = max(offset, u * UNIT), min(offset + len(data), u * UNIT + len(base))
+            base[lo - u * UNIT:hi - u * UNIT] = data[lo - offset:hi - offset]
+            self.allowed[u] = {bytes(base)}
+            self.history[u].append(bytes(base))
+
+    def _writable(self, offset: int, length: int) -> bool:
+        """Partial units are read-modify-written: the model needs their one current value."""
+        return all(len(self.allowed[u]) == 1 for u in range(offset // UNIT, -(-(offset + length) // UNIT)))
 
     def _harvest(self) -> None:
         """Check every guest operation that has finished."""
         for op in [o for o in self.ops if o.greenlet.ready()]:
             self.ops.remove(op)
-            exc = op.greenlet.exception
+            value, exc = op.greenlet.value
             if exc is not None:
-                assert isinstance(exc, SourceIOError), f"{op.kind} raised {exc!r}"
-                if op.undo:  # the write did not happen: nothing of it may show
-                    for u, old in op.undo.items():
-                        self.latest[u * UNIT:u * UNIT + len(old)] = old
+                assert isinstance(exc, StoreError), f"{op.kind} raised {exc!r}"
+                for u, old in op.old.items():  # it may have written all, part or nothing
+                    self.allowed[u] |= old
                 continue
+            if op.after_failure:
+                raise AssertionError(f"{op.kind} succeeded after an fdatasync failed")
             if op.kind == "flush":
+                assert not self.sync_failed, "a flush succeeded after an fdatasync failed"
                 # the flush covers what was current when it began (no write was in flight then)
-                self.history = [[self._unit(op.expect, u), *h[m:]]
-                                for u, (h, m) in enumerate(zip(self.history, op.mark, strict=True))]
-                # a write that ran during the flush may or may not be covered by it: until the
-                # next clean flush a crash may keep it, so the exact check is off
-                clean = all(len(h) == 1 for h in self.history)
-                self.syncs_at_flush = self.cache_file.syncs if clean else -1
+                self.history = [[*sorted(s), *h[m:]]
+                                for s, h, m in zip(op.snapshot, self.history, op.mark, strict=True)]
             elif op.kind == "read":
-                got = bytes(op.greenlet.value)
-                assert got == op.expect, f"read {op.offset}+{op.length} returned wrong data"
+                got = bytes(value)
+                self._check_read(op, got)
 
-    # -- rules -----------------------------------------------------------------------------
+    def _check_read(self, op: Op, got: bytes) -> None:
+        for i, u in enumerate(op.units):
+            lo, hi = max(op.offset, u * UNIT), min(op.offset + op.length, (u + 1) * UNIT)
+            part = got[lo - op.offset:hi - op.offset]
+            ok = any(v[lo - u * UNIT:hi - u * UNIT] == part for v in op.expect[i])
+            assert ok, f"read {op.offset}+{op.length}: unit {u} is neither the source nor the last write"
 
-    @rule(data=st.data())
-    def read(self, data: st.DataObject) -> None:
-        offset, length = self._range(data)
+    # -- guest operations ------------------------------------------------------------------
+
+    def read(self, c: Choices) -> None:
+        offset, length = self._range(c)
         if self._free(offset, length):
-            expect = bytes(self.latest[offset:offset + length])
-            self._spawn(Op("read", offset, length, expect, None), self.disk.read, offset, length)
+            op = Op("read", offset, length)
+            op.expect = [set(self.allowed[u]) for u in op.units]
+            self._spawn(op, self.disk.read, offset, length)
 
-    @rule(data=st.data(), aligned=st.booleans(), fua=st.booleans())
-    def write(self, data: st.DataObject, aligned: bool, fua: bool) -> None:
-        offset, length = self._range(data)
+    def write(self, c: Choices) -> None:
+        offset, length = self._range(c)
+        aligned, fua = c.boolean(), c.boolean()
         if aligned:
             offset = offset // UNIT * UNIT
             length = min(self.size - offset, -(-length // UNIT) * UNIT)
-        if not self._free(offset, length):
+        if not self._free(offset, length) or not self._writable(offset, length):
             return
-        payload = data.draw(st.binary(min_size=length, max_size=length))
-        undo = self._set_latest(offset, payload)
-        self._spawn(Op("write", offset, length, None, undo), self.disk.write, offset, payload, fua=fua)
+        payload = c.payload(length)
+        op = Op("write", offset, length, payload)
+        self._apply_write(op, offset, payload)
+        self._spawn(op, self.disk.write, offset, payload, fua=fua)
 
-    @rule(data=st.data(), zeroes=st.booleans())
-    def discard(self, data: st.DataObject, zeroes: bool) -> None:
-        offset, length = self._range(data)
-        if not self._free(offset, length):
+    def unmap_or_write_same(self, c: Choices) -> None:
+        """UNMAP is ``discard`` (whole units only); WRITE SAME of zeros is ``write_zeroes``."""
+        offset, length = self._range(c)
+        zeroes = c.boolean()
+        if not self._free(offset, length) or not self._writable(offset, length):
             return
         if zeroes:
-            undo = self._set_latest(offset, bytes(length))
-            self._spawn(Op("write_zeroes", offset, length, None, undo),
-                        self.disk.write_zeroes, offset, length)
+            op = Op("write_zeroes", offset, length)
+            self._apply_write(op, offset, bytes(length))
+            self._spawn(op, self.disk.write_zeroes, offset, length)
         else:
             end = offset + length
             a = -(-offset // UNIT) * UNIT
             b = self.size if end == self.size else end // UNIT * UNIT
-            undo = self._set_latest(a, bytes(b - a)) if b > a else None
-            self._spawn(Op("discard", offset, length, None, undo), self.disk.discard, offset, length)
+            op = Op("discard", offset, length)
+            if b > a:
+                self._apply_write(op, a, bytes(b - a))
+            self._spawn(op, self.disk.discard, offset, length)
 
-    @rule(data=st.data())
-    def populate(self, data: st.DataObject) -> None:
-        offset, length = self._range(data)
-        g = gevent.spawn(self.disk.populate, offset, length)
-        self.populates.append(g)
-        _settle()
+    def compare_and_write(self, c: Choices) -> None:
+        """SBC-4 5.3 at the store's API: read, compare, and write only if equal."""
+        offset, length = self._range(c)
+        match = c.boolean()
+        if not self._free(offset, length) or not self._writable(offset, length):
+            return
+        current = b"".join(next(iter(self.allowed[u])) for u in range(self._n_units))[offset:offset + length]
+        expect = current if match else bytes(b ^ 0xFF for b in current)
+        payload = c.payload(length)
+        op = Op("compare_and_write", offset, length, payload)
+        if match:
+            self._apply_write(op, offset, payload)
+        disk = self.disk
 
-    @precondition(lambda self: self.source.pending)
-    @rule(data=st.data(), fail=st.sampled_from([False, False, False, True]))
-    def source_answers(self, data: st.DataObject, fail: bool) -> None:
-        i = data.draw(st.integers(0, len(self.source.pending) - 1))
-        (self.source.fail if fail else self.source.complete)(i)
-        _settle()
+        def caw() -> None:
+            if disk.read(offset, length) == expect:
+                disk.write(offset, payload)
 
-    @precondition(lambda self: not self.ops)
-    @rule(gated=st.booleans())
-    def flush(self, gated: bool) -> None:
-        """A flush; when gated, its fdatasyncs wait for ``sync_completes`` (a crash may come
-        first, which is how the order of data and map syncs inside a commit gets tested)."""
-        self.vdisk.gate = gated
-        op = Op("flush", 0, 0, None, None)
-        # what each unit held when the flush began, and where later values start in history
+        self._spawn(op, caw)
+
+    def flush(self, c: Choices) -> None:
+        """SYNCHRONIZE CACHE (or the autocommit round, which is the same commit)."""
+        if any(op.kind != "read" for op in self.ops):
+            return  # what it covers is only clear when no write is in flight
+        op = Op("flush", 0, 0)
         op.mark = [len(h) for h in self.history]
-        op.expect = bytes(self.latest)
+        op.snapshot = [set(s) for s in self.allowed]
         self._spawn(op, self.disk.flush)
 
-    @precondition(lambda self: self.vdisk.pending_syncs)
-    @rule(data=st.data())
-    def sync_completes(self, data: st.DataObject) -> None:
-        self.vdisk.release_sync(data.draw(st.integers(0, len(self.vdisk.pending_syncs) - 1)))
-        _settle()
+    # -- the hydrator ----------------------------------------------------------------------
+
+    def populate(self, c: Choices) -> None:
+        offset, length = self._range(c)
+        self.fills.append(gevent.spawn(self._quietly, self.disk.populate, offset, length))
+        settle()
+
+    def mark_zero(self, c: Choices) -> None:
+        """The source said this unit is zero (block status): marked without reading it."""
+        if not self.zero_units:
+            return
+        u = c.pick(self.zero_units)
+        self.fills.append(gevent.spawn(self._quietly, self.disk.mark_zero, u * UNIT, UNIT))
+        settle()
+
+    @staticmethod
+    def _quietly(fn, *args) -> None:  # type: ignore[no-untyped-def]
+        with contextlib.suppress(StoreError):  # the hydrator logs and tries again later
+            fn(*args)
+
+    # -- the schedule ----------------------------------------------------------------------
+
+    def step(self, c: Choices) -> None:
+        """Let one parked operation go on, choosing how it ends."""
+        if not self.gate.parked:
+            return
+        i = c.integer(0, len(self.gate.parked) - 1)
+        p = self.gate.parked[i]
+        error: BaseException | None = None
+        if p.kind == "source":
+            outcome = c.pick(SOURCE_OUTCOMES)
+            error = {"ok": None, "eio": SourceReadError("injected EIO"),
+                     "unreachable": SourceUnavailable("injected: no answer")}[outcome]
+        elif p.kind == "sync" and c.integer(0, 7) == 0:
+            self.files.files[os.path.join(self.tmp.name, p.where)].sync_errors += 1
+            self.sync_failed = True
+        self.gate.release(i, error)
+        settle()
 
     def _die(self) -> None:
         """The process dies: nothing of it runs on."""
-        gevent.killall([op.greenlet for op in self.ops] + self.populates)
+        gevent.killall([op.greenlet for op in self.ops] + self.fills)
         self.disk._fetcher.close()
         for g in (self.disk._finisher, self.disk._committer):
             if g is not None:
                 g.kill()
-        self.ops, self.populates = [], []
-        self.vdisk.pending_syncs.clear()
-        self.vdisk.gate = False
+        self.ops, self.fills = [], []
+        for p in list(self.gate.parked):  # whatever is still parked belongs to the dead process
+            p.result.set_exception(gevent.GreenletExit())
+        settle()
+        assert not self.gate.parked
+        for f in self.files.files.values():
+            f.sync_errors = 0
 
-    @rule()
-    def kill(self) -> None:
+    def kill(self, c: Choices) -> None:
         in_flight = {u for op in self.ops if op.kind != "flush" for u in op.units}
+        failed = self.sync_failed
         self._die()
         self._open()  # same boot: the files hold every write the process made
         after = self._read_all()
         for u in range(self._n_units):
             got = self._unit(after, u)
-            if u in in_flight:
-                assert got in self.history[u], f"unit {u} holds data never written there"
+            if u in in_flight or failed:
+                # a failed fdatasync told the guest its unflushed writes may be gone
+                assert got in self.history[u] or got in self.allowed[u], \
+                    f"unit {u} holds data never written there"
             else:
-                assert got == self._unit(self.latest, u), f"unit {u} lost a write the guest saw finish"
-        self.latest = bytearray(after)
-        for u in in_flight:
+                assert got in self.allowed[u], f"unit {u} lost a write the guest saw finish"
+        self.allowed = [{self._unit(after, u)} for u in range(self._n_units)]
+        for u in range(self._n_units):
             self.history[u].append(self._unit(after, u))
+        self.sync_failed = False
 
-    @rule(keep_cache=st.booleans(), keep_map=st.booleans(), keep_written=st.booleans())
-    def crash(self, keep_cache: bool, keep_map: bool, keep_written: bool) -> None:
-        exact = (not keep_cache and not keep_map and self.cache_file.syncs == self.syncs_at_flush
-                 and not any(op.kind == "flush" for op in self.ops))
+    def power_loss(self, c: Choices) -> None:
         self._die()
-        # power loss: files keep only what the medium kept, and the machine boots again
-        self.cache_file.crash(keep_cache)
-        self.vdisk.files[self.path + ".map"].crash(keep_map)
-        self.vdisk.files[self.path + ".written"].crash(keep_written)
+        # files keep what the medium holds: any subset of their unsynced writes
+        rnd = random.Random(c.integer(0, 2**16))
+        for f in self.files.files.values():
+            f.crash(rnd)
         self.boot += 1
         self._open()
         after = self._read_all()
         for u in range(self._n_units):
             got = self._unit(after, u)
-            if exact:
-                assert got == self.history[u][0], f"unit {u} lost a flushed write or kept an unflushed one"
-            else:
-                assert got in self.history[u], f"unit {u} holds data never written there since the flush"
-        self.latest = bytearray(after)
+            assert got in self.history[u], f"unit {u} lost a flushed write or holds data never written there"
+        self.allowed = [{self._unit(after, u)} for u in range(self._n_units)]
         self.history = [[self._unit(after, u)] for u in range(self._n_units)]
-        # what the crash left in the files is what the medium holds now
-        self.syncs_at_flush = self.cache_file.syncs
+        self.sync_failed = False
 
     def _read_all(self) -> bytes:
+        """Read the whole LUN, letting every source read answer."""
         g = gevent.spawn(self.disk.read, 0, self.size)
-        for _ in range(10 * self._n_units + 20):
-            _settle()
+        for _ in range(1000):
+            settle()
             if g.ready():
                 break
-            while self.source.pending:
-                self.source.complete(0)
+            if self.gate.parked:
+                self.gate.release(0)
         return bytes(g.get(timeout=1))
 
-    @invariant()
-    def results_match_model(self) -> None:
-        if self.tmp is not None:
-            self._harvest()
-            assert self.disk.local_bytes <= self.size
+    # -- invariants ------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """The invariants, after every step."""
+        self._harvest()
+        self._map_bits_only_over_durable_data()
+
+    def _map_bits_only_over_durable_data(self) -> None:
+        # the superblock is replaced durably before ``state`` changes (superblock.py)
+        complete = self.disk.state is not CacheState.HYDRATING
+        mapped = self._file(".map").durable
+        cache = self._file("").durable
+        for u in range(self._n_units):
+            if complete or (u // 8 < len(mapped) and mapped[u // 8] >> (u % 8) & 1):
+                got = self._unit(cache.ljust(self.size, b"\0"), u)
+                assert got in self.history[u], f"unit {u}: the map on the medium vouches for data that is not"
 
     def teardown(self) -> None:
-        if self.tmp is None:
-            return
         lazydisk.current_boot_id = self.real_boot_id  # type: ignore[assignment]
         try:
             # let everything finish, then the whole disk must equal the model
-            self.vdisk.gate = False
-            for _ in range(200):
-                if not self.source.pending and all(o.greenlet.ready() for o in self.ops):
+            for _ in range(1000):
+                settle()
+                if not self.gate.parked:
                     break
-                while self.source.pending:
-                    self.source.complete(0)
-                while self.vdisk.pending_syncs:
-                    self.vdisk.release_sync(0)
-                _settle()
+                self.gate.release(0)
             self._harvest()
-            assert bytes(self._read_all()) == bytes(self.latest)
-            for _ in range(100):  # a finisher spawned late may still wait on a gated sync
-                if not self.vdisk.pending_syncs:
+            assert not self.ops, "a guest operation never finished"
+            if not self.sync_failed:
+                after = self._read_all()
+                for u in range(self._n_units):
+                    assert self._unit(after, u) in self.allowed[u], f"unit {u} differs from the model"
+            g = gevent.spawn(self._quietly, self.disk.close)
+            for _ in range(1000):
+                settle()
+                if g.ready():
                     break
-                self.vdisk.release_sync(0)
-                _settle()
-            self.disk.close()
+                self.gate.release(0)
         finally:
             self.tmp.cleanup()
 
 
+#: the actions of a schedule, with the weights the seeded driver draws them by
+ACTIONS: tuple[tuple[str, int], ...] = (
+    ("step", 8), ("read", 2), ("write", 2), ("unmap_or_write_same", 1), ("compare_and_write", 1),
+    ("flush", 1), ("populate", 2), ("mark_zero", 1), ("kill", 1), ("power_loss", 1))
+
+
+class LazyDiskMachine(RuleBasedStateMachine):
+    """The model as a hypothesis state machine: a failure shrinks to a short schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: StoreModel | None = None
+
+    @initialize(n_units=st.integers(2, MAX_UNITS), tail=st.sampled_from([0, 0, 100]),
+                readahead_units=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+    def setup(self, n_units: int, tail: int, readahead_units: int, seed: int) -> None:
+        self.model = StoreModel()
+        self.model.setup(n_units, tail, readahead_units, seed)
+
+    @rule(action=st.sampled_from([name for name, _ in ACTIONS]), data=st.data())
+    def act(self, action: str, data: st.DataObject) -> None:
+        assert self.model is not None
+        getattr(self.model, action)(Choices(data=data))
+
+    @invariant()
+    def invariants(self) -> None:
+        if self.model is not None:
+            self.model.check()
+
+    def teardown(self) -> None:
+        if self.model is not None:
+            self.model.teardown()
+
+
 TestLazyDiskModel = LazyDiskMachine.TestCase
-TestLazyDiskModel.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+TestLazyDiskModel.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
                                       suppress_health_check=list(HealthCheck))
 
+
+def run_schedule(seed: int) -> StoreModel:
+    """One seeded schedule, from setup to teardown; an assertion names the seed."""
+    rnd = random.Random(seed)
+    c = Choices(rnd=rnd)
+    model = StoreModel()
+    model.setup(c.integer(2, MAX_UNITS), c.pick([0, 0, 100]), c.pick([1, 2, 4]), c.integer(0, 2**16))
+    names = [name for name, _ in ACTIONS]
+    weights = [w for _, w in ACTIONS]
+    trail: list[str] = []
+    failure: AssertionError | None = None
+    try:
+        model.check()
+        for _ in range(STEPS):
+            action = rnd.choices(names, weights)[0]
+            trail.append(action)
+            getattr(model, action)(c)
+            model.check()
+        trail.append("teardown")
+    except AssertionError as e:
+        failure = e
+    try:
+        model.teardown()
+    except AssertionError as e:
+        failure = failure or e
+    if failure is not None:
+        raise AssertionError(f"schedule seed {seed} ({' '.join(trail)}): {failure}") from failure
+    return model
+
+
+def test_seeded_schedules() -> None:
+    """Issue 10, acceptance 2: thousands of schedules per CI run (``SCHEDULES``), with the
+    hypothesis machine above for shrinking; prints the count, yield points and time."""
+    t0 = time.monotonic()
+    points = 0
+    base = int(os.environ.get("LAZYISCSI_MODEL_SEED", "0"))
+    with capture_logs():  # thousands of cache_failed events: kept, not printed
+        for seed in range(base, base + SCHEDULES):
+            points += run_schedule(seed).gate.points
+    print(f"\nstore model: {SCHEDULES} seeded schedules, {points} yield points, "
+          f"{time.monotonic() - t0:.1f} s")
