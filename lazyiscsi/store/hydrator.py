@@ -335,25 +335,51 @@ class Hydrator:
     def _plan(self) -> Iterator[tuple[int, int]]:
         """Missing runs in order, at most ``run_size`` each and aligned to it, after marking
         the source's zero extents local. Extents of the next window are asked for while the
-        current one is being copied."""
-        size = self.disk.size
-        ahead: gevent.Greenlet | None = None
+        current one is being copied.
+
+        A window starts at the first missing unit, so fully local stretches (guest writes, an
+        earlier run) cost no query. The look-ahead is used only for the window it was asked
+        for, and only if that window still has missing units once reached: an answer about
+        another range must never stand in for the current one (issue 10, defect 12: a skipped
+        window's look-ahead was taken for the next window's, which was then left for another
+        pass over the whole LUN)."""
+        ahead: tuple[int, int, gevent.Greenlet] | None = None
         pos = 0
-        while pos < size:
-            end = min(size, pos + EXTENTS_WINDOW)
-            if next(self.disk.missing_runs(pos, end - pos), None) is None:
+        try:
+            while True:
+                if ahead is not None and self._has_missing(ahead[0], ahead[1]):
+                    start, end, current = ahead
+                else:
+                    if ahead is not None:
+                        ahead[2].kill(block=False)
+                    window = self._window_from(pos)
+                    if window is None:
+                        return
+                    start, end = window
+                    current = gevent.spawn(self._extents, start, end - start)
+                nxt = self._window_from(end)
+                ahead = None if nxt is None else (*nxt, gevent.spawn(self._extents, nxt[0], nxt[1] - nxt[0]))
+                for ext in current.get():
+                    if ext.zero:
+                        self.disk.mark_zero(ext.offset, ext.length)
+                        continue
+                    for off, length in list(self.disk.missing_runs(ext.offset, ext.length)):
+                        yield from _split(off, length, self.run_size)
                 pos = end
-                continue
-            current = ahead if ahead is not None else gevent.spawn(self._extents, pos, end - pos)
-            nxt_end = min(size, end + EXTENTS_WINDOW)
-            ahead = gevent.spawn(self._extents, end, nxt_end - end) if end < size else None
-            for ext in current.get():
-                if ext.zero:
-                    self.disk.mark_zero(ext.offset, ext.length)
-                    continue
-                for off, length in list(self.disk.missing_runs(ext.offset, ext.length)):
-                    yield from _split(off, length, self.run_size)
-            pos = end
+        finally:
+            if ahead is not None:
+                ahead[2].kill(block=False)
+
+    def _window_from(self, pos: int) -> tuple[int, int] | None:
+        """The next extents window: from the first missing unit at or after ``pos``."""
+        size = self.disk.size
+        first = next(self.disk.missing_runs(pos, size - pos), None) if pos < size else None
+        if first is None:
+            return None
+        return first[0], min(size, first[0] + EXTENTS_WINDOW)
+
+    def _has_missing(self, start: int, end: int) -> bool:
+        return next(self.disk.missing_runs(start, end - start), None) is not None
 
     def _extents(self, offset: int, length: int) -> list[Extent]:
         source = self.disk.source
