@@ -1,6 +1,11 @@
 """Proof that the copy is right: every local unit the guest has not written must equal the
 source. ``verify`` reads both sides in chunks at background priority and reports the ranges that
-differ; it changes nothing (repairing would need to know which side is wrong)."""
+differ; it changes nothing (repairing would need to know which side is wrong).
+
+The maps are walked one map page of units at a time (a span), never one unit at a time: the
+runs to compare and the units still missing come from word-level scans (see extentmap), so a
+1 TiB LUN of 4 KiB units costs seconds of CPU beside its reads, not minutes.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lazyiscsi.source.base import Priority, Source
+from lazyiscsi.store.extentmap import UNITS_PER_PAGE
 from lazyiscsi.store.lazydisk import LazyDisk
 
 #: bytes compared per source read
@@ -24,34 +30,51 @@ class VerifyReport:
 
 def verify(disk: LazyDisk, source: Source, *,
            progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """Compare ``disk`` against ``source``; ``progress(done, total)`` is called per chunk."""
+    """Compare ``disk`` against ``source``; ``progress(done, total)`` is called per chunk
+    compared and per span scanned."""
     report = VerifyReport()
     unit = disk.unit
-    per_chunk = max(1, CHUNK // unit)
     n_units = -(-disk.size // unit)
-    for first in range(0, n_units, per_chunk):
-        last = min(n_units, first + per_chunk)
-        for a, b in disk.verifiable_runs(first, last):
-            offset = a * unit
-            length = min(b * unit, disk.size) - offset
-            theirs = source.read(offset, length, Priority.BACKGROUND)
-            ours = disk.read_local(offset, length)
-            report.compared += length
-            if theirs == ours:
-                continue
-            for u in range(a, b):
-                lo = (u - a) * unit
-                hi = min(lo + unit, length)
-                if theirs[lo:hi] != ours[lo:hi] and _still_differs(disk, u, theirs[lo:hi]):
-                    _add(report.mismatches, offset + lo, hi - lo)
-        chunk_bytes = min(last * unit, disk.size) - first * unit
-        local = sum(min(b * unit, disk.size) - a * unit for a, b in disk.verifiable_runs(first, last))
-        missing = sum(min(b * unit, disk.size) - a * unit for a, b in disk.missing_unit_runs(first, last))
+
+    def nbytes(a: int, b: int) -> int:
+        return min(b * unit, disk.size) - a * unit
+
+    for first in range(0, n_units, UNITS_PER_PAGE):
+        last = min(n_units, first + UNITS_PER_PAGE)
+        # one snapshot of the span, taken with no yield in between, so the three figures add up
+        runs = list(disk.verifiable_runs(first, last))
+        missing = sum(nbytes(a, b) for a, b in disk.missing_unit_runs(first, last))
+        local = sum(nbytes(a, b) for a, b in runs)
         report.skipped_missing += missing
-        report.skipped_written += chunk_bytes - local - missing
+        report.skipped_written += nbytes(first, last) - local - missing
+        for a, b in _chunks(runs, max(1, CHUNK // unit)):
+            _compare(disk, source, a, b, report)
+            if progress is not None:
+                progress(min(b * unit, disk.size), disk.size)
         if progress is not None:
             progress(min(last * unit, disk.size), disk.size)
     return report
+
+
+def _chunks(runs: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
+    """Cut unit runs into pieces of at most ``most`` units (one source read each)."""
+    return [(a, min(b, a + most)) for start, b in runs for a in range(start, b, most)]
+
+
+def _compare(disk: LazyDisk, source: Source, a: int, b: int, report: VerifyReport) -> None:
+    unit = disk.unit
+    offset = a * unit
+    length = min(b * unit, disk.size) - offset
+    theirs = source.read(offset, length, Priority.BACKGROUND)
+    ours = disk.read_local(offset, length)
+    report.compared += length
+    if theirs == ours:
+        return
+    for u in range(a, b):  # only in a chunk that differs: find the units
+        lo = (u - a) * unit
+        hi = min(lo + unit, length)
+        if theirs[lo:hi] != ours[lo:hi] and _still_differs(disk, u, theirs[lo:hi]):
+            _add(report.mismatches, offset + lo, hi - lo)
 
 
 def _still_differs(disk: LazyDisk, u: int, theirs: bytes) -> bool:

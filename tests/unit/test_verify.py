@@ -4,8 +4,11 @@ writes are not mistaken for corruption (also after a reopen), missing units are 
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
+from lazyiscsi.source.base import Extent, Priority
+from lazyiscsi.store.extentmap import UNITS_PER_PAGE
 from lazyiscsi.store.lazydisk import LazyDisk
 from lazyiscsi.store.verify import verify
 from tests.unit.store_fakes import InstantSource
@@ -45,4 +48,50 @@ def test_verify_of_a_clean_copy_reports_nothing(tmp_path: Path) -> None:
     disk.populate(0, SIZE)
     report = verify(disk, InstantSource(data))
     assert report.mismatches == [] and report.compared == SIZE and report.skipped_missing == 0
+    disk.close()
+
+
+class _ZeroSource:
+    """A source of any size that reads as zeros: a 1 TiB LUN for the bitmap, no data to hold."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.url, self.identity = size, "zeros://test", f"zeros:{size}"
+        self.read_bytes = 0
+
+    def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
+        self.read_bytes += length
+        return bytes(length)
+
+    def extents(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> list[Extent]:
+        return [Extent(offset, length, False)]
+
+    def close(self) -> None:
+        pass
+
+
+def test_verify_scans_a_tib_bitmap_in_seconds(tmp_path: Path) -> None:
+    """Issue 10, defect 13c: verify walked the maps one unit at a time in Python (~8 CPU-minutes
+    per TiB of 4 KiB units, before reading a byte). A 1 TiB LUN (256 Mi units, a 32 MiB
+    bitmap) with every map page partly local: the scan must take seconds of CPU, not minutes.
+    Measured on a 2-core machine: 1f914fe did not finish in 200 s; now ~0.5 s."""
+    size = 1 << 40
+    page_bytes = UNITS_PER_PAGE * UNIT  # the LUN bytes one map page covers (128 MiB)
+    source = _ZeroSource(size)
+    disk = LazyDisk.open(str(tmp_path / "cache"), source, unit=UNIT, autocommit_s=None)
+    fetched = 0
+    for page in range(size // page_bytes):
+        base = page * page_bytes
+        disk.discard(base, page_bytes - 16 * UNIT)  # the guest's: skipped, not compared
+        if page % 64 == 0:  # a few units fetched from the source: compared
+            disk.populate(base + page_bytes - 8 * UNIT, 4 * UNIT)
+            fetched += 4 * UNIT
+    source.read_bytes = 0
+    t0 = time.process_time()
+    report = verify(disk, source)
+    cpu = time.process_time() - t0
+    assert report.mismatches == [] and report.compared == fetched == source.read_bytes
+    assert report.skipped_written == size // page_bytes * (page_bytes - 16 * UNIT)
+    assert report.skipped_missing == size - report.skipped_written - fetched
+    print(f"verify of a 1 TiB map: {cpu:.2f} CPU-seconds")
+    assert cpu < 30, f"verify of a 1 TiB map took {cpu:.1f} CPU-seconds"
     disk.close()
