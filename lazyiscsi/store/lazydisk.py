@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from lazyiscsi.store.errors import (
 )
 from lazyiscsi.store.extentmap import PAGE_BYTES, ExtentMap, only_in
 from lazyiscsi.store.fetch import Fetcher, RetryPolicy
+from lazyiscsi.store.newcache import size_new_cache, undo_new_cache
 from lazyiscsi.store.superblock import CacheState, Superblock, read_superblock, write_superblock
 
 log = structlog.get_logger("lazyiscsi.store")
@@ -160,6 +162,7 @@ class LazyDisk:
         if sb is None:
             if source is None:
                 raise CacheConfigError(f"{path}: no cache here yet, and no source to fill one from")
+            existed = os.path.lexists(path)
             cache = opener(path, create=True)
             try:
                 if cache.size() != 0:
@@ -167,9 +170,13 @@ class LazyDisk:
                                            f"(no {meta_path}); remove it or choose another path")
                 sb = Superblock(size=source.size, unit=unit or DEFAULT_UNIT, source_url=redact(source.url),
                                 source_identity=source.identity, state=CacheState.HYDRATING)
-                # The superblock comes first: a cache file without one is never taken for ours.
-                write_superblock(meta_path, sb)
-                cache.truncate(sb.size)
+                try:
+                    # The superblock comes first: a cache file without one is never taken for ours.
+                    write_superblock(meta_path, sb)
+                    size_new_cache(cache, sb.size, path)  # EFBIG: an error naming the limit
+                except BaseException:
+                    undo_new_cache(path, remove_cache=not existed)
+                    raise
             except BaseException:
                 cache.close()
                 raise

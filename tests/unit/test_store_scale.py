@@ -1,13 +1,18 @@
 """The store at the sizes it is meant for (a 1 TiB LUN of 4 KiB units: a 32 MiB bitmap):
-what a reopen writes, against a real file under an opener that counts the bytes."""
+what a reopen writes, against a real file under an opener that counts the bytes; a cache
+larger than the filesystem takes."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from lazyiscsi.store.cachefile import OsFile
+from lazyiscsi.store.errors import CacheConfigError
 from lazyiscsi.store.extentmap import PAGE_BYTES, UNITS_PER_PAGE
 from lazyiscsi.store.lazydisk import LazyDisk
 from tests.unit.test_verify import _ZeroSource
@@ -71,3 +76,27 @@ def test_reopen_after_reboot_rewrites_only_changed_written_pages(tmp_path: Path)
     assert list(disk.missing_unit_runs(unflushed, unflushed + 1)) == [(unflushed, unflushed + 1)]
     assert not list(disk.missing_unit_runs(flushed, flushed + 1))
     disk.close()
+
+
+class _SmallFsFile(OsFile):
+    """A real file on a filesystem whose largest file is ``LIMIT`` bytes (ext4's EFBIG)."""
+
+    LIMIT = 16 * TiB - 4096
+
+    def truncate(self, size: int) -> None:
+        if size > self.LIMIT:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        super().truncate(size)
+
+
+def test_cache_past_the_largest_file_names_both_and_keeps_the_operators_file(tmp_path: Path) -> None:
+    """Issue 10, defect 13a: 64 TiB on ext4 was an internal error that left .meta behind. Now
+    one error names the size and the limit; the side files go, and an empty file the operator
+    made for the cache stays (tests/integration/test_cache_efbig.py does it on a real ext4)."""
+    path = tmp_path / "vm.img"
+    path.touch()
+    with pytest.raises(CacheConfigError) as e:
+        LazyDisk.open(str(path), _ZeroSource(64 * TiB), opener=_SmallFsFile, autocommit_s=None)
+    assert f"{64 * TiB} bytes (64 TiB)" in str(e.value)
+    assert f"at most {_SmallFsFile.LIMIT} bytes (16 TiB)" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.img"] and path.stat().st_size == 0
