@@ -6,7 +6,10 @@ protocol; it only relies on what this module states:
 
 * ``read`` returns exactly ``length`` bytes or raises a ``SourceError``; reads are idempotent,
   so a client may resend them after a reconnect.
-* ``extents`` covers the asked range exactly with DATA and ZERO runs, in order. A client whose
+* ``extents`` covers the asked range exactly with DATA and ZERO runs, in order. It takes a
+  ``priority`` as ``read`` does: block status over a large range can keep a server busy for
+  a long time, and the copier's queries must not delay a guest's reads (NBD: the background
+  connection). A client whose
   protocol cannot tell says DATA for everything: ZERO is a promise the store relies on to skip
   bytes, so it must never be a guess.
 * Every method is safe to call from many greenlets at once.
@@ -90,7 +93,7 @@ class Source(Protocol):
 
     def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes: ...
 
-    def extents(self, offset: int, length: int) -> list[Extent]: ...
+    def extents(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> list[Extent]: ...
 
     def close(self) -> None: ...
 

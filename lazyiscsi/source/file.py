@@ -76,7 +76,7 @@ class FileSource:
                                       "bytes): the source changed size")
         return data
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> list[Extent]:
         fd = self._live_fd()
         end = offset + length
         if not self._holes:

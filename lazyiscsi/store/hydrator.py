@@ -11,6 +11,9 @@ sources use another connection, and the server sees less competing load), and ev
 through ``LazyDisk.populate``, the same single-flight fill path a guest read uses.
 
 Zero runs the source reports (NBD block status) are marked local without moving their bytes.
+The hydrator asks for them at background priority, like its reads: a status query over a
+large range can keep a server busy for seconds, and a guest's read must not queue behind it
+(NBD: the background connection).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import gevent
 import gevent.event
 import structlog
 
-from lazyiscsi.source.base import Extent, SourceError
+from lazyiscsi.source.base import Extent, Priority, SourceError
 from lazyiscsi.store.errors import StoreError
 from lazyiscsi.store.lazydisk import LazyDisk
 
@@ -345,30 +348,26 @@ class Hydrator:
         pass over the whole LUN)."""
         ahead: tuple[int, int, gevent.Greenlet] | None = None
         pos = 0
-        try:
-            while True:
-                if ahead is not None and self._has_missing(ahead[0], ahead[1]):
-                    start, end, current = ahead
-                else:
-                    if ahead is not None:
-                        ahead[2].kill(block=False)
-                    window = self._window_from(pos)
-                    if window is None:
-                        return
-                    start, end = window
-                    current = gevent.spawn(self._extents, start, end - start)
-                nxt = self._window_from(end)
-                ahead = None if nxt is None else (*nxt, gevent.spawn(self._extents, nxt[0], nxt[1] - nxt[0]))
-                for ext in current.get():
-                    if ext.zero:
-                        self.disk.mark_zero(ext.offset, ext.length)
-                        continue
-                    for off, length in list(self.disk.missing_runs(ext.offset, ext.length)):
-                        yield from _split(off, length, self.run_size)
-                pos = end
-        finally:
-            if ahead is not None:
-                ahead[2].kill(block=False)
+        while True:
+            if ahead is not None and self._has_missing(ahead[0], ahead[1]):
+                start, end, current = ahead
+            else:
+                # an unused look-ahead is left to finish on its own: killing a greenlet inside
+                # a source call could cut a request in half on the wire
+                window = self._window_from(pos)
+                if window is None:
+                    return
+                start, end = window
+                current = gevent.spawn(self._extents, start, end - start)
+            nxt = self._window_from(end)
+            ahead = None if nxt is None else (*nxt, gevent.spawn(self._extents, nxt[0], nxt[1] - nxt[0]))
+            for ext in current.get():
+                if ext.zero:
+                    self.disk.mark_zero(ext.offset, ext.length)
+                    continue
+                for off, length in list(self.disk.missing_runs(ext.offset, ext.length)):
+                    yield from _split(off, length, self.run_size)
+            pos = end
 
     def _window_from(self, pos: int) -> tuple[int, int] | None:
         """The next extents window: from the first missing unit at or after ``pos``."""
@@ -386,7 +385,7 @@ class Hydrator:
         if source is None:
             return [Extent(offset, length, False)]
         try:
-            return source.extents(offset, length)
+            return source.extents(offset, length, Priority.BACKGROUND)
         except SourceError as e:
             # without block status every byte is copied: slower, never wrong
             log.warning("source_extents_failed", path=self.disk.path, offset=offset, error=str(e))

@@ -120,13 +120,15 @@ class NbdSource:
                 self._channels[Priority.BACKGROUND] = channel
             return self._channels[Priority.BACKGROUND]
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> list[Extent]:
         self._check(offset, length)
         if not self._block_status:
             return [Extent(offset, length, False)]
         out: list[Extent] = []
         pos, end = offset, offset + length
-        channel = self._channels[Priority.FOREGROUND]
+        # the copier's block status goes on the background connection: a server busy with a
+        # slow status query would otherwise hold up the guests' reads queued behind it
+        channel = self._channels.get(priority) or self._background()
         while pos < end:
             got = channel.call(Cmd.BLOCK_STATUS, pos, min(end - pos, _MAX_STATUS)).extents
             for ext in got:
