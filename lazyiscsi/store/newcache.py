@@ -79,8 +79,9 @@ def _largest_size(cache: BlockFile, too_big: int) -> int:
 
 
 def _size(n: int) -> str:
-    """``n`` bytes exactly, and in the largest binary unit that keeps it readable."""
+    """``n`` bytes exactly, and in the largest binary unit, truncated to three decimals (never
+    rounded up: ext4's limit, 16 TiB less 4 KiB, must not read as the 16 TiB it refuses)."""
     for shift, name in ((60, "EiB"), (50, "PiB"), (40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
         if n >= 1 << shift:
-            return f"{n} bytes ({n / (1 << shift):.4g} {name})"
+            return f"{n} bytes ({(n * 1000 >> shift) / 1000:g} {name})"
     return f"{n} bytes"
