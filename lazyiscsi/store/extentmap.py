@@ -196,13 +196,17 @@ def _scan(n_units: int, start: int, end: int, select: Callable[[int], int]) -> I
         page, lo = divmod(unit, UNITS_PER_PAGE)
         hi = min(UNITS_PER_PAGE, lo + (end - unit))
         base = page * UNITS_PER_PAGE
-        mask = (1 << (hi - lo)) - 1
-        bits = (select(page) >> lo) & mask
-        if bits == mask:
+        raw = select(page)
+        if raw == -1:  # all: no 32768-bit mask to build for an empty or full page
             yield base + lo, base + hi
-        elif bits:
-            for a, b in _one_runs(bits, hi - lo):
-                yield base + lo + a, base + lo + b
+        elif raw:
+            mask = (1 << (hi - lo)) - 1
+            bits = (raw >> lo) & mask
+            if bits == mask:
+                yield base + lo, base + hi
+            elif bits:
+                for a, b in _one_runs(bits, hi - lo):
+                    yield base + lo + a, base + lo + b
         unit = base + hi
 
 
