@@ -14,10 +14,13 @@ protocol; it only relies on what this module states:
   priority, then raises ``SourceUnreachable``.
 * A source that changes under a copy raises ``SourceChanged`` on every later read: its bytes
   would mix two disks. What each client's identity can and cannot notice is in its module.
-* ``extents`` covers the asked range exactly with DATA and ZERO runs, in order. A client whose
+* ``extents`` covers the asked range exactly with DATA and ZERO runs, in order. It takes a
+  ``priority`` as ``read`` does: block status over a large range can keep a server busy for
+  a long time, and the copier's queries must not delay a guest's reads (NBD: the background
+  connection). A client whose
   protocol cannot tell says DATA for everything: ZERO is a promise the store relies on to skip
-  bytes, so it must never be a guess. Only the background copier asks for extents: they go at
-  background priority, and wait for a source that went away as its reads do.
+  bytes, so it must never be a guess. At background priority they wait for a source that went
+  away as background reads do.
 * Every method is safe to call from many greenlets at once.
 * Error messages never contain secrets: they name the redacted URL only.
 """
@@ -157,7 +160,7 @@ class Source(Protocol):
 
     def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes: ...
 
-    def extents(self, offset: int, length: int) -> list[Extent]: ...
+    def extents(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> list[Extent]: ...
 
     def close(self) -> None: ...
 

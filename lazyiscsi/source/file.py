@@ -113,7 +113,7 @@ class FileSource:
         if self._changed is not None:
             raise SourceChanged(self._changed)
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> list[Extent]:
         fd = self._live_fd()
         end = offset + length
         if not self._holes:

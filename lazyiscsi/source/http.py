@@ -168,7 +168,7 @@ class HttpSource:
             raise SourceProtocolError(f"read [{offset}, +{length}) outside the object ({self.size} bytes)")
         return self._read(offset, length, priority)
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> list[Extent]:
         return [Extent(offset, length, False)]  # HTTP cannot say where holes are
 
     def close(self) -> None:

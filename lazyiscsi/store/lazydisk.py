@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,8 +66,9 @@ from lazyiscsi.store.errors import (
     SourceTimeout,
     StoreError,
 )
-from lazyiscsi.store.extentmap import PAGE_BYTES, ExtentMap
+from lazyiscsi.store.extentmap import PAGE_BYTES, ExtentMap, only_in
 from lazyiscsi.store.fetch import Fetcher, RetryPolicy
+from lazyiscsi.store.newcache import size_new_cache, undo_new_cache
 from lazyiscsi.store.superblock import CacheState, Superblock, read_superblock, write_superblock
 
 log = structlog.get_logger("lazyiscsi.store")
@@ -187,6 +189,7 @@ class LazyDisk:
         if sb is None:
             if source is None:
                 raise CacheConfigError(f"{path}: no cache here yet, and no source to fill one from")
+            existed = os.path.lexists(path)
             cache = opener(path, create=True)
             try:
                 if cache.size() != 0:
@@ -194,13 +197,17 @@ class LazyDisk:
                                            f"(no {meta_path}); remove it or choose another path")
                 sb = Superblock(size=source.size, unit=unit or DEFAULT_UNIT, source_url=redact(source.url),
                                 source_identity=source.identity, state=CacheState.HYDRATING)
-                # Side files left by an earlier cache at this path (its cache and .meta deleted
-                # to start over) describe another disk: emptied, durably, before the superblock
-                # makes them ours (issue 10, defect 7).
-                _fresh_side_files(opener, path)
-                # The superblock comes first: a cache file without one is never taken for ours.
-                write_superblock(meta_path, sb)
-                cache.truncate(sb.size)
+                try:
+                    # Side files left by an earlier cache at this path (its cache and .meta
+                    # deleted to start over) describe another disk: emptied, durably, before the
+                    # superblock makes them ours (issue 10, defect 7).
+                    _fresh_side_files(opener, path)
+                    # The superblock comes first: a cache file without one is never taken for ours.
+                    write_superblock(meta_path, sb)
+                    size_new_cache(cache, sb.size, path)  # EFBIG: an error naming the limit
+                except BaseException:
+                    undo_new_cache(path, remove_cache=not existed)
+                    raise
             except BaseException:
                 cache.close()
                 raise
@@ -240,7 +247,7 @@ class LazyDisk:
             _load_map(mapfile, emap)
         written = ExtentMap(n_units)
         _load_map(writtenfile, written)
-        orphans = [m for w in _runs(written, 0, n_units) for m in emap.missing_runs(*w)]
+        orphans = list(only_in(written, emap, 0, n_units))
         same_boot = _same_boot(opener, path)
         if not same_boot:
             # After a reboot the page cache is empty anyway; after a fail-stop in this boot
@@ -251,9 +258,10 @@ class LazyDisk:
             except OSError as e:
                 log.warning("cache_drop_failed", path=path, error=e.strerror)
         if orphans and not same_boot:
-            written = _intersect(written, emap)
-            for page in range(written.n_pages):
-                writtenfile.pwrite(written.page_bytes(page), page * PAGE_BYTES)
+            # only the pages that lose bits are rewritten: a 1 TiB LUN's whole file is 32 MiB
+            written.intersect(emap)
+            for page, data in written.take_dirty().items():
+                writtenfile.pwrite(data, page * PAGE_BYTES)
             log.info("cache_unflushed_writes_dropped", path=path, units=sum(b - a for a, b in orphans),
                      reason="opened after a reboot: their data may not have reached the disk")
             orphans = []
@@ -441,16 +449,7 @@ class LazyDisk:
     def verifiable_runs(self, start_unit: int, end_unit: int) -> Iterator[tuple[int, int]]:
         """Unit runs in ``[start_unit, end_unit)`` that are local and not written by the guest:
         those must equal the source, byte for byte."""
-        run_start = None
-        for u in range(start_unit, end_unit):
-            ok = self._map.is_local(u) and not self._written.is_local(u)
-            if ok and run_start is None:
-                run_start = u
-            elif not ok and run_start is not None:
-                yield run_start, u
-                run_start = None
-        if run_start is not None:
-            yield run_start, end_unit
+        return only_in(self._map, self._written, start_unit, end_unit)
 
     def missing_unit_runs(self, start_unit: int, end_unit: int) -> Iterator[tuple[int, int]]:
         return self._map.missing_runs(start_unit, end_unit)
@@ -688,26 +687,6 @@ def _fresh_side_files(opener: FileOpener, path: str) -> None:
                 f.sync()
         finally:
             f.close()
-
-
-def _runs(emap: ExtentMap, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """The local runs of ``emap`` in ``[start, end)`` (the complement of its missing runs)."""
-    pos = start
-    for a, b in emap.missing_runs(start, end):
-        if pos < a:
-            yield pos, a
-        pos = b
-    if pos < end:
-        yield pos, end
-
-
-def _intersect(written: ExtentMap, emap: ExtentMap) -> ExtentMap:
-    out = ExtentMap(written.n_units)
-    for a, b in _runs(written, 0, written.n_units):
-        for c, d in _runs(emap, a, b):
-            out.set_local(c, d)
-    out.take_dirty()
-    return out
 
 
 def _same_boot(opener: FileOpener, path: str) -> bool:

@@ -273,7 +273,7 @@ class ScriptedSource:
         p = self.pending.pop(index)
         p.result.set_exception(SourceReadError("injected EIO"))
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> list[Extent]:
         return [Extent(offset, length, False)]
 
     def close(self) -> None:
@@ -287,7 +287,7 @@ class InstantSource(ScriptedSource):
         self.reads += 1
         return self.data[offset:offset + length]
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> list[Extent]:
         out: list[Extent] = []
         pos, end = offset, offset + length
         for zs, zl in sorted(self.zero_ranges):

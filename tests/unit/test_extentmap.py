@@ -5,24 +5,35 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazyiscsi.store.extentmap import PAGE_BYTES, UNITS_PER_PAGE, ExtentMap, PageState
+from lazyiscsi.store.extentmap import PAGE_BYTES, UNITS_PER_PAGE, ExtentMap, PageState, only_in
 
 SIZES = st.sampled_from([1, 7, 100, UNITS_PER_PAGE - 1, UNITS_PER_PAGE, UNITS_PER_PAGE + 3,
                          3 * UNITS_PER_PAGE + 17])
 
 
-def _runs(ref: list[bool], start: int, end: int) -> list[tuple[int, int]]:
+def _runs(ref: list[bool], start: int, end: int, want: bool = False) -> list[tuple[int, int]]:
+    """Runs of ``want`` (missing by default) in the reference list."""
     out, i = [], start
     while i < end:
-        if ref[i]:
+        if ref[i] != want:
             i += 1
             continue
         j = i
-        while j < end and not ref[j]:
+        while j < end and ref[j] == want:
             j += 1
         out.append((i, j))
         i = j
     return out
+
+
+def _fill(m: ExtentMap, ref: list[bool], data: st.DataObject, n: int) -> None:
+    """Random set_local calls, a few of them large or page-aligned, and many short runs."""
+    for _ in range(data.draw(st.integers(0, 40))):
+        a = data.draw(st.integers(0, n - 1))
+        longest = data.draw(st.sampled_from([1, 3, 64, 2 * UNITS_PER_PAGE]))
+        b = data.draw(st.integers(a + 1, min(n, a + longest)))
+        m.set_local(a, b)
+        ref[a:b] = [True] * (b - a)
 
 
 @settings(max_examples=300, deadline=None)
@@ -57,3 +68,29 @@ def test_full_and_empty_pages_hold_no_bits() -> None:
     assert m._state[2] == PageState.EMPTY and list(m._bits) == [1]
     m.set_local(UNITS_PER_PAGE, 2 * UNITS_PER_PAGE)
     assert not m._bits
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=SIZES, data=st.data())
+def test_scans_and_intersection_match_reference(n: int, data: st.DataObject) -> None:
+    """missing_runs, only_in and intersect against lists of booleans, on pages that
+    are empty, full and partial (short runs, runs crossing bytes and pages, the short last page)."""
+    a, ref_a = ExtentMap(n), [False] * n
+    b, ref_b = ExtentMap(n), [False] * n
+    _fill(a, ref_a, data, n)
+    _fill(b, ref_b, data, n)
+    s = data.draw(st.integers(0, n - 1))
+    e = data.draw(st.integers(s, n))
+    assert list(a.missing_runs(s, e)) == _runs(ref_a, s, e)
+    a_not_b = [x and not y for x, y in zip(ref_a, ref_b, strict=True)]
+    assert list(only_in(a, b, s, e)) == _runs(a_not_b, s, e, want=True)
+    a.take_dirty()
+    before = {p: a.page_bytes(p) for p in range(a.n_pages)}
+    a.intersect(b)
+    both = [x and y for x, y in zip(ref_a, ref_b, strict=True)]
+    assert list(a.missing_runs(0, n)) == _runs(both, 0, n)
+    assert a.local_units == sum(both)
+    # exactly the pages whose image changed are handed out for rewriting
+    dirty = a.take_dirty()
+    assert set(dirty) == {p for p in range(a.n_pages) if a.page_bytes(p) != before[p]}
+    assert all(dirty[p] == a.page_bytes(p) for p in dirty)

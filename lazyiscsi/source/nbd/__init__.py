@@ -140,18 +140,18 @@ class NbdSource:
                 self._channels[Priority.BACKGROUND] = channel
             return self._channels[Priority.BACKGROUND]
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> list[Extent]:
         self._check(offset, length)
         if not self._block_status:
             return [Extent(offset, length, False)]
         out: list[Extent] = []
         pos, end = offset, offset + length
-        # only the copier asks for extents: on its channel, never ahead of a guest's read in
-        # the foreground connection (a server may serialize a connection's requests)
-        channel = self._background()
+        # the copier's block status goes on the background connection: a server busy with a
+        # slow status query would otherwise hold up the guests' reads queued behind it
+        channel = self._channels.get(priority) or self._background()
         while pos < end:
             got = channel.call(Cmd.BLOCK_STATUS, pos, min(end - pos, _MAX_STATUS),
-                               self._patience(Priority.BACKGROUND)).extents
+                               self._patience(priority)).extents
             for ext in got:
                 if out and out[-1].zero == ext.zero:
                     out[-1] = Extent(out[-1].offset, out[-1].length + ext.length, ext.zero)
