@@ -230,7 +230,7 @@ def test_block_status_never_delays_a_guest_read(tmp_path: Path, nbdkit: list[Nbd
                      "delay-extents=2"], free_port()).start()
     nbdkit.append(server)
     src = open_source(server.url)
-    status = gevent.spawn(src.extents, 0, src.size)
+    status = gevent.spawn(src.extents, 0, src.size, Priority.BACKGROUND)
     gevent.sleep(0.2)  # the block status request is in the server
     t0 = time.monotonic()
     assert src.read(MiB, 4096, Priority.FOREGROUND) == image[MiB:MiB + 4096]
