@@ -18,14 +18,15 @@ from typing import Any
 
 import structlog
 
-from lazyiscsi.config import VolumeConfig
+from lazyiscsi.config import MAX_UNIT, MIN_UNIT, VolumeConfig
 from lazyiscsi.frontend import Frontend, FrontendError
 from lazyiscsi.scsi.lun import Lun
 from lazyiscsi.source import open_source
 from lazyiscsi.source.base import SourceError
+from lazyiscsi.source.url import check as check_url
 from lazyiscsi.source.url import redact
 from lazyiscsi.store.errors import StoreError
-from lazyiscsi.store.hydrator import Hydrator, JobState, JobVerbError
+from lazyiscsi.store.hydrator import DEFAULT_RUN, Hydrator, JobState, JobVerbError
 from lazyiscsi.store.lazydisk import LazyDisk
 from lazyiscsi.store.verify import verify
 
@@ -33,6 +34,10 @@ log = structlog.get_logger("lazyiscsi.daemon")
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 STATE_FILE = "volumes.json"
+#: the files of a cache at PATH: PATH itself, then those the store keeps beside it
+CACHE_FILES = ("", ".meta", ".map", ".written", ".boot")
+#: ``systemctl status`` shows one line: name this many volumes, count the rest
+STATUS_VOLUMES = 8
 
 
 class VolumeError(Exception):
@@ -109,17 +114,44 @@ class VolumeManager:
     # -- verbs ------------------------------------------------------------------------------
 
     def create(self, name: str, source: str, *, unit: int | None = None, rate: int = 0) -> dict[str, Any]:
-        if not NAME.fullmatch(name or ""):
+        """Open, export and persist a new volume; or, refused or failed, leave nothing behind:
+        no volume, no export, no cache file it made, no record, the cache's lock released."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise VolumeError(f"volume name {name!r}: use 1-64 of A-Z a-z 0-9 _ . - "
                               "(not starting with _ . -)")
-        if rate < 0:
-            raise VolumeError(f"rate {rate}: must not be negative")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not isinstance(source, str):
+            raise VolumeError(f"volume {name}: source: must be a URL or a path")
+        try:
+            check_url(source)
+        except ValueError as e:
+            raise VolumeError(f"volume {name}: source: {e}") from None
+        if unit is not None and (isinstance(unit, bool) or not isinstance(unit, int) or unit & (unit - 1)
+                                 or not MIN_UNIT <= unit <= MAX_UNIT):
+            raise VolumeError(f"volume {name}: unit {unit!r}: must be a power of two from {MIN_UNIT} to "
+                              f"{MAX_UNIT} (the background copy moves runs of {DEFAULT_RUN} bytes)")
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
+            raise VolumeError(f"volume {name}: rate {rate!r}: must be a whole number of bytes/s, >= 0")
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise VolumeError(f"volume {name}: state directory {self.state_dir}: {e.strerror}") from None
         cache = str(self.state_dir / f"{name}.cache")
         record = VolumeRecord(VolumeConfig(name=name, source=source, cache=cache,
                                            target=f"{self.iqn_prefix}:{name}", unit=unit, rate=rate))
-        vol = self._open(record)
-        self._save()
+        made = [cache + suffix for suffix in CACHE_FILES if not os.path.lexists(cache + suffix)]
+        try:
+            vol = self._open(record)
+            try:
+                self._save()
+            except OSError as e:
+                self._drop(vol)
+                raise VolumeError(f"volume {name}: cannot save {self.state_dir / STATE_FILE} "
+                                  f"({e.strerror}); nothing was created") from None
+        except BaseException:
+            for path in made:  # what this request created, and only that
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            raise
         log.info("volume_created", volume=name, source=redact(source), target=record.volume.target,
                  size=vol.disk.size)
         return self._status(vol)
@@ -135,15 +167,27 @@ class VolumeManager:
         self._stop(vol)
         del self.volumes[name]
         self._save()
-        for suffix in ("", ".meta", ".map", ".written", ".boot"):
+        for suffix in CACHE_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(vol.record.volume.cache + suffix)
         log.info("volume_deleted", volume=name)
 
+    def status_line(self) -> str:
+        """One line for ``systemctl status`` (sd_notify ``STATUS=``): each volume's state and
+        how much of it is local."""
+        if not self.volumes:
+            return "no volumes"
+        shown = []
+        for vol in list(self.volumes.values())[:STATUS_VOLUMES]:
+            s = self._status(vol)
+            shown.append(f"{s['volume']} {s['state']} {s['percent']:.1f}%")
+        more = len(self.volumes) - len(shown)
+        return f"{len(self.volumes)} volume(s): " + ", ".join(shown) + (f", +{more} more" if more else "")
+
     def list(self) -> list[dict[str, Any]]:
         return [self._status(v) for v in self.volumes.values()]
 
-    def status(self, name: str | None) -> list[dict[str, Any]]:
+    def status(self, name: str | None = None) -> list[dict[str, Any]]:
         return [self._status(self._get(name))] if name else self.list()
 
     def pause(self, name: str) -> dict[str, Any]:
@@ -234,6 +278,8 @@ class VolumeManager:
             raise VolumeError(f"volume {vol.record.volume.name}: {e}") from None
 
     def _open(self, record: VolumeRecord) -> Volume:
+        """Open, export and start a volume; on any failure, undo every step already taken (the
+        disk closed, which releases its lock and source; the export withdrawn)."""
         cfg = record.volume
         if cfg.name in self.volumes:  # a runtime volume named like one of the config file
             raise VolumeError(f"volume {cfg.name} exists")
@@ -243,28 +289,55 @@ class VolumeManager:
             raise VolumeError(f"volume {cfg.name}: source: {e}") from None
         try:
             disk = LazyDisk.open(cfg.cache, source, unit=cfg.unit)
-        except StoreError as e:
+        except BaseException as e:
             if source is not None:
                 source.close()
-            raise VolumeError(f"volume {cfg.name}: {e}") from None
-        job = Hydrator(disk, rate=cfg.rate or None)
-        lun = Lun(disk, cfg.name, block_size=cfg.block_size, number=cfg.lun)
-        try:
-            self.frontend.export(cfg, lun)
-        except FrontendError as e:
-            disk.close()
-            raise VolumeError(str(e)) from None
-        vol = Volume(record, disk, job, lun)
-        self.volumes[cfg.name] = vol
-        if not disk.complete and not record.detached:
-            job.start()
-            if record.paused:
-                job.pause()
+            if isinstance(e, StoreError):
+                raise VolumeError(f"volume {cfg.name}: {e}") from None
+            raise
+        with contextlib.ExitStack() as undo:
+            undo.callback(disk.close)
+            try:
+                # a cache made elsewhere (hydrate --unit) may have units above the default run
+                job = Hydrator(disk, run_size=max(DEFAULT_RUN, disk.unit), rate=cfg.rate or None)
+            except StoreError as e:
+                raise VolumeError(f"volume {cfg.name}: {e}") from None
+            lun = Lun(disk, cfg.name, block_size=cfg.block_size, number=cfg.lun)
+            try:
+                self.frontend.export(cfg, lun)
+            except FrontendError as e:
+                raise VolumeError(str(e)) from None
+            undo.callback(self._unexport_quietly, cfg)
+            vol = Volume(record, disk, job, lun)
+            self.volumes[cfg.name] = vol
+            undo.callback(self.volumes.pop, cfg.name, None)
+            if not disk.complete and not record.detached:
+                job.start()
+                undo.callback(self._cancel, job)
+                if record.paused:
+                    job.pause()
+            undo.pop_all()
         return vol
 
+    def _drop(self, vol: Volume) -> None:
+        """Undo ``_open`` of a volume nobody has seen yet (its record was never saved)."""
+        self._unexport_quietly(vol.record.volume)
+        self._stop(vol)
+        self.volumes.pop(vol.record.volume.name, None)
+
+    def _unexport_quietly(self, cfg: VolumeConfig) -> None:
+        try:
+            self.frontend.unexport(cfg)
+        except FrontendError as e:  # already failing: the first error is the one reported
+            log.error("volume_unexport_failed", volume=cfg.name, error=str(e))
+
+    @staticmethod
+    def _cancel(job: Hydrator) -> None:
+        if job.state in (JobState.RUNNING, JobState.PAUSED):
+            job.cancel()
+
     def _stop(self, vol: Volume) -> None:
-        if vol.job.state in (JobState.RUNNING, JobState.PAUSED):
-            vol.job.cancel()
+        self._cancel(vol.job)
         vol.disk.close()
 
     def _save(self) -> None:
