@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from lazyiscsi.config import VolumeConfig
 from lazyiscsi.frontend import FrontendError
 from lazyiscsi.iscsi.chap import ChapSecrets
-from lazyiscsi.lio import LioFrontend, _without_secrets
+from lazyiscsi.lio import LioFrontend, _without_secrets, not_in_cfs
 from lazyiscsi.scsi.lun import Lun
 
 CHAP = ChapSecrets("user1", "a-secret-of-16ch", "tgt", "another-secret-16")
@@ -26,3 +28,31 @@ def test_rtslib_errors_lose_the_secrets() -> None:
     text = "Cannot set a-secret-of-16ch or another-secret-16 for user1"
     assert _without_secrets(text, volume(chap=CHAP)) == "Cannot set <secret> or <secret> for user1"
     assert _without_secrets(text, volume()) == text
+
+
+def test_works_with_the_installed_rtslib_names() -> None:
+    """Issue 13: rtslib-fb 2.2.4 (PyPI) renamed RTSLibNotInCFS to RTSLibNotInCFSError, and
+    `unexport` of a volume LIO never had died with AttributeError. rtslib's objects are
+    replaced by ones that raise its own, installed, not-in-configfs exception."""
+    import rtslib_fb
+
+    missing = getattr(rtslib_fb, "RTSLibNotInCFSError", None) or rtslib_fb.RTSLibNotInCFS
+
+    def absent(*_args: object, **_kw: object) -> None:
+        raise missing("no such object in configfs")
+
+    frontend = LioFrontend(("127.0.0.1", 3260))
+    frontend.rts = types.SimpleNamespace(**{**vars(rtslib_fb), "Target": absent, "TPG": absent,
+                                            "UserBackedStorageObject": absent})
+    frontend.unexport(volume())  # nothing to remove: not an error
+
+
+def test_not_in_cfs_under_either_name() -> None:
+    class Old(Exception):
+        pass
+
+    class New(Exception):
+        pass
+
+    assert not_in_cfs(types.SimpleNamespace(RTSLibNotInCFS=Old)) is Old  # Debian 12: 2.1.75
+    assert not_in_cfs(types.SimpleNamespace(RTSLibNotInCFSError=New)) is New  # PyPI: 2.2.4
