@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     h = sub.add_parser(
-        "hydrate",
+        "hydrate", parents=[common],
         help="fill a cache file from a source (pre-seed a destination before cutover)",
         description=(
             "Copy every byte of SOURCE into the cache file PATH, skipping runs the source reports "
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=cmd_hydrate)
 
     s = sub.add_parser(
-        "serve",
+        "serve", parents=[common],
         help="the daemon: export volumes as iSCSI LUNs (LIO or the embedded portal) while they hydrate",
         description=("Serve volumes as iSCSI LUNs, through the kernel's LIO target and our TCMU handler "
                      "where the kernel offers it, else on the embedded userspace portal: SOURCE as LUN 0 "
@@ -182,9 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iqn-prefix", default="iqn.2026-11.io.lazyiscsi", metavar="IQN",
                    help="runtime volume NAME is target IQN:NAME")
     s.set_defaults(func=cmd_serve)
-    for p in (h, s):
-        p.add_argument("--control", default=argparse.SUPPRESS, metavar="PATH",
-                       help=_CONTROL_HELP.format(commands.default_control()))
     commands.add_parsers(sub, _size_arg(), common)
     return parser
 
@@ -221,12 +218,14 @@ class CliError(Exception):
         self.code = code
 
 
-def source_url(args: argparse.Namespace, *, required: bool) -> str | None:
+def source_url(args: argparse.Namespace) -> str:
     """The source URL from --source, --source-file, stdin or $LAZYISCSI_SOURCE (sourcearg)."""
     try:
-        return sourcearg.resolve(args, required=required)
+        url = sourcearg.resolve(args, required=True)
     except sourcearg.SourceArgError as e:
         raise CliError(str(e), EXIT_USAGE) from None
+    assert url is not None  # required: resolve raises instead
+    return url
 
 
 def open_volume(source_url: str, cache: str, unit: int | None, timeout: float) -> LazyDisk:
@@ -244,8 +243,7 @@ def open_volume(source_url: str, cache: str, unit: int | None, timeout: float) -
 
 def cmd_hydrate(args: argparse.Namespace) -> int:
     log = structlog.get_logger("lazyiscsi.cli")
-    source = source_url(args, required=True)
-    assert source is not None
+    source = source_url(args)
     if args.unit is not None and args.unit > args.run_size:
         raise CliError(f"--unit {args.unit} is above --run-size {args.run_size}: the copy moves whole "
                        "units, so a unit must fit in a run", EXIT_USAGE)
@@ -330,9 +328,9 @@ def serve_config(args: argparse.Namespace) -> config.Config:
     if args.unit is not None and args.unit > config.MAX_UNIT:
         raise CliError(f"--unit {args.unit} is above {config.MAX_UNIT}: the background copy moves runs "
                        f"of {config.MAX_UNIT} bytes, and a unit must fit in a run", EXIT_USAGE)
-    source = source_url(args, required=bool(args.cache))
-    if source is None:
+    if not args.cache:  # $LAZYISCSI_SOURCE alone does not make a volume: it has no cache
         return config.Config(args.listen, ())
+    source = source_url(args)
     volume = config.VolumeConfig(name="vol0", source=source, cache=args.cache, target=args.iqn,
                                  unit=args.unit, block_size=args.block_size, rate=args.rate)
     return config.Config(args.listen, (volume,))
@@ -399,12 +397,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.stdout.write(f"  control:  {args.control}\n")
     sys.stdout.flush()
     logsetup.notify_ready()
-    reporter = gevent.spawn(report_to_systemd, manager)
+    reporter = gevent.spawn(report_to_systemd, manager) if os.environ.get("NOTIFY_SOCKET") else None
     stop = gevent.event.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, stop.set)
     stop.wait()
-    reporter.kill()
+    if reporter is not None:
+        reporter.kill()
     logsetup.notify("STOPPING=1")
     control.stop()
     frontend.stop()

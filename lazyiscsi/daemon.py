@@ -84,6 +84,9 @@ class VolumeManager:
         self.iqn_prefix = iqn_prefix
         self.connect_timeout = connect_timeout
         self.volumes: dict[str, Volume] = {}
+        #: names of creates in progress: a create yields while its source opens, and a second
+        #: one of the same name must not take (or, failing, remove) the first one's cache files
+        self._creating: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -131,6 +134,15 @@ class VolumeManager:
                               f"{MAX_UNIT} (the background copy moves runs of {DEFAULT_RUN} bytes)")
         if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
             raise VolumeError(f"volume {name}: rate {rate!r}: must be a whole number of bytes/s, >= 0")
+        if name in self.volumes or name in self._creating:
+            raise VolumeError(f"volume {name} exists")
+        self._creating.add(name)
+        try:
+            return self._create(name, source, unit, rate)
+        finally:
+            self._creating.discard(name)
+
+    def _create(self, name: str, source: str, unit: int | None, rate: int) -> dict[str, Any]:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

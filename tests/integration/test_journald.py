@@ -222,3 +222,18 @@ def test_status_and_watchdog_reach_systemd(tmp_path: Path) -> None:
     # about every 0.2 s (half of WatchdogSec); the median, so that a loaded host's one late ping
     # does not fail the test, yet a daemon pinging at its 5 s STATUS pace does
     assert 0.1 < gaps[len(gaps) // 2] < 0.4, gaps
+
+
+def test_a_cli_internal_error_is_one_line_plus_its_traceback_in_the_log(tmp_path: Path) -> None:
+    """The command's own bug (not the daemon's): one line for the operator, and the
+    internal_error event with the traceback's frames in the JSON log line."""
+    planted = ("import sys; from lazyiscsi import commands; "
+               "commands._status = lambda args, name: {}['planted_bug']; "
+               "from lazyiscsi.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", planted, "status"], capture_output=True, text=True, timeout=60)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("lazyiscsi: error: internal error: KeyError"), r.stderr
+    (event,) = [json.loads(line) for line in lines if line.startswith("{")]
+    assert event["event"] == "internal_error" and event["level"] == "error"
+    (exc,) = event["exception"]
+    assert exc["exc_type"] == "KeyError" and any(f["name"] == "<lambda>" for f in exc["frames"])

@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import io
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from lazyiscsi import sourcearg
@@ -51,6 +53,14 @@ def test_every_positional_and_option_has_help() -> None:
     assert missing == []
 
 
+@pytest.fixture
+def logs_reset() -> Iterator[None]:
+    """main() points structlog at this test's captured stderr: later tests must not log there."""
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.mark.usefixtures("logs_reset")
 def test_status_without_a_daemon_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """LSB init-functions: status 3, "program is not running"; also for the socket a killed
     daemon left behind (it refuses connections)."""
