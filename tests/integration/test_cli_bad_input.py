@@ -59,7 +59,8 @@ def test_bad_config_files(tmp_path: Path, case: str) -> None:
     (["serve", "--listen", "[::1"], "--listen: '[::1': an IPv6 address is written [ADDRESS]:PORT"),
     (["serve", "--listen", "[fe80::zz]:3260"], "is not an IPv6 address"),
     (["serve", "--listen", "127.0.0.1:70000"], "port out of range"),
-    (["serve", "--source-file", "/nonexistent/url", "--cache", "c"], "--source-file /nonexistent/url"),
+    (["serve", "--source-file", "/nonexistent/url", "--cache", "c"],
+     "--source-file /nonexistent/url: cannot read"),
 ])
 def test_bad_options(tmp_path: Path, args: list[str], needle: str) -> None:
     r = subprocess.run([*LAZYISCSI, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
