@@ -19,7 +19,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH, EXIT_INTERRUPTED = 0, 1, 2, 4, 1
 #: `status` when no daemon runs: LSB's "program is not running" (init-functions, status action)
 EXIT_NOT_RUNNING = 3
 #: states after which nothing more will move
-_FINAL = frozenset({"complete", "detached", "failed", "cancelled"})
+_FINAL = frozenset({"complete", "detached", "failed", "cancelled", "unopened"})
 
 
 def default_control() -> str:

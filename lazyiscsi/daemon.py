@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import gevent
 import structlog
 
 from lazyiscsi.config import MAX_UNIT, MIN_UNIT, VolumeConfig
@@ -87,6 +88,8 @@ class VolumeManager:
         #: names of creates in progress: a create yields while its source opens, and a second
         #: one of the same name must not take (or, failing, remove) the first one's cache files
         self._creating: set[str] = set()
+        #: persisted volumes that could not be opened at this start: not served, still saved
+        self._unopened: dict[str, VolumeRecord] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -99,11 +102,19 @@ class VolumeManager:
             records = [VolumeRecord.from_json(r) for r in json.loads(path.read_text())]
         except (ValueError, TypeError, KeyError) as e:
             raise VolumeError(f"{path}: not a volume list ({e})") from None
-        for record in records:
-            try:
-                self._open(record)
-            except VolumeError as e:
-                log.error("volume_restore_failed", volume=record.volume.name, error=str(e))
+        # all at once: the portal listens only after this, and sources that are down must
+        # cost one connect timeout in all, not one each
+        gevent.joinall([gevent.spawn(self._restore, record) for record in records])
+        order = {r.volume.name: i for i, r in enumerate(records)}  # static volumes first, then as saved
+        self.volumes = dict(sorted(self.volumes.items(), key=lambda item: order.get(item[0], -1)))
+
+    def _restore(self, record: VolumeRecord) -> None:
+        try:
+            self._open(record)
+        except VolumeError as e:
+            # kept on record (saved again with the others) for the next start to retry
+            self._unopened[record.volume.name] = record
+            log.error("volume_restore_failed", volume=record.volume.name, error=str(e))
 
     def add_static(self, volume: VolumeConfig) -> Volume:
         return self._open(VolumeRecord(volume, static=True))
@@ -134,7 +145,7 @@ class VolumeManager:
                               f"{MAX_UNIT} (the background copy moves runs of {DEFAULT_RUN} bytes)")
         if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
             raise VolumeError(f"volume {name}: rate {rate!r}: must be a whole number of bytes/s, >= 0")
-        if name in self.volumes or name in self._creating:
+        if name in self.volumes or name in self._creating or name in self._unopened:
             raise VolumeError(f"volume {name} exists")
         self._creating.add(name)
         try:
@@ -169,19 +180,23 @@ class VolumeManager:
         return self._status(vol)
 
     def delete(self, name: str) -> None:
-        vol = self._get(name)
-        if vol.record.static:
+        unopened = self._unopened.get(name)
+        vol = None if unopened is not None else self._get(name)
+        record = unopened or vol.record  # type: ignore[union-attr]
+        if record.static:
             raise VolumeError(f"volume {name} comes from the config file: remove it there")
         try:
-            self.frontend.unexport(vol.record.volume)
+            self.frontend.unexport(record.volume)  # LIO may still hold it from the last run
         except FrontendError as e:
             raise VolumeError(str(e)) from None
-        self._stop(vol)
-        del self.volumes[name]
+        if vol is not None:
+            self._stop(vol)
+            del self.volumes[name]
+        self._unopened.pop(name, None)
         self._save()
         for suffix in CACHE_FILES:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(vol.record.volume.cache + suffix)
+                os.unlink(record.volume.cache + suffix)
         log.info("volume_deleted", volume=name)
 
     def status_line(self) -> str:
@@ -197,9 +212,12 @@ class VolumeManager:
         return f"{len(self.volumes)} volume(s): " + ", ".join(shown) + (f", +{more} more" if more else "")
 
     def list(self) -> list[dict[str, Any]]:
-        return [self._status(v) for v in self.volumes.values()]
+        return [self._status(v) for v in self.volumes.values()] + [
+            _unopened_status(r) for r in self._unopened.values()]
 
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
+        if name in self._unopened:
+            return [_unopened_status(self._unopened[name])]
         return [self._status(self._get(name))] if name else self.list()
 
     def pause(self, name: str) -> dict[str, Any]:
@@ -355,6 +373,7 @@ class VolumeManager:
     def _save(self) -> None:
         """Atomically, mode 0600 from the start: the records hold source URLs."""
         records = [v.record.to_json() for v in self.volumes.values() if not v.record.static]
+        records += [r.to_json() for r in self._unopened.values()]
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / f".{STATE_FILE}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -385,3 +404,16 @@ class VolumeManager:
             "static": vol.record.static,
         }
 
+
+
+def _unopened_status(record: VolumeRecord) -> dict[str, Any]:
+    """A persisted volume this start could not open (its log event says why): not served;
+    the next start tries again, ``volume delete`` forgets it."""
+    cfg = record.volume
+    return {
+        "volume": cfg.name, "source": redact(cfg.source), "target": cfg.target, "lun": cfg.lun,
+        "state": "unopened", "size": 0, "local_bytes": 0, "percent": 0.0, "rate_bps": 0, "eta_s": None,
+        "rate_limit_bps": cfg.rate or None, "fetched_bytes": 0, "misses": 0, "miss_p50_ms": None,
+        "miss_p99_ms": None, "source_health": "not opened at start (see volume_restore_failed)",
+        "static": False,
+    }
