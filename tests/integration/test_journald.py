@@ -237,3 +237,43 @@ def test_a_cli_internal_error_is_one_line_plus_its_traceback_in_the_log(tmp_path
     assert event["event"] == "internal_error" and event["level"] == "error"
     (exc,) = event["exception"]
     assert exc["exc_type"] == "KeyError" and any(f["name"] == "<lambda>" for f in exc["frames"])
+
+
+JOURNALD = "/lib/systemd/systemd-journald"
+#: a journald of its own in a private mount namespace (tmpfs over /run/systemd and /run/log):
+#: the host's journal, if any, is never touched; `journalctl -D` reads what it stored
+REAL_JOURNAL = """
+set -eu
+mkdir -p /run/systemd /run/log
+mount -t tmpfs tmpfs /run/systemd
+mount -t tmpfs tmpfs /run/log
+mkdir -p /run/systemd/journal
+{journald} & JD=$!
+trap 'kill $JD' EXIT
+n=0; until [ -S /run/systemd/journal/socket ]; do n=$((n+1)); [ $n -lt 600 ]; sleep 0.05; done
+LAZYISCSI_JOURNAL_SOCKET=/run/systemd/journal/socket {python} -c "$PLANTED" serve --listen 127.0.0.1:{port} \\
+    2>/dev/null & S=$!
+n=0; until [ -S "$LAZYISCSI_CONTROL" ]; do n=$((n+1)); [ $n -lt 1200 ]; sleep 0.05; done
+{python} -m lazyiscsi.cli status >/dev/null 2>&1 || true
+kill -TERM $S; wait $S
+n=0
+until journalctl -D /run/log/journal -o json EVENT=control_request_crashed | grep -q EXCEPTION; do
+    n=$((n+1)); [ $n -lt 600 ]; sleep 0.05
+done
+journalctl -D /run/log/journal -o json EVENT=control_request_crashed
+"""
+
+
+def test_a_real_journald_shows_the_traceback_in_journalctl_json(tmp_path: Path) -> None:
+    """Issue 13, acceptance 5, with systemd's own journald and journalctl (no unit: the
+    daemon is pointed at that journald's socket as systemd would connect it)."""
+    script = REAL_JOURNAL.format(journald=JOURNALD, python=sys.executable, port=free_port())
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "PLANTED": PLANTED_BUG})
+    assert r.returncode == 0, r.stdout + r.stderr
+    entries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(entries) == 1, r.stdout
+    (entry,) = entries
+    assert entry["SYSLOG_IDENTIFIER"] == "lazyiscsi" and entry["PRIORITY"] == "3" and entry["OP"] == "status"
+    assert entry["EXCEPTION"].startswith("Traceback (most recent call last):")
+    assert "KeyError: 'planted_bug'" in entry["EXCEPTION"]
