@@ -327,11 +327,8 @@ class VolumeManager:
             raise
         with contextlib.ExitStack() as undo:
             undo.callback(disk.close)
-            try:
-                # a cache made elsewhere (hydrate --unit) may have units above the default run
-                job = Hydrator(disk, run_size=max(DEFAULT_RUN, disk.unit), rate=cfg.rate or None)
-            except StoreError as e:
-                raise VolumeError(f"volume {cfg.name}: {e}") from None
+            # a cache made elsewhere (hydrate --unit) may have units above the default run
+            job = Hydrator(disk, run_size=max(DEFAULT_RUN, disk.unit), rate=cfg.rate or None)
             lun = Lun(disk, cfg.name, block_size=cfg.block_size, number=cfg.lun)
             try:
                 self.frontend.export(cfg, lun)
