@@ -49,9 +49,11 @@ class _BadArgument(Exception):
     """A request whose arguments do not fit its op; the message names the argument."""
 
 
-#: the JSON type each argument must have; an optional argument may also be null (absent)
-_ARG_TYPES: dict[str, type | tuple[type, ...]] = {
-    "name": str, "source": str, "unit": int, "rate": int, "force": bool,
+#: the JSON type each argument must have, and how a refusal says it; an optional argument may
+#: also be null (absent)
+_ARG_TYPES: dict[str, tuple[type, str]] = {
+    "name": (str, "a string"), "source": (str, "a string"), "unit": (int, "an integer"),
+    "rate": (int, "an integer"), "force": (bool, "true or false"),
 }
 
 
@@ -88,16 +90,12 @@ def _check_args(op: str, spec: _Op, args: dict[str, Any]) -> dict[str, Any]:
             if key in spec.required:
                 raise _BadArgument(f"{op}: missing argument {key!r}")
             continue
-        wanted = _ARG_TYPES[key]
+        wanted, described = _ARG_TYPES[key]
         # JSON true is a Python int too: a bool is only a bool
         if not isinstance(value, wanted) or (isinstance(value, bool) and wanted is not bool):
-            raise _BadArgument(f"{op}: argument {key!r} must be {_ARG_TYPE_NAMES[key]}")
+            raise _BadArgument(f"{op}: argument {key!r} must be {described}")
         checked[key] = value
     return checked
-
-
-_ARG_TYPE_NAMES = {"name": "a string", "source": "a string", "unit": "an integer", "rate": "an integer",
-                   "force": "true or false"}
 
 
 class ControlServer:
