@@ -375,13 +375,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for vol in cfg.volumes:
             manager.add_static(vol)
         manager.restore()
-        frontend.listen()
+        try:
+            frontend.listen()
+        except OSError as e:
+            raise FrontendError(f"listen {_host_port(*cfg.listen)}: {e.strerror}") from None
     except (VolumeError, FrontendError, OSError) as e:
         frontend.stop()
         manager.close()
         control.stop()
-        where = _host_port(cfg.listen[0], cfg.listen[1])
-        raise CliError(f"listen {where}: {e.strerror}" if isinstance(e, OSError) else str(e)) from None
+        raise CliError(str(e)) from None
     control.start()
     host, port = frontend.address[:2]  # an IPv6 address comes with flow info and scope id
     shown = _host_port({"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host), port)
