@@ -2,7 +2,8 @@
 
 A bar line never wraps: it is fitted to the terminal's width when drawn (a wrapped line breaks
 the in-place redraw, ``\r`` returns to the start of the last row only). The bar shrinks first,
-down to ``MIN_BAR``; then the text is cut.
+down to ``MIN_BAR``; then the text is cut. Hand-made rather than tqdm or rich: one bar and
+one line need no dependency beyond what Debian's python3 packages give the .deb.
 """
 
 from __future__ import annotations
