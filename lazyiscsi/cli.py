@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iqn-prefix", default="iqn.2026-11.io.lazyiscsi", metavar="IQN",
                    help="runtime volume NAME is target IQN:NAME")
     s.set_defaults(func=cmd_serve)
-    commands.add_parsers(sub, _size_arg(), common)
+    commands.add_parsers(sub, _size_arg(), _seconds_arg, common)
     return parser
 
 

@@ -16,6 +16,8 @@ from lazyiscsi.control import DEFAULT_SOCKET, NoDaemon, call
 from lazyiscsi.progress import bar_line, human_bytes, human_eta, terminal_columns
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
+#: `status --watch` asks the daemon no more often than this: faster only loads it
+MIN_WATCH_INTERVAL = 0.1
 #: `status` when no daemon runs: LSB's "program is not running" (init-functions, status action)
 EXIT_NOT_RUNNING = 3
 #: states after which nothing more will move
@@ -29,7 +31,8 @@ def default_control() -> str:
 _NAME_HELP = "the volume's name (1-64 of A-Z a-z 0-9 _ . -); its target is <iqn prefix>:NAME"
 
 
-def add_parsers(sub: Any, size_arg: Callable[[str], int], common: argparse.ArgumentParser) -> None:
+def add_parsers(sub: Any, size_arg: Callable[[str], int], seconds_arg: Callable[[str], float],
+                common: argparse.ArgumentParser) -> None:
     """Register the verbs on the main parser's subcommands; ``common`` holds the options every
     verb also takes after its name (--control)."""
     def verb(parent: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
@@ -59,7 +62,8 @@ def add_parsers(sub: Any, size_arg: Callable[[str], int], common: argparse.Argum
     s.add_argument("name", nargs="?", metavar="NAME", help="only this volume (default: every volume)")
     s.add_argument("--json", action="store_true", help="machine-readable, one JSON document")
     s.add_argument("--watch", action="store_true", help="redraw until every volume shown is complete")
-    s.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="for --watch")
+    s.add_argument("--interval", type=_watch_interval(seconds_arg), default=1.0, metavar="SECONDS",
+                   help=f"for --watch: seconds between redraws (at least {MIN_WATCH_INTERVAL})")
     s.set_defaults(func=lambda a: _watch(a) if a.watch else _status(a, a.name))
 
     for name, text in (("pause", "stop the background copy (on-demand reads still fetch)"),
@@ -82,6 +86,16 @@ def add_parsers(sub: Any, size_arg: Callable[[str], int], common: argparse.Argum
     vf.add_argument("name", metavar="NAME", help="the volume")
     vf.add_argument("--json", action="store_true", help="machine-readable, one JSON document")
     vf.set_defaults(func=_verify)
+
+
+def _watch_interval(seconds_arg: Callable[[str], float]) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        value = seconds_arg(text)  # finite and not negative, or an argparse error naming it
+        if value < MIN_WATCH_INTERVAL:
+            raise argparse.ArgumentTypeError(f"{text!r} is below {MIN_WATCH_INTERVAL}")
+        return value
+
+    return convert
 
 
 def _call(args: argparse.Namespace, op: str, timeout: float | None = 30.0, **kw: Any) -> Any:

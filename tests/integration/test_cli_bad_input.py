@@ -55,6 +55,8 @@ def test_bad_config_files(tmp_path: Path, case: str) -> None:
     (["serve", "--nop-interval", "nan"], "--nop-interval: 'nan' is not a finite number"),
     (["serve", "--nop-interval", "inf"], "--nop-interval: 'inf' is not a finite number"),
     (["serve", "--nop-interval", "-1"], "--nop-interval: '-1' must not be negative"),
+    (["status", "--watch", "--interval", "nan"], "--interval: 'nan' is not a finite number"),
+    (["status", "--watch", "--interval", "0"], "--interval: '0' is below 0.1"),
     (["hydrate", "--source", "x", "--cache", "c", "--stall-timeout", "-inf"], "--stall-timeout"),
     (["serve", "--listen", "[::1"], "--listen: '[::1': an IPv6 address is written [ADDRESS]:PORT"),
     (["serve", "--listen", "[fe80::zz]:3260"], "is not an IPv6 address"),
