@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the volumes of a TOML file (lazyiscsi.toml(5)); excludes --source")
     sourcearg.add_options(s, "where the data lives (as for hydrate); with --cache")
     s.add_argument("--cache", metavar="PATH", help="the cache file (created or resumed)")
-    s.add_argument("--iqn", default="iqn.2026-11.io.lazyiscsi:vol0", help="the target's IQN")
+    s.add_argument("--iqn", type=_iscsi_name_arg, default="iqn.2026-11.io.lazyiscsi:vol0",
+                   help="the target's IQN")
     s.add_argument("--listen", type=_listen_arg, default=("0.0.0.0", 3260), metavar="HOST:PORT",
                    help="where the portal listens (with --config: [portal] listen)")
     s.add_argument("--block-size", type=int, choices=(512, 4096), default=512, help="logical block size")
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DIR", help="runtime volumes and their caches (default: $LAZYISCSI_STATE_DIR)")
     s.add_argument("--frontend", choices=("auto", "lio", "portal"), default="auto",
                    help="auto: LIO when the kernel has target_core_user and rtslib-fb is installed")
-    s.add_argument("--iqn-prefix", default="iqn.2026-11.io.lazyiscsi", metavar="IQN",
+    s.add_argument("--iqn-prefix", type=_iscsi_name_arg, default="iqn.2026-11.io.lazyiscsi", metavar="IQN",
                    help="runtime volume NAME is target IQN:NAME")
     s.set_defaults(func=cmd_serve)
     commands.add_parsers(sub, _size_arg(), _seconds_arg, common)
@@ -196,6 +197,12 @@ def peak_rss_kib() -> int:
     except OSError:
         pass
     return 0
+
+
+def _iscsi_name_arg(text: str) -> str:
+    if not config.is_iscsi_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an iSCSI name (iqn., eui. or naa.)")
+    return text
 
 
 def _listen_arg(text: str) -> tuple[str, int]:

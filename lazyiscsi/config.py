@@ -67,6 +67,11 @@ _VOLUME_KEYS = {"name", "source", "cache", "target", "lun", "unit", "block_size"
 _CHAP_KEYS = {"user", "secret", "mutual_user", "mutual_secret"}
 
 
+def is_iscsi_name(name: str) -> bool:
+    """The three iSCSI name formats (RFC 7143 4.2.7.2): iqn., eui. and naa. prefixes."""
+    return name.startswith(("iqn.", "eui.", "naa."))
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``HOST``, ``[IPV6]:PORT``, ``[IPV6]`` or a bare IPv6 address (then the
     port is 3260). Raises ValueError naming the fault."""
@@ -153,7 +158,7 @@ def _volume(v: object, where: str) -> VolumeConfig:
         check_url(v["source"])
     except ValueError as e:
         raise ConfigError(f"{where}.source: {e}") from None
-    if not v["target"].startswith(("iqn.", "eui.", "naa.")):
+    if not is_iscsi_name(v["target"]):
         raise ConfigError(f"{where}.target: {v['target']!r} is not an iSCSI name (iqn., eui. or naa.)")
     lun = _int(v, "lun", 0, 0, 16383, where)
     unit = v.get("unit")

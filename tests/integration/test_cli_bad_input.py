@@ -61,6 +61,8 @@ def test_bad_config_files(tmp_path: Path, case: str) -> None:
     (["serve", "--listen", "[::1"], "--listen: '[::1': an IPv6 address is written [ADDRESS]:PORT"),
     (["serve", "--listen", "[fe80::zz]:3260"], "is not an IPv6 address"),
     (["serve", "--listen", "127.0.0.1:70000"], "port out of range"),
+    (["serve", "--iqn", "vm1"], "--iqn: 'vm1' is not an iSCSI name"),
+    (["serve", "--iqn-prefix", "lazy"], "--iqn-prefix: 'lazy' is not an iSCSI name"),
     (["serve", "--source-file", "/nonexistent/url", "--cache", "c"],
      "--source-file /nonexistent/url: cannot read"),
 ])
