@@ -8,18 +8,19 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
 import sys
 import time
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import gevent
 import gevent.event
 import structlog
 
-from lazyiscsi import __version__, commands, config
+from lazyiscsi import __version__, commands, config, sourcearg
 from lazyiscsi import log as logsetup
 from lazyiscsi.control import ControlError
 from lazyiscsi.frontend import Frontend
@@ -30,11 +31,16 @@ from lazyiscsi.store.hydrator import DEFAULT_RUN, Hydrator, JobState
 from lazyiscsi.store.lazydisk import DEFAULT_IO_TIMEOUT, DEFAULT_UNIT, LazyDisk
 from lazyiscsi.store.superblock import needs_source
 
+if TYPE_CHECKING:
+    from lazyiscsi.daemon import VolumeManager
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_STALLED = 3
 EXIT_INTERRUPTED = 130
+#: seconds between sd_notify STATUS= updates under systemd (what `systemctl status` shows)
+STATUS_INTERVAL = 5.0
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
@@ -73,6 +79,8 @@ def _seconds_arg(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value):  # float() takes "nan" and "inf": neither is a duration
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
@@ -85,18 +93,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+_CONTROL_HELP = "the daemon's control socket (default: $LAZYISCSI_CONTROL or {})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lazyiscsi", description="iSCSI LUNs that hydrate lazily from a source site.")
     parser.add_argument("--version", action="version", version=f"lazyiscsi {__version__}")
     parser.add_argument("--log-level", choices=logsetup.LEVELS, default="info",
                         help="least severe log event shown on stderr (default: info)")
     parser.add_argument("--control", default=commands.default_control(), metavar="PATH",
-                        help="the daemon's control socket (default: $LAZYISCSI_CONTROL or %(default)s)")
+                        help=_CONTROL_HELP.format("%(default)s"))
+    # --control also after the verb (`lazyiscsi status --control PATH`): the verb's parser has
+    # it too, with no default of its own, so that the one before the verb is not overridden
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--control", default=argparse.SUPPRESS, metavar="PATH",
+                        help=_CONTROL_HELP.format(commands.default_control()))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     h = sub.add_parser(
-        "hydrate",
+        "hydrate", parents=[common],
         help="fill a cache file from a source (pre-seed a destination before cutover)",
         description=(
             "Copy every byte of SOURCE into the cache file PATH, skipping runs the source reports "
@@ -113,16 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
             "seconds on stderr; a final 'complete' line with the totals on stdout."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    h.add_argument("--source", required=True, metavar="URL",
-                   help="where the data lives: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, "
-                        "http(s)://..., file:///PATH or a plain path")
+    sourcearg.add_options(h, "where the data lives: nbd://HOST[:PORT]/EXPORT, "
+                             "nbd+unix:///EXPORT?socket=PATH, http(s)://..., file:///PATH or a plain path")
     h.add_argument("--cache", required=True, metavar="PATH",
                    help="the cache file to fill (created if missing; an existing cache resumes)")
     h.add_argument("--rate", type=_size_arg(), default=0, metavar="BYTES_PER_S",
                    help="limit the copy to this many bytes per second (0: no limit)")
     h.add_argument("--unit", type=_size_arg(512, power_of_two=True), default=None, metavar="SIZE",
-                   help=f"tracking unit of a new cache, a power of two >= 512 (default {DEFAULT_UNIT}); "
-                        "an existing cache keeps its own")
+                   help=f"tracking unit of a new cache, a power of two >= 512 and <= --run-size "
+                        f"(default {DEFAULT_UNIT}); an existing cache keeps its own")
     h.add_argument("--run-size", type=_size_arg(4096, power_of_two=True), default=DEFAULT_RUN,
                    metavar="SIZE", help="bytes per background request; the number in flight self-tunes")
     h.add_argument("--stall-timeout", type=_seconds_arg, default=600.0, metavar="SECONDS",
@@ -136,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=cmd_hydrate)
 
     s = sub.add_parser(
-        "serve",
+        "serve", parents=[common],
         help="the daemon: export volumes as iSCSI LUNs (LIO or the embedded portal) while they hydrate",
         description=("Serve volumes as iSCSI LUNs, through the kernel's LIO target and our TCMU handler "
                      "where the kernel offers it, else on the embedded userspace portal: SOURCE as LUN 0 "
@@ -147,15 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     s.add_argument("--config", metavar="FILE",
-                   help="serve the volumes of a TOML file (see lazyiscsi/config.py); excludes --source")
-    s.add_argument("--source", metavar="URL", help="where the data lives (as for hydrate)")
+                   help="serve the volumes of a TOML file (lazyiscsi.toml(5)); excludes --source")
+    sourcearg.add_options(s, "where the data lives (as for hydrate); with --cache")
     s.add_argument("--cache", metavar="PATH", help="the cache file (created or resumed)")
-    s.add_argument("--iqn", default="iqn.2026-11.io.lazyiscsi:vol0", help="the target's IQN")
+    s.add_argument("--iqn", type=_iscsi_name_arg, default="iqn.2026-11.io.lazyiscsi:vol0",
+                   help="the target's IQN")
     s.add_argument("--listen", type=_listen_arg, default=("0.0.0.0", 3260), metavar="HOST:PORT",
                    help="where the portal listens (with --config: [portal] listen)")
     s.add_argument("--block-size", type=int, choices=(512, 4096), default=512, help="logical block size")
     s.add_argument("--unit", type=_size_arg(512, power_of_two=True), default=None, metavar="SIZE",
-                   help="tracking unit of a new cache")
+                   help=f"tracking unit of a new cache (512 to {config.MAX_UNIT}, a power of two)")
     s.add_argument("--rate", type=_size_arg(), default=0, metavar="BYTES_PER_S",
                    help="limit the background copy (0: none)")
     s.add_argument("--connect-timeout", type=_seconds_arg, default=30.0, metavar="SECONDS",
@@ -168,11 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DIR", help="runtime volumes and their caches (default: $LAZYISCSI_STATE_DIR)")
     s.add_argument("--frontend", choices=("auto", "lio", "portal"), default="auto",
                    help="auto: LIO when the kernel has target_core_user and rtslib-fb is installed")
-    s.add_argument("--iqn-prefix", default="iqn.2026-11.io.lazyiscsi", metavar="IQN",
+    s.add_argument("--iqn-prefix", type=_iscsi_name_arg, default="iqn.2026-11.io.lazyiscsi", metavar="IQN",
                    help="runtime volume NAME is target IQN:NAME")
     _source_args(s)
     s.set_defaults(func=cmd_serve)
-    commands.add_parsers(sub, _size_arg())
+    commands.add_parsers(sub, _size_arg(), _seconds_arg, common)
     return parser
 
 
@@ -199,6 +215,12 @@ def peak_rss_kib() -> int:
     return 0
 
 
+def _iscsi_name_arg(text: str) -> str:
+    if not config.is_iscsi_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an iSCSI name (iqn., eui. or naa.)")
+    return text
+
+
 def _listen_arg(text: str) -> tuple[str, int]:
     try:
         return config.parse_listen(text)
@@ -219,13 +241,23 @@ class CliError(Exception):
         self.code = code
 
 
-def open_volume(args: argparse.Namespace) -> LazyDisk:
-    """The cache (created or resumed) with its source if it still needs one, or a one-line
-    CliError. A complete cache opens without its source (open by state)."""
+def source_url(args: argparse.Namespace) -> str:
+    """The source URL from --source, --source-file, stdin or $LAZYISCSI_SOURCE (sourcearg)."""
+    try:
+        url = sourcearg.resolve(args, required=True)
+    except sourcearg.SourceArgError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    assert url is not None  # required: resolve raises instead
+    return url
+
+
+def open_volume(args: argparse.Namespace, url: str) -> LazyDisk:
+    """The cache (created or resumed) with its source ``url`` if it still needs one, or a
+    one-line CliError. A complete cache opens without its source (open by state)."""
     source = None
     try:
         if needs_source(args.cache):
-            source = open_source(args.source, timeout=args.connect_timeout, source_id=args.source_id,
+            source = open_source(url, timeout=args.connect_timeout, source_id=args.source_id,
                                  deadline=deadline_for(args.io_timeout))
         return LazyDisk.open(args.cache, source, unit=args.unit, io_timeout=args.io_timeout)
     except SourceError as e:
@@ -238,9 +270,17 @@ def open_volume(args: argparse.Namespace) -> LazyDisk:
 
 def cmd_hydrate(args: argparse.Namespace) -> int:
     log = structlog.get_logger("lazyiscsi.cli")
-    disk = open_volume(args)
+    source = source_url(args)
+    if args.unit is not None and args.unit > args.run_size:
+        raise CliError(f"--unit {args.unit} is above --run-size {args.run_size}: the copy moves whole "
+                       "units, so a unit must fit in a run", EXIT_USAGE)
+    disk = open_volume(args, source)
 
-    job = Hydrator(disk, run_size=args.run_size, rate=args.rate or None)
+    try:
+        job = Hydrator(disk, run_size=args.run_size, rate=args.rate or None)
+    except StoreError as e:  # an existing cache's own unit above --run-size
+        disk.close()
+        raise CliError(f"--run-size: {e}", EXIT_USAGE) from None
     display = ProgressDisplay(sys.stderr)
     interrupted: list[int] = []
 
@@ -267,7 +307,7 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
         elif args.stall_timeout and now - last_change > args.stall_timeout:
             stalled = True
             log.error("hydration_stalled", path=args.cache, seconds=args.stall_timeout,
-                      source=redact(args.source))
+                      source=redact(source))
             job.cancel()
             break
         if display.tty or (args.progress_interval and now - last_line >= args.progress_interval):
@@ -291,7 +331,7 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
             f"peak_rss_kib={peak_rss_kib()}\n")
         return EXIT_OK
     if stalled:
-        return fail(f"no progress for {args.stall_timeout:g} s from {redact(args.source)}; "
+        return fail(f"no progress for {args.stall_timeout:g} s from {redact(source)}; "
                     f"{final.current} of {final.total} bytes are local, run again to resume",
                     EXIT_STALLED)
     if interrupted:
@@ -304,17 +344,21 @@ def serve_config(args: argparse.Namespace) -> config.Config:
     """The static volumes: from --config, or the one volume --source/--cache describe, or none
     (then only the runtime volumes of --state-dir are served)."""
     if args.config:
-        if args.source or args.cache:
-            raise CliError("--config and --source/--cache exclude each other", EXIT_USAGE)
+        if args.source or args.source_file or args.cache:
+            raise CliError("--config and --source/--source-file/--cache exclude each other", EXIT_USAGE)
         try:
             return config.load(args.config)
         except config.ConfigError as e:
-            raise CliError(str(e)) from None
-    if bool(args.source) != bool(args.cache):
+            raise CliError(str(e), EXIT_USAGE) from None
+    if (args.source or args.source_file) and not args.cache:
         raise CliError("--source and --cache go together", EXIT_USAGE)
-    if not args.source:
+    if args.unit is not None and args.unit > config.MAX_UNIT:
+        raise CliError(f"--unit {args.unit} is above {config.MAX_UNIT}: the background copy moves runs "
+                       f"of {config.MAX_UNIT} bytes, and a unit must fit in a run", EXIT_USAGE)
+    if not args.cache:  # $LAZYISCSI_SOURCE alone does not make a volume: it has no cache
         return config.Config(args.listen, ())
-    volume = config.VolumeConfig(name="vol0", source=args.source, cache=args.cache, target=args.iqn,
+    source = source_url(args)
+    volume = config.VolumeConfig(name="vol0", source=source, cache=args.cache, target=args.iqn,
                                  unit=args.unit, block_size=args.block_size, rate=args.rate,
                                  source_id=args.source_id)
     return config.Config(args.listen, (volume,))
@@ -356,41 +400,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
         control = ControlServer(manager, args.control)
     except (ControlError, OSError) as e:
         raise CliError(f"control socket: {e}") from None
+    # every volume is open and exported before initiators can connect (frontend.py says why)
     try:
         frontend.start()
         for vol in cfg.volumes:
             manager.add_static(vol)
         manager.restore()
+        try:
+            frontend.listen()
+        except OSError as e:
+            raise FrontendError(f"listen {_host_port(*cfg.listen)}: {e.strerror}") from None
     except (VolumeError, FrontendError, OSError) as e:
         frontend.stop()
         manager.close()
         control.stop()
-        where = f"{cfg.listen[0]}:{cfg.listen[1]}"
-        raise CliError(f"listen {where}: {e.strerror}" if isinstance(e, OSError) else str(e)) from None
+        raise CliError(str(e)) from None
     control.start()
-    host, port = frontend.address
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    host, port = frontend.address[:2]  # an IPv6 address comes with flow info and scope id
+    shown = _host_port({"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host), port)
     for vol in manager.volumes.values():
         r = vol.record.volume
-        sys.stdout.write(f"serving {redact(r.source)} as {r.target} LUN {r.lun} on {host}:{port} "
+        sys.stdout.write(f"serving {redact(r.source)} as {r.target} LUN {r.lun} on {_host_port(host, port)} "
                          f"({frontend.name})\n"
-                         f"  QEMU:     iscsi://{shown}:{port}/{r.target}/{r.lun}\n")
-    sys.stdout.write(f"  iscsiadm: iscsiadm -m discovery -t sendtargets -p {shown}:{port}\n")
+                         f"  QEMU:     iscsi://{shown}/{r.target}/{r.lun}\n")
+    sys.stdout.write(f"  iscsiadm: iscsiadm -m discovery -t sendtargets -p {shown}\n")
     if manager.volumes:
         first = next(iter(manager.volumes.values())).record.volume.target
-        sys.stdout.write(f"            iscsiadm -m node -T {first} -p {shown}:{port} --login\n")
+        sys.stdout.write(f"            iscsiadm -m node -T {first} -p {shown} --login\n")
     sys.stdout.write(f"  control:  {args.control}\n")
     sys.stdout.flush()
     logsetup.notify_ready()
+    reporter = gevent.spawn(report_to_systemd, manager) if os.environ.get("NOTIFY_SOCKET") else None
     stop = gevent.event.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, stop.set)
     stop.wait()
+    if reporter is not None:
+        reporter.kill()
     logsetup.notify("STOPPING=1")
     control.stop()
     frontend.stop()
     manager.close()
     return EXIT_OK
+
+
+def _host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 address in brackets (RFC 3986 3.2.2, as iSCSI URLs write it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def report_to_systemd(manager: VolumeManager) -> None:
+    """Under systemd: ``STATUS=`` (each volume's state and percentage, for ``systemctl status``)
+    when it changes, and ``WATCHDOG=1`` at half the unit's WatchdogSec. The pings come from a
+    greenlet of the hub every volume runs on, so a hub stalled by a blocking call misses them and
+    systemd restarts the daemon."""
+    watchdog = logsetup.watchdog_interval()
+    tick = min(STATUS_INTERVAL, watchdog) if watchdog else STATUS_INTERVAL
+    shown, last_status = "", 0.0
+    while True:
+        now = time.monotonic()
+        if watchdog:
+            logsetup.notify("WATCHDOG=1")
+        if now - last_status >= STATUS_INTERVAL:
+            line = manager.status_line()
+            if line != shown:
+                logsetup.notify(f"STATUS={line}")
+                shown = line
+            last_status = now
+        gevent.sleep(tick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,9 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e), e.code)
     except ControlError as e:
         return fail(str(e))
-    except Exception as e:  # a lazyiscsi bug: one line for the operator, the traceback in debug
-        structlog.get_logger("lazyiscsi.cli").debug("internal_error", exc_info=True)
-        return fail(f"internal error: {type(e).__name__}: {e} (--log-level debug shows where)")
+    except Exception as e:  # a lazyiscsi bug: one line for the operator, the traceback in the log
+        structlog.get_logger("lazyiscsi.cli").error("internal_error", error=type(e).__name__, exc_info=True)
+        return fail(f"internal error: {type(e).__name__} (the log shows where; on a terminal, "
+                    "--log-level debug)")
 
 
 if __name__ == "__main__":

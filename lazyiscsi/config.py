@@ -23,10 +23,19 @@ Every mistake is one line naming the file, the field and the reason (``ConfigErr
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 
 from lazyiscsi.iscsi.chap import ChapSecrets
+from lazyiscsi.source.url import check as check_url
+from lazyiscsi.store.hydrator import DEFAULT_RUN
+
+#: the largest tracking unit: the background copy moves whole units in runs of DEFAULT_RUN
+#: bytes, so a larger unit makes a cache no copy can fill (the hydrator refuses it)
+MAX_UNIT = DEFAULT_RUN
+MIN_UNIT = 512
+DEFAULT_PORT = 3260
 
 
 class ConfigError(Exception):
@@ -59,17 +68,43 @@ _VOLUME_KEYS = {"name", "source", "cache", "target", "lun", "unit", "block_size"
 _CHAP_KEYS = {"user", "secret", "mutual_user", "mutual_secret"}
 
 
+def is_iscsi_name(name: str) -> bool:
+    """The three iSCSI name formats (RFC 7143 4.2.7.2): iqn., eui. and naa. prefixes."""
+    return name.startswith(("iqn.", "eui.", "naa."))
+
+
 def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST``, ``[IPV6]:PORT``, ``[IPV6]`` or a bare IPv6 address (then the
+    port is 3260). Raises ValueError naming the fault."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: an IPv6 address is written [ADDRESS]:PORT")
+        _ipv6(host, text)
+        return host, _port(rest[1:] if rest else str(DEFAULT_PORT), text)
+    if text.count(":") > 1:  # a bare IPv6 address: its colons are not a port separator
+        _ipv6(text, text)
+        return text, DEFAULT_PORT
     host, sep, port = text.rpartition(":")
     if not sep:
-        host, port = text, "3260"
+        host, port = text, str(DEFAULT_PORT)
+    return host or "0.0.0.0", _port(port, text)
+
+
+def _ipv6(host: str, text: str) -> None:
     try:
-        number = int(port)
+        ipaddress.IPv6Address(host)
     except ValueError:
-        raise ValueError(f"{text!r}: the port must be a number (HOST:PORT)") from None
+        raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+
+
+def _port(port: str, text: str) -> int:
+    if not port.isdigit():
+        raise ValueError(f"{text!r}: the port must be a number (HOST:PORT)")
+    number = int(port)
     if not 0 <= number <= 65535:
         raise ValueError(f"{text!r}: port out of range")
-    return host.strip("[]") or "0.0.0.0", number
+    return number
 
 
 def load(path: str) -> Config:
@@ -80,6 +115,9 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 (TOML 1.0, "Spec")
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") \
+            from None
     return parse(data, path)
 
 
@@ -88,8 +126,16 @@ def parse(data: dict, path: str = "config") -> Config:  # type: ignore[type-arg]
     if unknown:
         raise ConfigError(f"{path}: unknown section {sorted(unknown)[0]!r} (expected portal, volume)")
     portal = data.get("portal", {})
+    if not isinstance(portal, dict):
+        raise ConfigError(f"{path}: portal: must be a table ([portal])")
+    unknown = set(portal) - {"listen"}
+    if unknown:
+        raise ConfigError(f"{path}: portal.{sorted(unknown)[0]}: unknown key")
+    listen_text = portal.get("listen", f"0.0.0.0:{DEFAULT_PORT}")
+    if not isinstance(listen_text, str):
+        raise ConfigError(f"{path}: portal.listen: must be a string, HOST:PORT")
     try:
-        listen = parse_listen(str(portal.get("listen", "0.0.0.0:3260")))
+        listen = parse_listen(listen_text)
     except ValueError as e:
         raise ConfigError(f"{path}: portal.listen: {e}") from None
     raw_volumes = data.get("volume", [])
@@ -109,12 +155,16 @@ def _volume(v: object, where: str) -> VolumeConfig:
     for key in ("name", "source", "cache", "target"):
         if not isinstance(v.get(key), str) or not v[key]:
             raise ConfigError(f"{where}.{key}: required, a non-empty string")
-    if not v["target"].startswith(("iqn.", "eui.", "naa.")):
+    try:
+        check_url(v["source"])
+    except ValueError as e:
+        raise ConfigError(f"{where}.source: {e}") from None
+    if not is_iscsi_name(v["target"]):
         raise ConfigError(f"{where}.target: {v['target']!r} is not an iSCSI name (iqn., eui. or naa.)")
     lun = _int(v, "lun", 0, 0, 16383, where)
     unit = v.get("unit")
     if unit is not None:
-        unit = _int(v, "unit", 0, 512, 1 << 30, where)
+        unit = _int(v, "unit", 0, MIN_UNIT, MAX_UNIT, where)
         if unit & (unit - 1):
             raise ConfigError(f"{where}.unit: {unit} is not a power of two")
     block_size = _int(v, "block_size", 512, 512, 4096, where)

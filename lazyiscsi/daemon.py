@@ -16,16 +16,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import gevent
 import structlog
 
-from lazyiscsi.config import VolumeConfig
+from lazyiscsi.config import MAX_UNIT, MIN_UNIT, VolumeConfig
 from lazyiscsi.frontend import Frontend, FrontendError
 from lazyiscsi.scsi.lun import Lun
 from lazyiscsi.source import deadline_for, open_source
 from lazyiscsi.source.base import SourceError
+from lazyiscsi.source.url import check as check_url
 from lazyiscsi.source.url import redact
 from lazyiscsi.store.errors import StoreError
-from lazyiscsi.store.hydrator import Hydrator, JobState, JobVerbError
+from lazyiscsi.store.hydrator import DEFAULT_RUN, Hydrator, JobState, JobVerbError
 from lazyiscsi.store.lazydisk import DEFAULT_IO_TIMEOUT, LazyDisk
 from lazyiscsi.store.superblock import needs_source
 from lazyiscsi.store.verify import verify
@@ -34,6 +36,10 @@ log = structlog.get_logger("lazyiscsi.daemon")
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 STATE_FILE = "volumes.json"
+#: the files of a cache at PATH: PATH itself, then those the store keeps beside it
+CACHE_FILES = ("", ".meta", ".map", ".written", ".boot")
+#: ``systemctl status`` shows one line: name this many volumes, count the rest
+STATUS_VOLUMES = 8
 
 
 class VolumeError(Exception):
@@ -81,6 +87,11 @@ class VolumeManager:
         self.iqn_prefix = iqn_prefix
         self.connect_timeout = connect_timeout
         self.volumes: dict[str, Volume] = {}
+        #: names of creates in progress: a create yields while its source opens, and a second
+        #: one of the same name must not take (or, failing, remove) the first one's cache files
+        self._creating: set[str] = set()
+        #: persisted volumes that could not be opened at this start: not served, still saved
+        self._unopened: dict[str, VolumeRecord] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -93,11 +104,19 @@ class VolumeManager:
             records = [VolumeRecord.from_json(r) for r in json.loads(path.read_text())]
         except (ValueError, TypeError, KeyError) as e:
             raise VolumeError(f"{path}: not a volume list ({e})") from None
-        for record in records:
-            try:
-                self._open(record)
-            except VolumeError as e:
-                log.error("volume_restore_failed", volume=record.volume.name, error=str(e))
+        # all at once: the portal listens only after this, and sources that are down must
+        # cost one connect timeout in all, not one each
+        gevent.joinall([gevent.spawn(self._restore, record) for record in records])
+        order = {r.volume.name: i for i, r in enumerate(records)}  # static volumes first, then as saved
+        self.volumes = dict(sorted(self.volumes.items(), key=lambda item: order.get(item[0], -1)))
+
+    def _restore(self, record: VolumeRecord) -> None:
+        try:
+            self._open(record)
+        except VolumeError as e:
+            # kept on record (saved again with the others) for the next start to retry
+            self._unopened[record.volume.name] = record
+            log.error("volume_restore_failed", volume=record.volume.name, error=str(e))
 
     def add_static(self, volume: VolumeConfig) -> Volume:
         return self._open(VolumeRecord(volume, static=True))
@@ -111,41 +130,96 @@ class VolumeManager:
     # -- verbs ------------------------------------------------------------------------------
 
     def create(self, name: str, source: str, *, unit: int | None = None, rate: int = 0) -> dict[str, Any]:
-        if not NAME.fullmatch(name or ""):
+        """Open, export and persist a new volume; or, refused or failed, leave nothing behind:
+        no volume, no export, no cache file it made, no record, the cache's lock released."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise VolumeError(f"volume name {name!r}: use 1-64 of A-Z a-z 0-9 _ . - "
                               "(not starting with _ . -)")
-        if rate < 0:
-            raise VolumeError(f"rate {rate}: must not be negative")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not isinstance(source, str):
+            raise VolumeError(f"volume {name}: source: must be a URL or a path")
+        try:
+            check_url(source)
+        except ValueError as e:
+            raise VolumeError(f"volume {name}: source: {e}") from None
+        if unit is not None and (isinstance(unit, bool) or not isinstance(unit, int) or unit & (unit - 1)
+                                 or not MIN_UNIT <= unit <= MAX_UNIT):
+            raise VolumeError(f"volume {name}: unit {unit!r}: must be a power of two from {MIN_UNIT} to "
+                              f"{MAX_UNIT} (the background copy moves runs of {DEFAULT_RUN} bytes)")
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
+            raise VolumeError(f"volume {name}: rate {rate!r}: must be a whole number of bytes/s, >= 0")
+        if name in self.volumes or name in self._creating or name in self._unopened:
+            raise VolumeError(f"volume {name} exists")
+        self._creating.add(name)
+        try:
+            return self._create(name, source, unit, rate)
+        finally:
+            self._creating.discard(name)
+
+    def _create(self, name: str, source: str, unit: int | None, rate: int) -> dict[str, Any]:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise VolumeError(f"volume {name}: state directory {self.state_dir}: {e.strerror}") from None
         cache = str(self.state_dir / f"{name}.cache")
         record = VolumeRecord(VolumeConfig(name=name, source=source, cache=cache,
                                            target=f"{self.iqn_prefix}:{name}", unit=unit, rate=rate))
-        vol = self._open(record)
-        self._save()
+        made = [cache + suffix for suffix in CACHE_FILES if not os.path.lexists(cache + suffix)]
+        try:
+            vol = self._open(record)
+            try:
+                self._save()
+            except OSError as e:
+                self._drop(vol)
+                raise VolumeError(f"volume {name}: cannot save {self.state_dir / STATE_FILE} "
+                                  f"({e.strerror}); nothing was created") from None
+        except BaseException:
+            for path in made:  # what this request created, and only that
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            raise
         log.info("volume_created", volume=name, source=redact(source), target=record.volume.target,
                  size=vol.disk.size)
         return self._status(vol)
 
     def delete(self, name: str) -> None:
-        vol = self._get(name)
-        if vol.record.static:
+        unopened = self._unopened.get(name)
+        vol = None if unopened is not None else self._get(name)
+        record = unopened or vol.record  # type: ignore[union-attr]
+        if record.static:
             raise VolumeError(f"volume {name} comes from the config file: remove it there")
         try:
-            self.frontend.unexport(vol.record.volume)
+            self.frontend.unexport(record.volume)  # LIO may still hold it from the last run
         except FrontendError as e:
             raise VolumeError(str(e)) from None
-        self._stop(vol)
-        del self.volumes[name]
+        if vol is not None:
+            self._stop(vol)
+            del self.volumes[name]
+        self._unopened.pop(name, None)
         self._save()
-        for suffix in ("", ".meta", ".map", ".written", ".boot"):
+        for suffix in CACHE_FILES:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(vol.record.volume.cache + suffix)
+                os.unlink(record.volume.cache + suffix)
         log.info("volume_deleted", volume=name)
 
-    def list(self) -> list[dict[str, Any]]:
-        return [self._status(v) for v in self.volumes.values()]
+    def status_line(self) -> str:
+        """One line for ``systemctl status`` (sd_notify ``STATUS=``): each volume's state and
+        how much of it is local."""
+        if not self.volumes:
+            return "no volumes"
+        shown = []
+        for vol in list(self.volumes.values())[:STATUS_VOLUMES]:
+            s = self._status(vol)
+            shown.append(f"{s['volume']} {s['state']} {s['percent']:.1f}%")
+        more = len(self.volumes) - len(shown)
+        return f"{len(self.volumes)} volume(s): " + ", ".join(shown) + (f", +{more} more" if more else "")
 
-    def status(self, name: str | None) -> list[dict[str, Any]]:
+    def list(self) -> list[dict[str, Any]]:
+        return [self._status(v) for v in self.volumes.values()] + [
+            _unopened_status(r) for r in self._unopened.values()]
+
+    def status(self, name: str | None = None) -> list[dict[str, Any]]:
+        if name in self._unopened:
+            return [_unopened_status(self._unopened[name])]
         return [self._status(self._get(name))] if name else self.list()
 
     def pause(self, name: str) -> dict[str, Any]:
@@ -236,6 +310,8 @@ class VolumeManager:
             raise VolumeError(f"volume {vol.record.volume.name}: {e}") from None
 
     def _open(self, record: VolumeRecord) -> Volume:
+        """Open, export and start a volume; on any failure, undo every step already taken (the
+        disk closed, which releases its lock and source; the export withdrawn)."""
         cfg = record.volume
         if cfg.name in self.volumes:  # a runtime volume named like one of the config file
             raise VolumeError(f"volume {cfg.name} exists")
@@ -251,33 +327,58 @@ class VolumeManager:
             raise VolumeError(f"volume {cfg.name}: source: {e}") from None
         try:
             disk = LazyDisk.open(cfg.cache, source, unit=cfg.unit, io_timeout=self.io_timeout)
-        except StoreError as e:
+        except BaseException as e:
             if source is not None:
                 source.close()
-            raise VolumeError(f"volume {cfg.name}: {e}") from None
-        job = Hydrator(disk, rate=cfg.rate or None)
-        lun = Lun(disk, cfg.name, block_size=cfg.block_size, number=cfg.lun)
-        try:
-            self.frontend.export(cfg, lun)
-        except FrontendError as e:
-            disk.close()
-            raise VolumeError(str(e)) from None
-        vol = Volume(record, disk, job, lun)
-        self.volumes[cfg.name] = vol
-        if not disk.complete and not record.detached:
-            job.start()
-            if record.paused:
-                job.pause()
+            if isinstance(e, StoreError):
+                raise VolumeError(f"volume {cfg.name}: {e}") from None
+            raise
+        with contextlib.ExitStack() as undo:
+            undo.callback(disk.close)
+            # a cache made elsewhere (hydrate --unit) may have units above the default run
+            job = Hydrator(disk, run_size=max(DEFAULT_RUN, disk.unit), rate=cfg.rate or None)
+            lun = Lun(disk, cfg.name, block_size=cfg.block_size, number=cfg.lun)
+            try:
+                self.frontend.export(cfg, lun)
+            except FrontendError as e:
+                raise VolumeError(str(e)) from None
+            undo.callback(self._unexport_quietly, cfg)
+            vol = Volume(record, disk, job, lun)
+            self.volumes[cfg.name] = vol
+            undo.callback(self.volumes.pop, cfg.name, None)
+            if not disk.complete and not record.detached:
+                job.start()
+                undo.callback(self._cancel, job)
+                if record.paused:
+                    job.pause()
+            undo.pop_all()
         return vol
 
+    def _drop(self, vol: Volume) -> None:
+        """Undo ``_open`` of a volume nobody has seen yet (its record was never saved)."""
+        self._unexport_quietly(vol.record.volume)
+        self._stop(vol)
+        self.volumes.pop(vol.record.volume.name, None)
+
+    def _unexport_quietly(self, cfg: VolumeConfig) -> None:
+        try:
+            self.frontend.unexport(cfg)
+        except FrontendError as e:  # already failing: the first error is the one reported
+            log.error("volume_unexport_failed", volume=cfg.name, error=str(e))
+
+    @staticmethod
+    def _cancel(job: Hydrator) -> None:
+        if job.state in (JobState.RUNNING, JobState.PAUSED):
+            job.cancel()
+
     def _stop(self, vol: Volume) -> None:
-        if vol.job.state in (JobState.RUNNING, JobState.PAUSED):
-            vol.job.cancel()
+        self._cancel(vol.job)
         vol.disk.close()
 
     def _save(self) -> None:
         """Atomically, mode 0600 from the start: the records hold source URLs."""
         records = [v.record.to_json() for v in self.volumes.values() if not v.record.static]
+        records += [r.to_json() for r in self._unopened.values()]
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / f".{STATE_FILE}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -308,3 +409,16 @@ class VolumeManager:
             "static": vol.record.static,
         }
 
+
+
+def _unopened_status(record: VolumeRecord) -> dict[str, Any]:
+    """A persisted volume this start could not open (its log event says why): not served;
+    the next start tries again, ``volume delete`` forgets it."""
+    cfg = record.volume
+    return {
+        "volume": cfg.name, "source": redact(cfg.source), "target": cfg.target, "lun": cfg.lun,
+        "state": "unopened", "size": 0, "local_bytes": 0, "percent": 0.0, "rate_bps": 0, "eta_s": None,
+        "rate_limit_bps": cfg.rate or None, "fetched_bytes": 0, "misses": 0, "miss_p50_ms": None,
+        "miss_p99_ms": None, "source_health": "not opened at start (see volume_restore_failed)",
+        "static": False,
+    }

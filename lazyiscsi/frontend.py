@@ -1,9 +1,15 @@
 """What the daemon needs from a frontend, and the embedded portal's side of it.
 
 Two frontends export the same LUNs (the SCSI layer over the store): the embedded userspace iSCSI
-portal, and the kernel's LIO target through TCMU (``lazyiscsi.lio``). The volume manager calls
-``export`` when a volume opens, ``unexport`` when it is deleted, and ``stop`` when the daemon
-stops; what survives a stop differs (the portal's sessions end; LIO's stay logged in, see there).
+portal, and the kernel's LIO target through TCMU (``lazyiscsi.lio``). The daemon calls ``start``
+(ready to export, nothing offered to initiators yet), ``export`` for each volume it opens at
+startup, then ``listen``; later ``export`` when a volume is created, ``unexport`` when one is
+deleted, and ``stop`` when the daemon stops; what survives a stop differs (the portal's sessions
+end; LIO's stay logged in, see there).
+
+Why ``listen`` comes after the startup exports: an initiator that logs in the moment the port
+accepts (a hypervisor reconnecting while the daemon restarts) must find its target. Told "Target
+not found" (RFC 7143 11.13.5, status 0x0203) it gives up for good; a refused connection it retries.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class Frontend(Protocol):
 
     def start(self) -> None: ...
 
+    def listen(self) -> None: ...
+
     def stop(self) -> None: ...
 
     def export(self, volume: VolumeConfig, lun: Lun) -> None: ...
@@ -47,6 +55,9 @@ class PortalFrontend:
         return self.portal.address
 
     def start(self) -> None:
+        """Nothing to prepare: targets are added to the portal before it listens."""
+
+    def listen(self) -> None:
         self.portal.start()
 
     def stop(self) -> None:

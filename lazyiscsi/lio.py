@@ -12,12 +12,20 @@ A daemon that stops leaves the kernel's configuration in place and its devices b
 stay logged in and their commands are answered BUSY, which initiators retry, until the next
 daemon attaches. Only ``volume delete`` removes a volume's LUN, backstore and (when it was the
 last LUN) target. Nothing here logs or repeats a CHAP secret.
+
+A new target's TPG is enabled only once our handler serves its backstore: until then LIO answers
+a login to it "Service Unavailable" (RFC 7143 11.13.5, status 0x0301), which initiators retry,
+never "Target not found".
+
+Works with Debian 12's rtslib-fb 2.1.75 and PyPI's 2.2.x (2.2.4 renamed ``RTSLibNotInCFS`` to
+``RTSLibNotInCFSError``; every other name used here is unchanged).
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from typing import Any
 
 import structlog
 
@@ -32,6 +40,11 @@ log = structlog.get_logger("lazyiscsi.lio")
 
 TPG_TAG = 1
 MODULES = ("target_core_user", "iscsi_target_mod")
+
+
+def not_in_cfs(rts: Any) -> type[Exception]:
+    """rtslib-fb's "no such object in configfs" exception, under its 2.2.4 name or the older one."""
+    return getattr(rts, "RTSLibNotInCFSError", None) or rts.RTSLibNotInCFS  # type: ignore[no-any-return]
 
 
 def load_modules() -> None:
@@ -61,6 +74,7 @@ class LioFrontend:
         import rtslib_fb
 
         self.rts = rtslib_fb
+        self.not_in_cfs = not_in_cfs(rtslib_fb)
         self.address = listen
         self.handler = Handler()
         self._fabric: rtslib_fb.FabricModule | None = None
@@ -72,6 +86,9 @@ class LioFrontend:
         except (self.rts.RTSLibError, OSError) as e:
             raise FrontendError(f"LIO: {e}") from None
         log.info("lio_started", listen=f"{self.address[0]}:{self.address[1]}")
+
+    def listen(self) -> None:
+        """Nothing to do: each target's TPG is enabled by ``export``, once its LUN is served."""
 
     def stop(self) -> None:
         self.handler.stop()
@@ -88,10 +105,14 @@ class LioFrontend:
             lio_lun = self._lun(tpg, volume.lun, so)
             self._portal(tpg)
             self._access(tpg, volume, lio_lun)
-            tpg.enable = True
         except (self.rts.RTSLibError, OSError) as e:
             raise FrontendError(f"volume {volume.name}: LIO: {_without_secrets(str(e), volume)}") from None
         self.handler.serve(volume.name, lun)
+        try:
+            tpg.enable = True  # only now: a login before this is told to retry, not refused
+        except (self.rts.RTSLibError, OSError) as e:
+            self.handler.withdraw(volume.name)
+            raise FrontendError(f"volume {volume.name}: LIO: enabling {volume.target}: {e}") from None
         log.info("lio_exported", volume=volume.name, target=volume.target, lun=volume.lun,
                  backstore=f"user/{volume.name}")
 
@@ -105,13 +126,13 @@ class LioFrontend:
                     lio_lun.delete()
             if not list(tpg.luns):
                 target.delete()
-        except self.rts.RTSLibNotInCFS:
+        except self.not_in_cfs:
             pass
         except (self.rts.RTSLibError, OSError) as e:
             raise FrontendError(f"volume {volume.name}: LIO: {e}") from None
         try:
             self.rts.UserBackedStorageObject(volume.name).delete()
-        except self.rts.RTSLibNotInCFS:
+        except self.not_in_cfs:
             pass
         except (self.rts.RTSLibError, OSError) as e:
             raise FrontendError(f"volume {volume.name}: LIO backstore: {e}") from None
@@ -122,7 +143,7 @@ class LioFrontend:
         size = lun.n_blocks * lun.block_size
         try:
             so = self.rts.UserBackedStorageObject(volume.name)
-        except self.rts.RTSLibNotInCFS:
+        except self.not_in_cfs:
             return self.rts.UserBackedStorageObject(
                 volume.name, config=config, size=size, hw_max_sectors=lun.max_transfer_blocks,
                 control=f"nl_reply_supported=-1,hw_block_size={lun.block_size}")

@@ -11,6 +11,15 @@ Three sinks, chosen once per process:
 
 Events name what happened (``cache_opened``, ``source_disconnected``); the context says where
 (path, offset, bytes). Secrets never reach an event: sources log only redacted URLs.
+
+An event logged with ``exc_info`` (a lazyiscsi bug: ``internal_error``,
+``control_request_crashed``) carries its traceback as a field: a list of frames under
+``exception`` in JSON lines, the formatted text in journald's ``EXCEPTION`` field. Never the
+frames' local variables, which may hold a source URL's password. On a terminal the traceback
+is shown only with ``--log-level debug``; the operator sees the one-line error.
+
+``notify`` is sd_notify(3) for ``Type=notify``: READY, STOPPING, ``STATUS=`` (the line
+``systemctl status`` shows) and ``WATCHDOG=1`` pings when the unit sets ``WatchdogSec=``.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import sys
 from typing import Any
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 LEVELS = ("debug", "info", "warning", "error")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -36,22 +46,32 @@ def configure(level: str = "info", *, stream=None) -> None:  # type: ignore[no-u
     """Set up structlog for a command. ``level`` is one of ``LEVELS``."""
     stream = stream or sys.stderr
     journal = journal_socket(stream)
+    sink: list[Any]
     if journal is not None:
-        renderer: Any = JournalSender(journal)
+        sink = [structlog.processors.format_exc_info, JournalSender(journal)]
     elif stream.isatty():
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        sink = [] if level == "debug" else [_drop_traceback]
+        sink.append(structlog.dev.ConsoleRenderer(colors=False))
     else:
-        renderer = structlog.processors.JSONRenderer(sort_keys=True)
+        sink = [structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+                structlog.processors.JSONRenderer(sort_keys=True)]
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *sink,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def _drop_traceback(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """On a terminal below debug level: the event without its traceback (the command prints
+    the one-line error itself)."""
+    event.pop("exc_info", None)
+    return event
 
 
 def journal_socket(stream: Any) -> str | None:
@@ -119,7 +139,8 @@ class JournalSender:
 
 
 def _message(name: str, context: dict[str, Any]) -> str:
-    pairs = " ".join(f"{k}={v}" for k, v in context.items() if k != "exc_info")
+    # the traceback has a field of its own (EXCEPTION): MESSAGE stays one line
+    pairs = " ".join(f"{k}={v}" for k, v in context.items() if k not in ("exc_info", "exception"))
     return f"{name} {pairs}".rstrip()
 
 
@@ -138,3 +159,14 @@ def notify(state: str) -> None:
 
 def notify_ready() -> None:
     notify("READY=1")
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings when systemd asks for them (``WatchdogSec=`` sets
+    ``$WATCHDOG_USEC``, and ``$WATCHDOG_PID`` when set names the process meant), else None.
+    Half the timeout, as sd_watchdog_enabled(3) recommends, so that one late ping is not fatal."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6

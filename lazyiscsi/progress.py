@@ -1,12 +1,36 @@
-"""Human-readable progress: a bar on a TTY, a plain line per interval otherwise."""
+"""Human-readable progress: a bar on a TTY, a plain line per interval otherwise.
+
+A bar line never wraps: it is fitted to the terminal's width when drawn (a wrapped line breaks
+the in-place redraw, ``\r`` returns to the start of the last row only). The bar shrinks first,
+down to ``MIN_BAR``; then the text is cut. Hand-made rather than tqdm or rich: one bar and
+one line need no dependency beyond what Debian's python3 packages give the .deb.
+"""
 
 from __future__ import annotations
 
+import shutil
 from typing import TextIO
 
 from lazyiscsi.store.hydrator import Progress
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+#: widest and narrowest bar, in characters between the brackets
+MAX_BAR, MIN_BAR = 30, 10
+
+
+def terminal_columns() -> int:
+    """The terminal's width now ($COLUMNS, the tty's size, else 80): it may change while we draw."""
+    return shutil.get_terminal_size().columns
+
+
+def bar_line(fraction: float, text: str, columns: int) -> str:
+    """``[####------] text`` in at most ``columns - 1`` characters (the last column is left
+    free: writing into it makes some terminals wrap at once)."""
+    room = columns - 1
+    width = max(MIN_BAR, min(MAX_BAR, room - len(text) - 3))
+    filled = min(width, max(0, int(width * fraction)))
+    line = f"[{'#' * filled}{'-' * (width - filled)}] {text}"
+    return line[:max(room, 0)]
 
 
 def human_bytes(n: float) -> str:
@@ -41,10 +65,9 @@ def describe(p: Progress) -> str:
 class ProgressDisplay:
     """Redraws a bar in place on a TTY; prints a plain line each call otherwise."""
 
-    def __init__(self, stream: TextIO, width: int = 30) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._tty = stream.isatty()
-        self._width = width
 
     @property
     def tty(self) -> bool:
@@ -52,9 +75,8 @@ class ProgressDisplay:
 
     def show(self, p: Progress) -> None:
         if self._tty:
-            filled = int(self._width * p.current / p.total) if p.total else self._width
-            bar = "#" * filled + "-" * (self._width - filled)
-            self._stream.write(f"\r[{bar}] {describe(p)}\x1b[K")
+            line = bar_line(p.current / p.total if p.total else 1.0, describe(p), terminal_columns())
+            self._stream.write(f"\r{line}\x1b[K")
         else:
             self._stream.write(f"progress {describe(p)}\n")
         self._stream.flush()

@@ -88,7 +88,7 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
     conf.write_text('[[volume]]\nname = "x"\nsource = "/x"\ncache = "/c"\ntarget = "iqn.x:y"\nlun = 99999\n')
     r = subprocess.run([sys.executable, "-m", "lazyiscsi.cli", "serve", "--config", str(conf)],
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "volume[0].lun" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "volume[0].lun" in r.stderr, r.stderr
 
 
 def test_mutual_chap_with_libiscsi(tmp_path: Path) -> None:
