@@ -2,7 +2,7 @@
 # Builds the kernel-tier guest: Debian's distribution kernel (LIO, target_core_user and the
 # open-iscsi initiator are modules there) and a minimal bookworm root directory that QEMU shares
 # read-only over 9p, with the Python packages lazyiscsi needs. No disk image: the guest writes to
-# a tmpfs overlay. Everything comes from Debian's mirror and PyPI; nothing from outside the project.
+# a tmpfs overlay. Everything comes from the Debian mirror in the host's apt sources and PyPI.
 #
 #   build.sh [--if-needed]     output in $LAZYISCSI_GUEST (default /var/tmp/lazyiscsi-guest)
 #
@@ -42,10 +42,8 @@ if [ "${#need[@]}" -gt 0 ]; then
   for _ in 1 2 3; do apt-get -o DPkg::Lock::Timeout=600 update -qq && break; sleep 5; done
   apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-MIRROR=$( { cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true; } \
-  | sed -n 's/^URIs: *\([^ ]*\).*/\1/p; s/^deb \(\[[^]]*\] \)\?\([^ ]*\) .*/\2/p' \
-  | { grep -v security || true; } | head -1)
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+# the mirror the host's apt uses for $SUITE; none is a clear error, not a guessed host
+MIRROR=$(python3 "$HERE/apt_mirror.py" "$SUITE") || { echo "guest: cannot build without a Debian mirror"; exit 1; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT/work"
