@@ -48,6 +48,13 @@ from lazyiscsi.scsi.sense import Reason, Status, fixed_sense
 
 QUEUE_DEPTH = 64
 SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
+#: operational keys a discovery session negotiates. RFC 7143 13.2, 13.10, 13.11, 13.13, 13.14,
+#: 13.17-13.19 make MaxConnections, InitialR2T, ImmediateData, the burst lengths,
+#: MaxOutstandingR2T and the ordering keys "Irrelevant when: SessionType=Discovery"; the digests
+#: (13.1), DefaultTime2Wait/Retain (13.15, 13.16) and ErrorRecoveryLevel (13.20) are not, and
+#: open-iscsi refuses a discovery login answered "ErrorRecoveryLevel=Irrelevant".
+DISCOVERY_KEYS = frozenset({"HeaderDigest", "DataDigest", "DefaultTime2Wait", "DefaultTime2Retain",
+                            "ErrorRecoveryLevel"})
 
 
 class State(enum.Enum):
@@ -327,7 +334,7 @@ class Connection:
                 else:
                     self.max_send = int(value, 0)
                 continue
-            if self.discovery and key not in ("HeaderDigest", "DataDigest"):
+            if self.discovery and key not in DISCOVERY_KEYS:
                 out.append((key, params.IRRELEVANT))
                 continue
             answer = params.negotiate(key, value, ours.get(key, params.KEYS[key].default)
