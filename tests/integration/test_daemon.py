@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lazyiscsi import control
 from tests.integration.http_servers import Nginx
-from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_listening, wait_until
+from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_listening
 
 SIZE = 24 * MiB
 
@@ -32,30 +31,9 @@ def status(name: str) -> dict[str, Any]:
     return vol  # type: ignore[no-any-return]
 
 
-def local_bytes(name: str) -> int:
-    """Straight from the control socket: a snapshot in milliseconds, where the CLI takes a
-    Python start-up (seconds on a busy machine) that would blur a rate measured over one."""
-    (vol,) = control.call(os.environ["LAZYISCSI_CONTROL"], "status", {"name": name})
-    return int(vol["local_bytes"])
-
-
-def rate_over(name: str, seconds: float) -> tuple[float, float, int]:
-    """Bytes/s the volume became local at over about ``seconds``: (at least, at most, bytes),
-    bounded by when the two snapshots were asked for and answered."""
-    t0 = time.monotonic()
-    before = local_bytes(name)
-    t1 = time.monotonic()
-    time.sleep(seconds)  # the measuring interval, not a wait for something to happen
-    t2 = time.monotonic()
-    after = local_bytes(name)
-    t3 = time.monotonic()
-    moved = after - before
-    return moved / (t3 - t0), moved / (t2 - t1), moved
-
-
 def local_after(name: str, seconds: float) -> tuple[int, int]:
     before = status(name)["local_bytes"]
-    time.sleep(seconds)  # nothing may move in this interval
+    time.sleep(seconds)
     return before, status(name)["local_bytes"]
 
 
@@ -92,17 +70,17 @@ def test_volume_lifecycle_through_the_cli(tmp_path: Path, nbdkit: list[Nbdkit]) 
     try:
         r = cli("volume", "create", "vm1", "--source", src.url, "--rate", "1M")
         assert r.returncode == 0 and "created vm1" in r.stdout, r.stderr
-        # progress moves, at about the limit (a burst of a run or two aside)
-        slow_min, slow_max, moved = rate_over("vm1", 2.0)
-        assert moved > 0 and slow_min <= 1 * MiB + 1.5 * MiB / 2.0, (slow_min, slow_max)
-        # a higher limit speeds it up measurably: its slowest reading beats the other's fastest
+        # progress moves, at about the limit
+        a, b = local_after("vm1", 2.0)
+        assert 0 < b - a <= 3.5 * MiB, (a, b)
+        # a higher limit speeds it up measurably
         assert cli("rate", "vm1", "6M").returncode == 0
-        fast_min, _, _ = rate_over("vm1", 1.0)
-        assert fast_min > 2 * slow_max, (slow_max, fast_min)
+        c, d = local_after("vm1", 1.0)
+        assert d - c > 2 * (b - a) / 2.0, (b - a, d - c)
         # pause stops the bytes (runs in flight finish first), resume restarts them
         assert cli("rate", "vm1", "2M").returncode == 0
         assert cli("pause", "vm1").returncode == 0
-        wait_until(lambda: status("vm1")["state"] == "paused", "vm1 paused")
+        time.sleep(0.5)
         e, f = local_after("vm1", 1.0)
         assert e == f and status("vm1")["state"] == "paused"
         # a restart brings the volume back, paused, with its progress
