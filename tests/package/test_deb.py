@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import DEB_BUILD_TIMEOUT_S
 from tests.integration.peers import Lines, MiB, free_port, make_image, wait_listening, wait_until
 
+# whichever test comes first builds the package (tests/conftest.py) and installs it
+INSTALL_TIMEOUT_S = 900
+pytestmark = pytest.mark.timeout(DEB_BUILD_TIMEOUT_S + INSTALL_TIMEOUT_S)
 UNIT = Path("/lib/systemd/system/lazyiscsi.service")
 DEBIAN_DEPENDS = ("python3-crc32c", "python3-gevent", "python3-rtslib-fb", "python3-structlog")
 INITIATOR = "iqn.2024-01.test:initiator"
@@ -30,7 +34,7 @@ def installed(debian_package: Path) -> Path:
     # --reinstall: a rebuilt tree keeps its version number, and apt would keep the older build
     r = subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q",
                         "--no-install-recommends", "--reinstall", str(debian_package)],
-                       capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, stdin=subprocess.DEVNULL,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return debian_package
