@@ -23,7 +23,7 @@ GUEST_BUILD_TIMEOUT_S = 1200
 # boot plus the in-guest suite under TCG, on a machine that may be busy
 GUEST_RUN_TIMEOUT_S = 1500
 PYPI_VENV_PYTHON = "/opt/lazyiscsi/pypi/bin/python"
-PYTEST = "LAZYISCSI_IN_GUEST=1 python3 -m pytest -v -p no:cacheprovider --color=no -rA"
+PYTEST = "LAZYISCSI_IN_GUEST=1 python3 -m pytest -v -p no:cacheprovider --color=no -rA --durations=8"
 ALL = ("tests/kernel/inguest",)
 # The second run is there for the libraries, not for the kernel: every test that drives rtslib
 # (exports, ACLs and CHAP, configfs changes, backstores made and deleted), a hydrating LUN read
