@@ -51,7 +51,7 @@ def guest() -> None:
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
 
 
-def tests_in(selection: tuple[str, ...]) -> int:
+def count_tests(selection: tuple[str, ...]) -> int:
     """How many tests the in-guest pytest must report passed for ``selection`` (directories,
     files, node ids): every one, none skipped."""
     n = 0
@@ -76,7 +76,7 @@ def run_in_guest(command: str, selection: tuple[str, ...], *files: Path) -> dict
                        stdin=subprocess.DEVNULL)
     print(r.stdout[-20000:])
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
-    expected = tests_in(selection)
+    expected = count_tests(selection)
     summary = re.search(r"=+ (\d+) passed in [^=]*=+\s*$", r.stdout.split("guest: exit")[0], re.M)
     assert summary and int(summary.group(1)) == expected, f"expected {expected} in-guest tests to pass"
     which = {m.group(1): (m.group(2), m.group(3))
