@@ -10,12 +10,12 @@ setup(
     packages=find_packages(include=["lazyiscsi", "lazyiscsi.*"]),
     install_requires=[
         "crc32c>=2.3",
-        "gevent>=23.9",
+        "gevent>=22.10",
         "rtslib-fb>=2.1.75",
-        "structlog>=23.1",
+        "structlog>=22.3",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80", "ruff>=0.4"],
+        "test": ["pytest>=7.2", "pytest-timeout>=2.1", "hypothesis>=6.67", "ruff>=0.4"],
     },
     entry_points={"console_scripts": ["lazyiscsi = lazyiscsi.cli:main"]},
 )

@@ -4,16 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The peers the tests drive (nbdkit, qemu-img/qemu-io/qemu-nbd and QEMU's iSCSI driver, nginx,
+# libiscsi's tools and iscsi-test-cu, tgtd), the linters of what ships (mandoc, groff, systemd-analyze)
+# and the commands the tests call (openssl for TLS sources, pgrep).
 PACKAGES=(nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common nginx-light libiscsi-bin tgt
-          mandoc systemd)
+          mandoc groff-base systemd openssl procps)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
 fi
 # nginx-light's postinst starts a system nginx on port 80; our tests run their own instances.
 systemctl disable --now nginx >/dev/null 2>&1 || true

@@ -55,8 +55,13 @@ OURS = {"HeaderDigest": "None,CRC32C", "DataDigest": "None,CRC32C", "MaxConnecti
         "FirstBurstLength": "262144", "DefaultTime2Wait": "2", "DefaultTime2Retain": "0",
         "MaxOutstandingR2T": "8", "DataPDUInOrder": "Yes", "DataSequenceInOrder": "Yes",
         "ErrorRecoveryLevel": "0"}
-#: the only keys a discovery session negotiates; the others are Irrelevant there (RFC 7143 4.3)
-_DISCOVERY_KEYS = frozenset({"HeaderDigest", "DataDigest"})
+#: operational keys a discovery session negotiates. RFC 7143 13.2, 13.10, 13.11, 13.13, 13.14,
+#: 13.17-13.19 make MaxConnections, InitialR2T, ImmediateData, the burst lengths,
+#: MaxOutstandingR2T and the ordering keys "Irrelevant when: SessionType=Discovery"; the digests
+#: (13.1), DefaultTime2Wait/Retain (13.15, 13.16) and ErrorRecoveryLevel (13.20) are not, and
+#: open-iscsi refuses a discovery login answered "ErrorRecoveryLevel=Irrelevant".
+_DISCOVERY_KEYS = frozenset({"HeaderDigest", "DataDigest", "DefaultTime2Wait", "DefaultTime2Retain",
+                             "ErrorRecoveryLevel"})
 
 
 class LoginStatus(enum.IntEnum):

@@ -34,7 +34,10 @@ def tgtd_count(tmp_path: Path) -> int:
     disk = tmp_path / "tgt.img"
     disk.write_bytes(b"")
     subprocess.run(["truncate", "-s", "64M", str(disk)], check=True)
-    port, ctl = free_port(), "29"
+    # tgtd's control socket is named by -C (0..32767): derived from the free port, so that no
+    # other tgtd on this host (another test run, the system's) is ever the one tgtadm talks to
+    port = free_port()
+    ctl = str(port % 32768)
     proc = subprocess.Popen(["tgtd", "-f", "-C", ctl, "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
-from tests.integration.peers import free_port, wait_listening
+from tests.integration.peers import free_port, wait_listening, wait_until
 
 
 class Nginx:
@@ -47,7 +46,11 @@ http {{
             self.proc.terminate()
             self.proc.wait(10)
 
-    def connections_seen(self) -> int:
-        """Distinct connections in the access log (the $connection serial of each request)."""
-        time.sleep(0.1)
-        return len(set((self.workdir / "access.log").read_text().split()))
+    def connections_seen(self, requests: int) -> int:
+        """Distinct connections in the access log (the $connection serial of each request),
+        once it holds at least ``requests`` requests: nginx writes a line after its response
+        went out, so the client can be done before the log is."""
+        log = self.workdir / "access.log"
+        serials = wait_until(lambda: len(s := log.read_text().split()) >= requests and s,
+                             f"{requests} requests in nginx's access log")
+        return len(set(serials))

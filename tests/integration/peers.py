@@ -6,10 +6,59 @@ from __future__ import annotations
 import random
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, TypeVar
 
 MiB = 1 << 20
+T = TypeVar("T")
+# Generous: the suite shares small machines with other work; a condition that holds arrives
+# long before this, one that never will fails the test with `what` named.
+WAIT_S = 60.0
+POLL_S = 0.05
+
+
+def wait_until(condition: Callable[[], T | None], what: str, seconds: float = WAIT_S,
+               proc: subprocess.Popen[str] | subprocess.Popen[bytes] | None = None) -> T:
+    """Return ``condition()``'s first truthy value; fail naming ``what`` after ``seconds``, or at
+    once when ``proc`` exits first (its condition can no longer come)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: {proc.args!r} exited with {proc.returncode} first")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds:g} s")
+        time.sleep(POLL_S)
+
+
+class Lines:
+    """A child's output read line by line in a thread, so that a test can wait for a line
+    (an event, a progress line) while the child runs."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._lock:
+                self.lines.append(line)
+
+    def since(self, start: int) -> list[str]:
+        with self._lock:
+            return self.lines[start:]
+
+    def text(self) -> str:
+        """Everything read so far, the rest once the child closed the stream."""
+        self._thread.join(timeout=WAIT_S)
+        return "".join(self.since(0))
 
 
 def free_port() -> int:
@@ -44,7 +93,7 @@ class Nbdkit:
         return f"nbd://127.0.0.1:{self.port}/"
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = 10) -> None:
+def wait_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = WAIT_S) -> None:
     """Return once something accepts on 127.0.0.1:port; fail if ``proc`` dies first."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -53,7 +102,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = 10
                 return
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        time.sleep(0.05)
+        time.sleep(POLL_S)
     raise RuntimeError(f"{proc.args[0]} did not listen on {port}")
 
 

@@ -19,7 +19,7 @@ from lazyiscsi.source import (
     open_source,
 )
 from lazyiscsi.source.nbd import NbdSource
-from tests.integration.peers import MiB, Nbdkit, free_port, make_image
+from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_until
 
 
 def _random_reads(src: NbdSource, image: bytes, n: int, seed: int, max_len: int = 3 * MiB) -> None:
@@ -121,10 +121,7 @@ def test_unix_socket_and_memory_plugin(tmp_path: Path) -> None:
     sock = tmp_path / "nbd.sock"
     proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "memory", "8M"])
     try:
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
+        wait_until(sock.exists, "nbdkit's socket", proc=proc)
         src = open_source(f"nbd+unix:///?socket={sock}")
         assert src.size == 8 * MiB
         assert src.read(0, MiB) == bytes(MiB)

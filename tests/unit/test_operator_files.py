@@ -17,7 +17,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert "Type=notify" in unit and "Restart=on-failure" in unit
     # verify checks that ExecStart's program exists: point it at this checkout's
     local = tmp_path / "lazyiscsi.service"
-    local.write_text(unit.replace("/usr/local/bin/lazyiscsi", str(Path(sys.executable).parent / "lazyiscsi")))
+    local.write_text(unit.replace("/usr/bin/lazyiscsi", str(Path(sys.executable).parent / "lazyiscsi")))
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(local)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
 

@@ -25,7 +25,8 @@ def rw10(op: int, lba: int, blocks: int) -> bytes:
     return struct.pack(">BBIBHB", op, 0, lba, 0, blocks, 0)
 
 
-def setup(tmp_path: Path) -> tuple[KernelSide, Device, bytes, list[int]]:
+def make_device(tmp_path: Path) -> tuple[KernelSide, Device, bytes, list[int]]:
+    """(Not ``setup``: pytest 7, Debian 12's, calls a module-level ``setup()`` as a nose fixture.)"""
     data = random.Random(8).randbytes(SIZE)
     disk = LazyDisk.open(str(tmp_path / "cache"), LinkSource(data, delay=0.3, rate=1e9), unit=4096,
                          autocommit_s=None)
@@ -36,7 +37,7 @@ def setup(tmp_path: Path) -> tuple[KernelSide, Device, bytes, list[int]]:
 
 
 def test_write_then_read_back_through_the_ring(tmp_path: Path) -> None:
-    kernel, device, _data, notified = setup(tmp_path)
+    kernel, device, _data, notified = make_device(tmp_path)
     w = kernel.submit(rw10(0x2A, 16, 1), b"\x42" * 512)
     assert device.process() == 1 and device.wait(5)
     kernel.reap()
@@ -50,7 +51,7 @@ def test_write_then_read_back_through_the_ring(tmp_path: Path) -> None:
 
 
 def test_a_slow_fetch_does_not_hold_up_a_local_read(tmp_path: Path) -> None:
-    kernel, device, data, _ = setup(tmp_path)
+    kernel, device, data, _ = make_device(tmp_path)
     kernel.submit(rw10(0x2A, 0, 1), b"\x11" * 512)
     device.process()
     device.wait(5)
@@ -67,7 +68,7 @@ def test_a_slow_fetch_does_not_hold_up_a_local_read(tmp_path: Path) -> None:
 
 
 def test_bad_cdbs_and_malformed_entries_end_in_check_condition(tmp_path: Path) -> None:
-    kernel, device, _data, _ = setup(tmp_path)
+    kernel, device, _data, _ = make_device(tmp_path)
     oob = kernel.submit(rw10(0x28, SIZE // 512, 1))
     unknown = kernel.submit(bytes([0xC7]) + bytes(15))
     broken = kernel.submit(rw10(0x28, 0, 1), raw={"iov_base": 64})
@@ -87,7 +88,7 @@ def test_bad_cdbs_and_malformed_entries_end_in_check_condition(tmp_path: Path) -
 
 def test_a_read_lands_straight_in_the_mapped_data_area(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """No intermediate buffer: the store fills the command's iovec (its copying read is off)."""
-    kernel, device, data, _ = setup(tmp_path)
+    kernel, device, data, _ = make_device(tmp_path)
 
     def copying_read(offset: int, length: int) -> bytes:
         raise AssertionError("read into a new buffer instead of the mapped iovec")

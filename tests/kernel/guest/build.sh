@@ -2,7 +2,7 @@
 # Builds the kernel-tier guest: Debian's distribution kernel (LIO, target_core_user and the
 # open-iscsi initiator are modules there) and a minimal bookworm root directory that QEMU shares
 # read-only over 9p, with the Python packages lazyiscsi needs. No disk image: the guest writes to
-# a tmpfs overlay. Everything comes from Debian's mirror and PyPI; nothing from outside the project.
+# a tmpfs overlay. Everything comes from the Debian mirror in the host's apt sources and PyPI.
 #
 #   build.sh [--if-needed]     output in $LAZYISCSI_GUEST (default /var/tmp/lazyiscsi-guest)
 #
@@ -12,14 +12,16 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
 OUT=${LAZYISCSI_GUEST:-/var/tmp/lazyiscsi-guest}
 SUITE=bookworm
-# The guest runs our code from the 9p share with Debian's python3; these wheels are what setup.py
-# asks for beyond Debian's packages (rtslib-fb comes from Debian, as on a production host).
+# Two Python environments for the code under test. Debian's python3 packages, system-wide: what
+# the .deb depends on (test_guest.py installs it at boot) and what the project share runs on. And
+# the venv /opt/lazyiscsi/pypi with the newest PyPI releases of what setup.py asks for (rtslib-fb
+# 2.2.x among them), as `pip install` gives a user.
 PY_DEPS=$(cd "$REPO" && python3 -c 'import ast,sys
 t=ast.parse(open("setup.py").read())
 for n in ast.walk(t):
     if isinstance(n, ast.keyword) and n.arg == "install_requires":
-        print(" ".join(e.value for e in n.value.elts if "rtslib" not in e.value))')
-GUEST_PACKAGES=python3,python3-rtslib-fb,python3-pytest,python3-pytest-timeout,open-iscsi,nbdkit,kmod,procps,iproute2,util-linux,e2fsprogs,sg3-utils
+        print(" ".join(e.value for e in n.value.elts))')
+GUEST_PACKAGES=python3,python3-gevent,python3-structlog,python3-crc32c,python3-rtslib-fb,python3-pytest,python3-pytest-timeout,open-iscsi,nbdkit,kmod,procps,iproute2,util-linux,e2fsprogs,sg3-utils
 GUEST_MODULES="configfs uio target_core_mod target_core_user target_core_file target_core_iblock
   target_core_pscsi iscsi_target_mod iscsi_tcp sd_mod sg crc32c_generic crct10dif_generic ext4"  # rtslib loads all backstores
 BOOT_MODULES="virtio_pci 9pnet_virtio 9p overlay"
@@ -42,10 +44,8 @@ if [ "${#need[@]}" -gt 0 ]; then
   for _ in 1 2 3; do apt-get -o DPkg::Lock::Timeout=600 update -qq && break; sleep 5; done
   apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-MIRROR=$( { cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true; } \
-  | sed -n 's/^URIs: *\([^ ]*\).*/\1/p; s/^deb \(\[[^]]*\] \)\?\([^ ]*\) .*/\2/p' \
-  | { grep -v security || true; } | head -1)
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+# the mirror the host's apt uses for $SUITE; none is a clear error, not a guessed host
+MIRROR=$(python3 "$HERE/apt_mirror.py" "$SUITE") || { echo "guest: cannot build without a Debian mirror"; exit 1; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT/work"
@@ -79,11 +79,13 @@ echo lazyiscsi-guest > "$OUT/rootfs/etc/hostname"
 rm -rf "$OUT/rootfs/var/cache/apt/archives/"*.deb "$OUT/rootfs/var/lib/apt/lists/"* \
   "$OUT/rootfs/usr/share/doc" "$OUT/rootfs/usr/share/man" "$OUT/rootfs/usr/share/locale"
 
-step "python packages: $PY_DEPS"
+step "PyPI venv /opt/lazyiscsi/pypi: $PY_DEPS"
+chroot "$OUT/rootfs" python3 -m venv --without-pip /opt/lazyiscsi/pypi
+SITE=$(echo "$OUT"/rootfs/opt/lazyiscsi/pypi/lib/python3.*/site-packages)
 PIP_PY=$REPO/.venv/bin/python   # made by scripts/setup.sh; Debian's python3 may have no pip
 [ -x "$PIP_PY" ] || PIP_PY=python3
 # shellcheck disable=SC2086
-"$PIP_PY" -m pip install -q --disable-pip-version-check --target "$OUT/rootfs/opt/lazyiscsi/lib" \
+"$PIP_PY" -m pip install -q --disable-pip-version-check --target "$SITE" \
   --platform manylinux2014_x86_64 --python-version 3.11 --implementation cp --only-binary=:all: $PY_DEPS
 
 step "initramfs"

@@ -4,17 +4,26 @@
 # is the command's; 125 when the guest never reported one (crash or timeout). The console goes to
 # stdout.
 #
-#   run.sh [-p PROJECT_DIR] COMMAND...
+#   run.sh [-p PROJECT_DIR] [-f FILE]... COMMAND...
+#   -f FILE: copied for the guest to /control/ (e.g. the .deb to install)
 #   env: LAZYISCSI_GUEST (built guest), GUEST_MEM (MiB, 2048), GUEST_SMP (2), GUEST_TIMEOUT (s, 900)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${LAZYISCSI_GUEST:-/var/tmp/lazyiscsi-guest}
 PROJECT=$(cd "$HERE/../../.." && pwd)
-if [ "${1:-}" = -p ]; then PROJECT=$(cd "$2" && pwd); shift 2; fi
-[ $# -gt 0 ] || { echo "usage: run.sh [-p PROJECT_DIR] COMMAND..." >&2; exit 2; }
-[ -f "$OUT/stamp" ] || { echo "run.sh: no guest in $OUT (run build.sh)" >&2; exit 2; }
+usage() { echo "usage: run.sh [-p PROJECT_DIR] [-f FILE]... COMMAND..." >&2; exit 2; }
 CONTROL=$(mktemp -d /tmp/lazyiscsi-guest-control.XXXXXX)
 trap 'rm -rf "$CONTROL"' EXIT
+while [ $# -gt 1 ]; do
+  case "$1" in
+    -p) PROJECT=$(cd "$2" && pwd) || usage ;;
+    -f) cp "$2" "$CONTROL/" || usage ;;
+    *) break ;;
+  esac
+  shift 2
+done
+[ $# -gt 0 ] || usage
+[ -f "$OUT/stamp" ] || { echo "run.sh: no guest in $OUT (run build.sh)" >&2; exit 2; }
 printf '%s\n' "$*" > "$CONTROL/cmd.sh"
 
 timeout "${GUEST_TIMEOUT:-900}" qemu-system-x86_64 \

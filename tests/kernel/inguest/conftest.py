@@ -10,6 +10,7 @@ import json
 import mmap
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -21,6 +22,9 @@ from pathlib import Path
 import pytest
 
 WORK = Path("/var/tmp/lazyiscsi-kernel-tier")
+#: the lazyiscsi under test: test_guest.py runs these tests once with the installed package's
+#: /usr/bin/lazyiscsi and once with the PyPI venv's python; by hand, this checkout's code
+LAZYISCSI = shlex.split(os.environ.get("LAZYISCSI_COMMAND", "")) or [sys.executable, "-m", "lazyiscsi.cli"]
 PORTAL = "127.0.0.1:3260"
 NBD_PORT = 10809
 SOURCE_SIZE = 64 << 20
@@ -79,7 +83,7 @@ class Daemon:
 
     def cli(self, *args: str) -> str:
         control = self.argv[self.argv.index("--control") + 1]
-        return run(sys.executable, "-m", "lazyiscsi.cli", "--control", control, *args).stdout
+        return run(*LAZYISCSI, "--control", control, *args).stdout
 
     def status(self, volume: str) -> dict:  # type: ignore[type-arg]
         (st,) = json.loads(self.cli("status", volume, "--json"))
@@ -117,18 +121,18 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def serve_argv(name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lazyiscsi.cli", "--log-level", "info",
-            "--control", str(WORK / f"{name}.sock"), "serve", "--frontend", "lio", "--listen", PORTAL,
+def serve_argv(name: str, *extra: str, frontend: str = "lio", portal: str = PORTAL) -> list[str]:
+    return [*LAZYISCSI, "--log-level", "info",
+            "--control", str(WORK / f"{name}.sock"), "serve", "--frontend", frontend, "--listen", portal,
             "--state-dir", str(WORK / f"{name}-state"), *extra]
 
 
-def login(iqn: str, *, discover: bool = True) -> str:
-    """Log in to ``iqn`` on the guest's portal; the /dev name of its LUN 0. Discovery rewrites
-    the node records, CHAP settings included: ``discover=False`` keeps them."""
+def login(iqn: str, *, discover: bool = True, portal: str = PORTAL) -> str:
+    """Log in to ``iqn`` on ``portal``; the /dev name of its LUN 0. Discovery rewrites the node
+    records, CHAP settings included: ``discover=False`` keeps them."""
     if discover:
-        run("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", PORTAL)
-    run("iscsiadm", "-m", "node", "-T", iqn, "-p", PORTAL, "--login")
+        run("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal)
+    run("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--login")
     return wait_for(f"the disk of {iqn}", lambda: disk_of(iqn), 60)
 
 
@@ -145,8 +149,8 @@ def disk_of(iqn: str) -> str | None:
     return None
 
 
-def logout(iqn: str) -> None:
-    run("iscsiadm", "-m", "node", "-T", iqn, "-p", PORTAL, "--logout", check=False)
+def logout(iqn: str, portal: str = PORTAL) -> None:
+    run("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--logout", check=False)
 
 
 def read_direct(dev: str, offset: int, length: int) -> bytes:
