@@ -143,18 +143,32 @@ def test_rerun_of_a_complete_cache_moves_nothing(tmp_path: Path, nbdkit: list[Nb
 
 
 def test_refuses_a_different_source(tmp_path: Path, nbdkit: list[Nbdkit]) -> None:
+    """A hydrating cache refuses another disk; a complete one no longer asks any source (issue
+    10, defect 4: open by state), so it neither refuses nor reads the other disk."""
     a, b = tmp_path / "a.img", tmp_path / "b.img"
-    make_image(a, 4 * MiB, seed=1)
+    data = make_image(a, 4 * MiB, seed=1)
     make_image(b, 4 * MiB, seed=2)
-    sa = Nbdkit(["file", str(a)], free_port()).start()
+    sa = Nbdkit(["--filter=rate", "file", str(a), "rate=8M"], free_port()).start()  # 1 MB/s
     sb = Nbdkit(["file", str(b)], free_port()).start()
     nbdkit.extend([sa, sb])
     cache = tmp_path / "cache.img"
-    assert hydrate("--source", sa.url, "--cache", str(cache)).returncode == 0
+    proc = subprocess.Popen([*LAZYISCSI, "hydrate", "--source", sa.url, "--cache", str(cache)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while persisted_local_bytes(cache) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
     r = hydrate("--source", sb.url, "--cache", str(cache))
     assert r.returncode == 1
     assert "not the disk this cache was filled from" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    sa.kill()
+    nbdkit.append(sa := Nbdkit(["file", str(a)], sa.port).start())
+    assert hydrate("--source", sa.url, "--cache", str(cache)).returncode == 0
+    r = hydrate("--source", sb.url, "--cache", str(cache))
+    assert r.returncode == 0 and fetched_of(r.stdout) == 0, r.stderr
+    assert cache.read_bytes() == data
 
 
 @pytest.mark.parametrize(("args", "names"), [
