@@ -44,8 +44,11 @@ def states() -> dict[str, str]:
 
 def test_sources_down_at_restart(tmp_path: Path, nbdkit: list[Nbdkit]) -> None:
     image = tmp_path / "src.img"
-    make_image(image, 2 * MiB)
-    sources = [Nbdkit(["file", str(image)], free_port()).start() for _ in range(3)]
+    make_image(image, 8 * MiB)
+    # slow sources (1 Mbit/s): the volumes are still hydrating when serve stops, so they need
+    # their sources to open again (a complete cache opens without one: issue 10, defect 4)
+    sources = [Nbdkit(["--filter=rate", "file", str(image), "rate=1M"], free_port()).start()
+               for _ in range(3)]
     nbdkit.extend(sources)
     port, log = free_port(), tmp_path / "serve.log"
     proc = serve(port, log)
