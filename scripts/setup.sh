@@ -21,6 +21,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 # nginx-light's postinst starts a system nginx on port 80; our tests run their own instances.
 systemctl disable --now nginx >/dev/null 2>&1 || true
+# journald (the journald test runs one of its own) keeps its journal under the machine ID; a root
+# made by debootstrap has none, every installed Debian system has one: make it as systemd does.
+[ -s /etc/machine-id ] || systemd-machine-id-setup >/dev/null
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
