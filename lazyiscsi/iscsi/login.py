@@ -70,6 +70,7 @@ class LoginStatus(enum.IntEnum):
     UNSUPPORTED_VERSION = 0x0205
     MISSING_PARAMETER = 0x0207
     SESSION_TYPE_NOT_SUPPORTED = 0x0209
+    SESSION_DOES_NOT_EXIST = 0x020A
     TARGET_ERROR = 0x0300
 
 
@@ -204,6 +205,12 @@ class Login:
         if req.cont and req.transit:
             raise Refused(LoginStatus.INITIATOR_ERROR, "C and T both set (RFC 7143 11.12.2)")
         if self.stage is Stage.START:
+            if req.tsih:
+                # a nonzero TSIH asks to join an existing session (RFC 7143 6.3, 11.12.6); no
+                # session here takes a second connection (MaxConnections=1) and reinstatement is a
+                # TSIH=0 login (6.3.5), so the named session is not one this login can reach:
+                # "Session does not exist" (11.13.5), never a new session under a stale TSIH
+                raise Refused(LoginStatus.SESSION_DOES_NOT_EXIST, f"TSIH {req.tsih} names no session to join")
             self.isid = req.isid
         elif req.isid != self.isid:
             raise Refused(LoginStatus.INITIATOR_ERROR, "the ISID changed during login (RFC 7143 11.12.5)")
