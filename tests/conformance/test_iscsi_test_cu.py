@@ -8,6 +8,7 @@ the suite prints, nothing more.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -18,6 +19,9 @@ from tests.integration.peers import free_port, wait_listening
 
 FLOOR = 228
 INITIATOR = "iqn.2024-01.test:conformance"
+#: how long one tgtadm call may take: it answers at once from a live tgtd; one that does not is a
+#: tgtd that never came up, and the step fails saying so instead of waiting for pytest's timeout
+TGTADM_SECONDS = 30
 
 
 def run_suite(url: str) -> tuple[int, int, str]:
@@ -34,7 +38,9 @@ def tgtd_count(tmp_path: Path) -> int:
     disk = tmp_path / "tgt.img"
     disk.write_bytes(b"")
     subprocess.run(["truncate", "-s", "64M", str(disk)], check=True)
-    port, ctl = free_port(), "29"
+    # tgtd's control socket is /var/run/tgtd/socket.<ctl>: ours per process, so parallel runs
+    # (and a tgtd left by another run) never share it
+    port, ctl = free_port(), str(os.getpid())
     proc = subprocess.Popen(["tgtd", "-f", "-C", ctl, "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -44,12 +50,14 @@ def tgtd_count(tmp_path: Path) -> int:
                      ["--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1",
                       "--backing-store", str(disk)],
                      ["--mode", "target", "--op", "bind", "--tid", "1", "--initiator-address", "ALL"]):
-            subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", *args], check=True, capture_output=True)
+            r = subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", *args], capture_output=True,
+                               text=True, timeout=TGTADM_SECONDS, stdin=subprocess.DEVNULL)
+            assert r.returncode == 0, f"tgtd reference: tgtadm {' '.join(args)} failed: {r.stderr.strip()}"
         _total, passed, _ = run_suite(f"iscsi://127.0.0.1:{port}/{iqn}/1")
         return passed
     finally:
         subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", "--mode", "target", "--op", "delete",
-                        "--force", "--tid", "1"], capture_output=True)
+                        "--force", "--tid", "1"], capture_output=True, timeout=TGTADM_SECONDS)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
