@@ -226,6 +226,11 @@ class Connection:
             event = decode(raw)
             handler = _HANDLERS.get((self.state, type(event)))
             if self.state is State.FULL_FEATURE and self.discovery and type(event) not in DISCOVERY_EVENTS:
+                # the refused command still takes its CmdSN (RFC 7143 4.2.2.1), or every later
+                # one would look out of order; one outside the window is ignored as anywhere else
+                if isinstance(event, (ScsiCommand, TaskManagementRequest)) and \
+                        not self._window(event.immediate, event.cmdsn):
+                    return self._ignored(event.cmdsn)
                 raise RemoteProtocolError(f"{type(event).__name__} in a discovery session (RFC 7143 4.3)",
                                           RejectReason.PROTOCOL_ERROR, raw.bhs)
             if handler is None:

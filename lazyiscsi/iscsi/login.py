@@ -48,6 +48,8 @@ MAX_NAME_BYTES = 223
 LEADING_KEYS = ("InitiatorName", "SessionType", "TargetName")
 #: declarations that need no answer in the operational stage
 _DECLARED = frozenset({"InitiatorName", "TargetName", "SessionType", "InitiatorAlias"})
+#: the keys of the security stage itself (RFC 7143 12.1, 12.2): AuthMethod and CHAP's
+_SECURITY_KEYS = frozenset({"AuthMethod", "CHAP_A", "CHAP_I", "CHAP_C", "CHAP_N", "CHAP_R"})
 #: what we offer in the operational stage (RFC 7143 13): digests either way, one connection,
 #: unsolicited data allowed, ERL 0
 OURS = {"HeaderDigest": "None,CRC32C", "DataDigest": "None,CRC32C", "MaxConnections": "1",
@@ -75,6 +77,7 @@ class LoginStatus(enum.IntEnum):
     UNSUPPORTED_VERSION = 0x0205
     MISSING_PARAMETER = 0x0207
     SESSION_TYPE_NOT_SUPPORTED = 0x0209
+    SESSION_DOES_NOT_EXIST = 0x020A
     TARGET_ERROR = 0x0300
 
 
@@ -209,6 +212,12 @@ class Login:
         if req.cont and req.transit:
             raise Refused(LoginStatus.INITIATOR_ERROR, "C and T both set (RFC 7143 11.12.2)")
         if self.stage is Stage.START:
+            if req.tsih:
+                # a nonzero TSIH asks to join an existing session (RFC 7143 6.3, 11.12.6); no
+                # session here takes a second connection (MaxConnections=1) and reinstatement is a
+                # TSIH=0 login (6.3.5), so the named session is not one this login can reach:
+                # "Session does not exist" (11.13.5), never a new session under a stale TSIH
+                raise Refused(LoginStatus.SESSION_DOES_NOT_EXIST, f"TSIH {req.tsih} names no session to join")
             self.isid = req.isid
         elif req.isid != self.isid:
             raise Refused(LoginStatus.INITIATOR_ERROR, "the ISID changed during login (RFC 7143 11.12.5)")
@@ -300,10 +309,16 @@ class Login:
         return self.target is not None and self.target.chap is not None
 
     def _security(self, keys: dict[str, str]) -> list[tuple[str, str]]:
+        """The security keys, then any operational ones the request carries: a request may go
+        from the security stage straight to full feature (CSG=0, NSG=3) with no operational
+        stage (RFC 7143 6.3), and a MaxRecvDataSegmentLength it declares binds us as much as
+        one said later (13.12); ignored, our Data-In would exceed what the initiator takes."""
         try:
-            return self._chap_step(keys)
+            out = self._chap_step(keys)
         except ChapError as e:
             raise Refused(LoginStatus.AUTH_FAILED, str(e)) from None
+        operational = {k: v for k, v in keys.items() if k not in _SECURITY_KEYS}
+        return out + self._operational(operational) if operational.keys() - _DECLARED else out
 
     def _chap_step(self, keys: dict[str, str]) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []

@@ -18,6 +18,9 @@ from tests.integration.peers import free_port, wait_listening
 
 FLOOR = 228
 INITIATOR = "iqn.2024-01.test:conformance"
+#: how long one tgtadm call may take: it answers at once from a live tgtd; one that does not is a
+#: tgtd that never came up, and the step fails saying so instead of waiting for pytest's timeout
+TGTADM_SECONDS = 30
 
 
 def run_suite(url: str) -> tuple[int, int, str]:
@@ -47,12 +50,14 @@ def tgtd_count(tmp_path: Path) -> int:
                      ["--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1",
                       "--backing-store", str(disk)],
                      ["--mode", "target", "--op", "bind", "--tid", "1", "--initiator-address", "ALL"]):
-            subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", *args], check=True, capture_output=True)
+            r = subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", *args], capture_output=True,
+                               text=True, timeout=TGTADM_SECONDS, stdin=subprocess.DEVNULL)
+            assert r.returncode == 0, f"tgtd reference: tgtadm {' '.join(args)} failed: {r.stderr.strip()}"
         _total, passed, _ = run_suite(f"iscsi://127.0.0.1:{port}/{iqn}/1")
         return passed
     finally:
         subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", "--mode", "target", "--op", "delete",
-                        "--force", "--tid", "1"], capture_output=True)
+                        "--force", "--tid", "1"], capture_output=True, timeout=TGTADM_SECONDS)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
