@@ -28,6 +28,9 @@ LAZYISCSI = shlex.split(os.environ.get("LAZYISCSI_COMMAND", "")) or [sys.executa
 PORTAL = "127.0.0.1:3260"
 NBD_PORT = 10809
 SOURCE_SIZE = 64 << 20
+#: serve's start: Python compiles every module it imports from the 9p share (no bytecode is
+#: written there) under TCG, which takes over a minute when the host's cores are busy
+SERVE_READY_TIMEOUT_S = 240
 
 
 def run(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -73,7 +76,8 @@ class Daemon:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=out, env=env)
         wait_for("serve to be ready",
-                 lambda: self._alive() and "  control:  " in self.log.read_text()[start:], 60)
+                 lambda: self._alive() and "  control:  " in self.log.read_text()[start:],
+                 SERVE_READY_TIMEOUT_S)
 
     def _alive(self) -> bool:
         assert self.proc is not None
