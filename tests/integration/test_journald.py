@@ -240,7 +240,8 @@ def test_a_cli_internal_error_is_one_line_plus_its_traceback_in_the_log(tmp_path
 
 
 JOURNALD = "/lib/systemd/systemd-journald"
-#: a journald of its own in a private mount namespace (tmpfs over /run/systemd and /run/log):
+#: a journald of its own in a private mount namespace (tmpfs over /run/systemd and /run/log, and
+#: cgroup2 at /sys/fs/cgroup where nothing is mounted there, as in a container or a chroot):
 #: the host's journal, if any, is never touched; `journalctl -D` reads what it stored
 REAL_JOURNAL = """
 set -eu
@@ -248,6 +249,8 @@ mkdir -p /run/systemd /run/log
 mount -t tmpfs tmpfs /run/systemd
 mount -t tmpfs tmpfs /run/log
 mkdir -p /run/systemd/journal
+# journald gives up without a cgroup filesystem; a booted system has one, a bare namespace may not
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
 {journald} & JD=$!
 trap 'kill $JD' EXIT
 n=0; until [ -S /run/systemd/journal/socket ]; do n=$((n+1)); [ $n -lt 600 ]; sleep 0.05; done
