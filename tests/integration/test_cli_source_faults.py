@@ -10,7 +10,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ import pytest
 from lazyiscsi.iscsi.pdu import Opcode
 from tests.integration.faultproxy import FaultProxy, Mode
 from tests.integration.http_servers import Nginx
-from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_listening
+from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_listening, wait_until
 from tests.integration.test_portal_bad_input import IQN, login, recv_pdu, scsi
 
 LAZYISCSI = [sys.executable, "-m", "lazyiscsi.cli"]
@@ -27,14 +27,6 @@ IO_TIMEOUT = 4.5
 #: per connection and direction while the path is up: the copy takes a few seconds
 RATE = {"nbd": 4_000_000, "http": 600_000}
 NOT_READY = 0x2
-
-
-def wait_for(cond: Callable[[], bool], seconds: float = 60.0, what: str = "condition") -> None:
-    end = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(params=["nbd", "http"])
@@ -81,14 +73,14 @@ def test_hydrate_through_a_path_that_goes_silent_completes_after_it_comes_back(
                              "--stall-timeout", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: local_units(cache) * 4096 >= len(image) // 8 or proc.poll() is not None,
-                 what="the copy under way")
+        wait_until(lambda: local_units(cache) * 4096 >= len(image) // 8 or proc.poll() is not None,
+                   "the copy under way")
         assert proc.poll() is None, proc.communicate()
         before = proxy.accepted
         proxy.set_mode(Mode.SILENT)
         proxy.lose()  # the connections open now never recover: only a redial gets through
         # the deadline (a third of the I/O timeout) fires and the client redials into the silence
-        wait_for(lambda: proxy.accepted > before, 3 * IO_TIMEOUT, "a redial after the request deadline")
+        wait_until(lambda: proxy.accepted > before, "a redial after the request deadline", 3 * IO_TIMEOUT)
         time.sleep(IO_TIMEOUT / 3)  # a further deadline of silence, redials included
         assert proc.poll() is None, "hydrate must wait for the path, not give up"
         assert local_units(cache) * 4096 < len(image)
@@ -219,7 +211,7 @@ def test_a_complete_runtime_volume_comes_back_with_its_source_gone(
                                  "--connect-timeout", "2", "--frontend", "portal"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_listening(port, proc)  # type: ignore[arg-type]
-        wait_for(lambda: Path(os.environ["LAZYISCSI_CONTROL"]).exists(), what="the control socket")
+        wait_until(lambda: Path(os.environ["LAZYISCSI_CONTROL"]).exists(), "the control socket")
         return proc
 
     def state() -> str:
@@ -232,14 +224,14 @@ def test_a_complete_runtime_volume_comes_back_with_its_source_gone(
         r = subprocess.run([*LAZYISCSI, "volume", "create", "vm1", "--source", server.url],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        wait_for(lambda: state() == "complete", what="the volume complete")
+        wait_until(lambda: state() == "complete", "the volume complete")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     server.kill()  # the source site is gone
     proc = serve()
     try:
-        wait_for(lambda: state() == "complete", 30, "the volume restored")
+        wait_until(lambda: state() == "complete", "the volume restored", 30)
         out = tmp_path / "out.raw"
         subprocess.run(["qemu-img", "convert", "-O", "raw",
                         f"iscsi://127.0.0.1:{port}/iqn.2026-11.io.lazyiscsi:vm1/0", str(out)],

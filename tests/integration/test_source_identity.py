@@ -9,8 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,18 +18,10 @@ from lazyiscsi.store.errors import SourceMismatch
 from lazyiscsi.store.lazydisk import LazyDisk
 from tests.integration.faultproxy import FaultProxy, Mode
 from tests.integration.http_servers import Nginx
-from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_listening
+from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_listening, wait_until
 
 LAZYISCSI = [sys.executable, "-m", "lazyiscsi.cli"]
 UNIT = 4096
-
-
-def wait_for(cond: Callable[[], bool], seconds: float = 60.0, what: str = "condition") -> None:
-    end = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def local_units(cache: Path) -> list[int]:
@@ -94,7 +84,7 @@ def test_hydrate_from_a_file_modified_mid_copy_takes_none_of_its_new_bytes(tmp_p
     image = make_image(img, 16 * MiB)
     cache = tmp_path / "cache.img"
     proc = _hydrate_slowly(str(img), cache, "--rate", "4M")
-    wait_for(lambda: len(local_units(cache)) * UNIT >= 2 * MiB or proc.poll() is not None, what="progress")
+    wait_until(lambda: len(local_units(cache)) * UNIT >= 2 * MiB or proc.poll() is not None, "progress")
     with open(img, "r+b") as f:
         f.write(os.urandom(len(image)))  # the whole disk rewritten in place
     _out, err = proc.communicate(timeout=120)
@@ -116,8 +106,7 @@ def test_hydrate_from_an_http_object_replaced_mid_copy_takes_none_of_its_new_byt
     cache = tmp_path / "cache.img"
     try:
         proc = _hydrate_slowly(f"http://127.0.0.1:{proxy.port}/disk.img", cache)
-        wait_for(lambda: len(local_units(cache)) * UNIT >= 2 * MiB or proc.poll() is not None,
-                 what="progress")
+        wait_until(lambda: len(local_units(cache)) * UNIT >= 2 * MiB or proc.poll() is not None, "progress")
         new = root / "disk.new"
         make_image(new, 16 * MiB, seed=99)
         os.replace(new, root / "disk.img")  # nginx's ETag is mtime-size: a new ETag
@@ -151,7 +140,7 @@ def test_source_id_tells_two_clones_of_one_template_apart(tmp_path: Path, nbdkit
     first = Nbdkit(["--filter=rate", "file", str(tmp_path / "a.img"), "rate=16M"], port).start()
     nbdkit.append(first)
     proc = _hydrate_slowly(first.url, cache, "--source-id", "vm-a")
-    wait_for(lambda: len(local_units(cache)) > 0 or proc.poll() is not None, what="progress")
+    wait_until(lambda: len(local_units(cache)) > 0 or proc.poll() is not None, "progress")
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     first.kill()
