@@ -66,8 +66,7 @@ class PortalFrontend:
     def export(self, volume: VolumeConfig, lun: Lun) -> None:
         target = self.portal.target(volume.target)
         if target is None:
-            target = Target(volume.target, {}, frozenset(volume.allowed_initiators), volume.chap,
-                            portal=self.portal.advertised)
+            target = Target(volume.target, {}, frozenset(volume.allowed_initiators), volume.chap)
             self.portal.add_target(target)
         target.luns[volume.lun] = lun
         for other in target.luns.values():

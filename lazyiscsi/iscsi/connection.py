@@ -165,10 +165,13 @@ DISCOVERY_EVENTS = frozenset({TextRequest, NopOut, LogoutRequest})
 class Connection:
     """Target side of one connection. ``find_target(name)`` looks targets up by IQN;
     ``all_targets()`` lists them for SendTargets; ``data_out_length(cdb, lun)`` says how many
-    bytes a command to that LUN object (one of ``Target.luns``' values) carries."""
+    bytes a command to that LUN object (one of ``Target.luns``' values) carries. ``address`` is
+    where this connection reached us, as SendTargets' TargetAddress spells it (empty: not said)."""
 
     def __init__(self, find_target: Callable[[str], Target | None], all_targets: Callable[[], list[Target]],
-                 data_out_length: Callable[[bytes, object], int], *, max_recv: int = 262144) -> None:
+                 data_out_length: Callable[[bytes, object], int], *, max_recv: int = 262144,
+                 address: str = "") -> None:
+        self.address = address
         self._find = find_target
         self._all = all_targets
         self._data_out_length = data_out_length
@@ -604,8 +607,8 @@ class Connection:
                 if target.allowed_initiators and self.initiator not in target.allowed_initiators:
                     continue
                 pairs.append(("TargetName", target.iqn))
-                if target.portal:
-                    pairs.append(("TargetAddress", f"{target.portal},1"))
+                if self.address:  # every target is behind this one portal group (tag 1)
+                    pairs.append(("TargetAddress", f"{self.address},1"))
         return self._text_response(req, *self._text_out.first(params.format_text(pairs), self.max_send))
 
     def _text_response(self, req: TextRequest, data: bytes, more: bool) -> list[Action]:

@@ -147,7 +147,6 @@ class Target:
     luns: dict[int, object]  # LUN number -> scsi Lun (opaque here)
     allowed_initiators: frozenset[str] = frozenset()  # empty: any
     chap: ChapSecrets | None = None
-    portal: str = ""
 
 
 @dataclass(frozen=True)

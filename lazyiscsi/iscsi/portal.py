@@ -122,12 +122,6 @@ class Portal:
             log.info("target_removed", target=iqn)
 
     @property
-    def advertised(self) -> str:
-        """host:port for SendTargets' TargetAddress."""
-        host, port = self._listen
-        return f"{host}:{port}"
-
-    @property
     def address(self) -> tuple[str, int]:
         return self._server.address  # type: ignore[no-any-return]
 
@@ -169,7 +163,8 @@ class _Session:
         self.last_heard = time.monotonic()
         # a plain function, not a bound method: the connection must not refer back to the
         # session, or a closed session would wait for the cyclic garbage collector
-        self.conn = Connection(portal.target, portal.all_targets, _data_out_length)
+        self.conn = Connection(portal.target, portal.all_targets, _data_out_length,
+                               address=target_address(sock.getsockname()))
         self.key: tuple[str, bytes, str] | None = None  # in portal.sessions while live
         self.reinstated = False
         self.out: gevent.queue.Queue = gevent.queue.Queue()
@@ -394,3 +389,14 @@ def _data_out_length(cdb: bytes, lun: object) -> int:
     """Bytes of data-out a command to ``lun`` (a Lun of the session's target) carries."""
     assert isinstance(lun, Lun)
     return dispatch.data_out_length(cdb, lun.block_size)
+
+
+def target_address(sockname: tuple) -> str:  # type: ignore[type-arg]
+    """SendTargets' TargetAddress for a connection that arrived at ``sockname`` (RFC 7143 13.8).
+
+    The address the initiator reached, not the one we listen on: a portal bound to 0.0.0.0 or
+    ``::`` (or to port 0) would otherwise advertise an address no initiator can use. An IPv6
+    address is bracketed, as 13.8 requires, so its colons are not taken for the port's.
+    """
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -21,9 +21,9 @@ ISID = bytes.fromhex("400001370000")
 SEC, OP, FULL = 0, 1, 3
 
 
-def connection(*targets: Target) -> Connection:
+def connection(*targets: Target, address: str = "") -> Connection:
     by_name = {t.iqn: t for t in targets}
-    return Connection(by_name.get, lambda: list(by_name.values()), lambda cdb, lun: 0)
+    return Connection(by_name.get, lambda: list(by_name.values()), lambda cdb, lun: 0, address=address)
 
 
 def login_pdu(keys: str | bytes, csg: int, nsg: int | None = None, *, cont: bool = False,
@@ -202,8 +202,8 @@ def test_login_timeout_closes_only_a_login_in_progress() -> None:
 def test_a_long_sendtargets_answer_goes_out_in_continuation_pdus() -> None:
     """RFC 7143 11.11: a Text Response longer than the initiator's MaxRecvDataSegmentLength
     goes in pieces with C=1 and a Target Transfer Tag, each asked for by an empty request."""
-    targets = [Target(f"{IQN}{i:03d}", {0: object()}, portal="192.0.2.1:3260") for i in range(40)]
-    conn = connection(*targets)
+    targets = [Target(f"{IQN}{i:03d}", {0: object()}) for i in range(40)]
+    conn = connection(*targets, address="192.0.2.1:3260")
     keys = "InitiatorName=iqn.test:i\0SessionType=Discovery\0MaxRecvDataSegmentLength=512\0"
     feed(conn, login_pdu(keys, OP, FULL))
     ttt, cmdsn, text = 0xFFFFFFFF, 0, b""
@@ -223,6 +223,7 @@ def test_a_long_sendtargets_answer_goes_out_in_continuation_pdus() -> None:
         assert ttt != 0xFFFFFFFF
     pairs = [item.decode().partition("=") for item in text.split(b"\0") if item]
     assert [v for k, _, v in pairs if k == "TargetName"] == [t.iqn for t in targets]
+    assert {v for k, _, v in pairs if k == "TargetAddress"} == {"192.0.2.1:3260,1"}
 
 
 def text_request(data: bytes, cmdsn: int, *, cont: bool = False, ttt: int = 0xFFFFFFFF) -> bytes:
