@@ -95,6 +95,7 @@ class Progress:
     eta_s: float | None
     fetched: int  # bytes read from the source, background and on demand
     inflight_window: int
+    inflight_runs: int  # runs issued and not finished: 0 once a paused job has settled
     rate_limit: int | None
     misses: int
     miss_p50_ms: float | None
@@ -202,6 +203,7 @@ class Hydrator:
         self._resumed.set()
         self._done = gevent.event.Event()
         self._active: set[gevent.Greenlet] = set()
+        self._issuing = 0  # 1 while _issue waits to send a run (see Progress.inflight_runs)
         self._slot = gevent.event.Event()
         self._main: gevent.Greenlet | None = None
         self._error: str | None = None
@@ -267,7 +269,8 @@ class Hydrator:
         return Progress(
             state=self.state, current=st.local_bytes, total=st.size, rate=rate, eta_s=eta,
             fetched=st.fetched_foreground + st.fetched_background, inflight_window=self._tuner.window,
-            rate_limit=self._bucket.rate, misses=st.misses, miss_p50_ms=st.miss_p50_ms,
+            inflight_runs=len(self._active) + self._issuing, rate_limit=self._bucket.rate,
+            misses=st.misses, miss_p50_ms=st.miss_p50_ms,
             miss_p99_ms=st.miss_p99_ms, error=self._error)
 
     # -- the job ---------------------------------------------------------------------------
@@ -312,15 +315,21 @@ class Hydrator:
             gevent.sleep(delay)
 
     def _issue(self, offset: int, length: int) -> None:
-        while len(self._active) >= self._tuner.window:
-            self._slot.clear()
-            self._slot.wait()
-        # foreground first: checked last, just before sending, so that a guest miss that
-        # arrived while this run waited for a slot still goes out ahead of it
-        self.disk.wait_foreground_idle(self._fg_yield)
-        g = gevent.spawn(self._copy, offset, length)
-        self._active.add(g)
-        g.link(self._finished)
+        # counted as in flight from here: a run waiting for a slot when the job is paused is
+        # still sent (pause lets what was issued finish), so "settled" must wait for it too
+        self._issuing = 1
+        try:
+            while len(self._active) >= self._tuner.window:
+                self._slot.clear()
+                self._slot.wait()
+            # foreground first: checked last, just before sending, so that a guest miss that
+            # arrived while this run waited for a slot still goes out ahead of it
+            self.disk.wait_foreground_idle(self._fg_yield)
+            g = gevent.spawn(self._copy, offset, length)
+            self._active.add(g)
+            g.link(self._finished)
+        finally:
+            self._issuing = 0
 
     def _finished(self, g: gevent.Greenlet) -> None:
         self._active.discard(g)

@@ -28,6 +28,14 @@ def _open(tmp_path, source, **kw) -> LazyDisk:  # type: ignore[no-untyped-def]
     return LazyDisk.open(str(tmp_path / "cache"), source, **kw)
 
 
+def _wait_for(condition, seconds: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """Yield to the hub until ``condition()`` holds: a loaded machine may take long, never wrong."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        gevent.sleep(0.01)
+
+
 def test_hydrate_completes_and_equals_source(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = _data(8 * MiB + 1234)
     disk = _open(tmp_path, InstantSource(data))
@@ -62,15 +70,16 @@ def test_zero_extents_are_marked_without_reading(tmp_path) -> None:  # type: ign
 
 def test_pause_stops_and_resume_restarts(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = _data(32 * MiB)
-    disk = _open(tmp_path, LinkSource(data, delay=0.002, rate=200 * MiB))
+    source = LinkSource(data, delay=0.002, rate=200 * MiB)
+    disk = _open(tmp_path, source)
     job = Hydrator(disk, run_size=MiB)
     job.start()
-    gevent.sleep(0.05)
+    _wait_for(lambda: disk.local_bytes > 0)
     job.pause()
-    gevent.sleep(0.05)  # runs in flight finish
-    frozen = disk.local_bytes
-    gevent.sleep(0.2)
-    assert disk.local_bytes == frozen < len(data)
+    _wait_for(lambda: job.query().inflight_runs == 0)  # the runs already issued finish
+    frozen, reads = disk.local_bytes, source.reads
+    gevent.sleep(0.2)  # a paused job sends nothing, however long it stays paused
+    assert disk.local_bytes == frozen < len(data) and disk.source.reads == reads
     assert job.query().state is JobState.PAUSED
     with pytest.raises(JobVerbError):
         job.pause()
