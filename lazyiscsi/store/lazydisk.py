@@ -151,7 +151,8 @@ class LazyDisk:
         self._misses = 0
         self._miss_ms: collections.deque[float] = collections.deque(maxlen=4096)
         self._fetcher = Fetcher(source, emap, self.unit, self.size, self._fill,
-                                readahead_units=max(1, readahead // self.unit), retry=retry)
+                                readahead_units=max(1, readahead // self.unit), retry=retry,
+                                label=path)
         self._finisher: gevent.Greenlet | None = None
         self._committer: gevent.Greenlet | None = None
         if autocommit_s and not self._complete:
@@ -304,6 +305,11 @@ class LazyDisk:
     @property
     def source(self) -> Source | None:
         return self._fetcher.source
+
+    @property
+    def source_changed(self) -> str | None:
+        """Why the source is no longer this cache's disk (permanent), or None."""
+        return self._fetcher.changed
 
     def read(self, offset: int, length: int) -> bytes:
         """The LUN's bytes at ``offset``, fetching what is not local, in a new buffer."""

@@ -18,6 +18,7 @@ from lazyiscsi.source.base import Priority, SourceReadError, SourceUnavailable
 from lazyiscsi.store.errors import (
     CacheFailed,
     CacheFull,
+    SourceChangedError,
     SourceIOError,
     SourceTimeout,
     SourceUnreachable,
@@ -331,6 +332,8 @@ def test_source_failure_reasons(tmp_path: Path, error: Exception, expect: type) 
     (SourceTimeout("x"), False, Reason.SOURCE_UNREACHABLE),
     (SourceUnreachable("x"), True, Reason.SOURCE_UNREACHABLE),
     (SourceIOError("x"), False, Reason.UNRECOVERED_READ_ERROR),
+    (SourceChangedError("x"), False, Reason.SOURCE_CHANGED),
+    (SourceChangedError("x"), True, Reason.SOURCE_CHANGED),
     (CacheFull("x"), True, Reason.SPACE_ALLOCATION_FAILED),
     (CacheFull("x"), False, Reason.CACHE_WRITE_FAULT),
     (CacheFailed("x"), True, Reason.WRITE_ERROR),
@@ -340,3 +343,5 @@ def test_store_errors_map_to_one_sense_each(error: StoreError, writing: bool, re
     the source failed to answer, and a full cache is never a MEDIUM ERROR."""
     assert reason_for_store_error(error, writing=writing) is reason
     assert SENSE_TABLE[Reason.SOURCE_UNREACHABLE] == (SenseKey.NOT_READY, 0x04, 0x00)
+    # a changed source: those blocks are lost for good (not retried), the LUN stays
+    assert SENSE_TABLE[Reason.SOURCE_CHANGED] == (SenseKey.MEDIUM_ERROR, 0x11, 0x00)
