@@ -59,7 +59,7 @@ class Fetcher:
         emap: ExtentMap,
         unit: int,
         size: int,
-        fill: Callable[[int, int, memoryview], int],
+        fill: Callable[[int, int, memoryview, Priority], int],
         *,
         readahead_units: int = 16,
         retry: RetryPolicy | None = None,
@@ -199,7 +199,7 @@ class Fetcher:
                     delay = min(delay * 2, self._retry.max_delay)
                     continue
                 self.bytes_fetched[flight.priority] += length
-                self._fill(flight.start, flight.end, memoryview(data))
+                self._fill(flight.start, flight.end, memoryview(data), flight.priority)
                 break
         except StoreError as e:
             flight.result.set_exception(e)

@@ -618,7 +618,7 @@ class LazyDisk:
         finally:
             self._miss_ms.append((time.monotonic() - t0) * 1000.0)
 
-    def _fill(self, start: int, end: int, data: memoryview) -> int:
+    def _fill(self, start: int, end: int, data: memoryview, priority: Priority = Priority.BACKGROUND) -> int:
         """Write source data for units ``[start, end)`` where they are still missing.
 
         The one place that enforces "a unit the guest wrote is never written by a fetch": the
@@ -626,6 +626,11 @@ class LazyDisk:
         marked local before the lock is let go; a guest write holds the same lock around its
         own write and bits. Between runs (writeback start) the fill yields, and a guest write
         may land: the next run's check sees it.
+
+        Only background fills start writeback. Handing it to the thread pool waits for a free
+        thread, and while the copier keeps the pool busy a guest's miss waited there too, after
+        its data had arrived (measured: 36-75 ms on a loaded machine). A miss's few KiB are left
+        to the next commit's fdatasync, which costs it nothing measurable.
         """
         filled = 0
         base = start * self.unit
@@ -641,7 +646,8 @@ class LazyDisk:
                 length = min(pos * self.unit, self.size) - off
                 self._cache_write(self._cache.pwrite, data[off - base:off - base + length], off)
                 filled += self._mark_local(a, pos)
-            self._cache.start_writeback(off, length)
+            if priority is Priority.BACKGROUND:
+                self._cache.start_writeback(off, length)
 
     def _mark_local(self, a: int, b: int) -> int:
         added = self._map.set_local(a, b)
