@@ -314,6 +314,24 @@ def test_miss_latency_inside_a_background_run(tmp_path: Path) -> None:
     disk.close()
 
 
+def test_a_miss_is_answered_while_writeback_is_stuck(tmp_path: Path) -> None:
+    """Issue 10, acceptance 5: a guest's miss must not wait for the thread pool after its data
+    arrived. Writeback start (``sync_file_range`` in gevent's pool, whose ``spawn`` waits for a
+    free thread while the copier keeps it busy) held for ever: the read still completes, and a
+    background fill still starts writeback for what it wrote."""
+    rig = Rig(tmp_path)
+    reader = gevent.spawn(rig.disk.read, 0, UNIT)
+    rig.run_until(reader.ready, hold=lambda p: p.kind == "writeback")
+    assert reader.value == rig.data[:UNIT]
+    assert not [p for p in rig.gate.parked if p.kind == "writeback"]
+    copier = gevent.spawn(rig.disk.populate, UNIT, UNIT)
+    settle()
+    rig.run_until(lambda: any(p.kind == "writeback" for p in rig.gate.parked),
+                  hold=lambda p: p.kind == "writeback")
+    assert not copier.ready()  # a background fill hands its writeback over first
+    rig.run_until(copier.ready)
+
+
 @pytest.mark.parametrize(("error", "expect"), [
     (SourceUnavailable("no answer"), SourceUnreachable),
     (SourceReadError("EIO"), SourceIOError),
