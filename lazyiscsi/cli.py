@@ -38,6 +38,8 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_STALLED = 3
+#: hydrate: the source changed during the copy; running again cannot help (the cache refuses it)
+EXIT_SOURCE_CHANGED = 4
 EXIT_INTERRUPTED = 130
 #: seconds between sd_notify STATUS= updates under systemd (what `systemctl status` shows)
 STATUS_INTERVAL = 5.0
@@ -124,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Sizes take binary suffixes K, M, G, T (also KiB, MiB...) or decimal ones KB, MB, GB. "
             "Exit status: 0 the cache is complete; 1 an error (named on stderr); 2 bad arguments; "
-            "3 no progress for --stall-timeout seconds; 130 interrupted (run again to resume). "
+            "3 no progress for --stall-timeout seconds; 4 the source changed during the copy (running "
+            "again cannot help: the cache holds the old disk's bytes); 130 interrupted (run again to "
+            "resume). "
             "Progress: a bar on a TTY, otherwise one 'progress' line every --progress-interval "
             "seconds on stderr; a final 'complete' line with the totals on stdout."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -315,6 +319,7 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
             last_line = now
     job.wait()
     final = job.query()
+    changed = disk.source_changed
     display.show(final)
     display.done()
     elapsed = time.monotonic() - t0
@@ -334,6 +339,10 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
         return fail(f"no progress for {args.stall_timeout:g} s from {redact(source)}; "
                     f"{final.current} of {final.total} bytes are local, run again to resume",
                     EXIT_STALLED)
+    if changed is not None:
+        return fail(f"{changed}; the copy stopped with {final.current} of {final.total} bytes local "
+                    f"from the old disk: delete {args.cache} and its side files to start over",
+                    EXIT_SOURCE_CHANGED)
     if interrupted:
         return fail(f"interrupted; {final.current} of {final.total} bytes are local, run again to resume",
                     EXIT_INTERRUPTED)

@@ -404,12 +404,18 @@ class VolumeManager:
             "rate_bps": round(p.rate), "eta_s": None if p.eta_s is None else round(p.eta_s, 1),
             "rate_limit_bps": cfg.rate or None, "fetched_bytes": p.fetched,
             "inflight_runs": p.inflight_runs, "misses": p.misses, "miss_p50_ms": p.miss_p50_ms,
-            "miss_p99_ms": p.miss_p99_ms,
-            "source_health": "detached" if vol.record.detached else (
-                f"error: {p.error}" if p.error else "ok"),
+            "miss_p99_ms": p.miss_p99_ms, "source_health": _source_health(vol, p.error),
             "static": vol.record.static,
         }
 
+
+def _source_health(vol: Volume, error: str | None) -> str:
+    if vol.record.detached:
+        return "detached"
+    if vol.disk.source_changed is not None:
+        # permanent: the copy stopped, units not yet local fail their reads (MEDIUM ERROR)
+        return f"changed: {vol.disk.source_changed}"
+    return f"error: {error}" if error else "ok"
 
 
 def _unopened_status(record: VolumeRecord) -> dict[str, Any]:

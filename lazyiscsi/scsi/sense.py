@@ -15,6 +15,7 @@ from lazyiscsi.store.errors import (
     CacheIOError,
     CacheReadError,
     OutOfRange,
+    SourceChangedError,
     SourceIOError,
     SourceUnreachable,
     StoreError,
@@ -57,6 +58,7 @@ class Reason(enum.Enum):
     SPACE_ALLOCATION_FAILED = "space allocation failed write protect"
     CACHE_WRITE_FAULT = "peripheral device write fault"
     SOURCE_UNREACHABLE = "source site not answering"
+    SOURCE_CHANGED = "source changed: data not yet local is lost"
     MISCOMPARE_DURING_VERIFY = "miscompare during verify operation"
     POWER_ON_OR_RESET = "power on, reset, or bus device reset occurred"
     MODE_PARAMETERS_CHANGED = "mode parameters changed"
@@ -94,6 +96,14 @@ SENSE_TABLE: dict[Reason, tuple[SenseKey, int, int]] = {
     # NOT REPORTABLE. Initiators retry NOT READY (the source may come back); a MEDIUM ERROR would
     # be taken for a bad sector and surface as an I/O error at once.
     Reason.SOURCE_UNREACHABLE: (SenseKey.NOT_READY, 0x04, 0x00),
+    # The source is no longer the disk the cache was filled from: the blocks not yet local are
+    # lost for good, the local ones are fine. MEDIUM ERROR, UNRECOVERED READ ERROR says exactly
+    # that of each block read (SPC-4 4.5.6: "an error in the recorded data"), and initiators
+    # fail it at once without retrying or failing the path over (Linux: ASC 11h is not retried).
+    # Not NOT READY (retried as if it could pass), not MEDIUM NOT PRESENT (3Ah: the whole LUN
+    # would be taken away, its good blocks with it), not a UNIT ATTENTION (a one-time notice
+    # that the initiator clears and retries through).
+    Reason.SOURCE_CHANGED: (SenseKey.MEDIUM_ERROR, 0x11, 0x00),
     Reason.MISCOMPARE_DURING_VERIFY: (SenseKey.MISCOMPARE, 0x1D, 0x00),  # MISCOMPARE DURING VERIFY OPERATION
     # POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
     Reason.POWER_ON_OR_RESET: (SenseKey.UNIT_ATTENTION, 0x29, 0x00),
@@ -149,6 +159,7 @@ def invalid_param(byte: int, bit: int | None = None) -> SenseError:
 STORE_ERRORS: tuple[tuple[type[StoreError], Reason, Reason], ...] = (
     (OutOfRange, Reason.LBA_OUT_OF_RANGE, Reason.LBA_OUT_OF_RANGE),
     (SourceUnreachable, Reason.SOURCE_UNREACHABLE, Reason.SOURCE_UNREACHABLE),
+    (SourceChangedError, Reason.SOURCE_CHANGED, Reason.SOURCE_CHANGED),
     (SourceIOError, Reason.UNRECOVERED_READ_ERROR, Reason.UNRECOVERED_READ_ERROR),
     (CacheFull, Reason.CACHE_WRITE_FAULT, Reason.SPACE_ALLOCATION_FAILED),
     (CacheReadError, Reason.UNRECOVERED_READ_ERROR, Reason.UNRECOVERED_READ_ERROR),

@@ -9,9 +9,9 @@ modification time in nanoseconds and nine 4 KiB samples; for a block device, the
 (``st_rdev``), its size and the samples. What it guards: a cache resumed against another file,
 a file replaced by another (a new inode), and a file modified in place (a new mtime), also
 *during* the copy: every read re-checks the open file's size and mtime (one fstat, a
-microsecond), and a change stops every later read with ``SourceChanged`` and one
-``source_changed`` event. What it cannot: a block device's node has no mtime that writes
-change, so writes to the device go unnoticed (use a frozen snapshot); a file restored with
+microsecond), and a change stops every later read with ``SourceChanged`` (the store that
+reads says so in one ``source_changed`` event). What it cannot: a block device's node has no
+mtime that writes change, so writes to the device go unnoticed (use a frozen snapshot); a file restored with
 its old mtime (``touch -d``, ``cp -p``) to the same inode looks unchanged; and a copy of the file
 moved to another filesystem is a different inode, so resuming from it is refused although its
 bytes are the same (pass the original path).
@@ -23,8 +23,6 @@ import errno
 import os
 import stat
 from urllib.parse import unquote, urlsplit
-
-import structlog
 
 from lazyiscsi.source.base import (
     Extent,
@@ -39,8 +37,6 @@ from lazyiscsi.source.base import (
     sample_ranges,
 )
 from lazyiscsi.source.url import redact
-
-log = structlog.get_logger("lazyiscsi.source.file")
 
 
 def path_of(url: str) -> str:
@@ -109,7 +105,6 @@ class FileSource:
                 why = (f"size {self._stamp[0]} -> {now[0]}, mtime_ns {self._stamp[1]} -> {now[1]}")
                 self._changed = (f"{self._path}: the source file changed since it was opened ({why}); "
                                  "refusing its bytes, which would mix two disks")
-                log.error("source_changed", path=self._path, reason=why)
         if self._changed is not None:
             raise SourceChanged(self._changed)
 
@@ -138,6 +133,8 @@ class FileSource:
             hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
             out.append(Extent(data, hole - data, False))
             pos = hole
+        # the holes of a file modified meanwhile would be marked local as zeros of this disk
+        self._check_unchanged(fd)
         return out
 
     def close(self) -> None:

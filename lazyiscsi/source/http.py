@@ -14,9 +14,9 @@ ignores If-Match). With no strong ETag, ``Last-Modified`` is the weaker fallback
 an object replaced twice within the second it was opened in may go unnoticed (8.8.2.2); a
 warning says so at open. With neither, the source is refused: nothing could tell that the
 object changed mid-copy, and the cache would silently mix two disks. A change stops every later
-read with ``SourceChanged`` (and one ``source_changed`` event). What the validator cannot guard:
-a server that keeps the same ETag for different bytes (a misconfigured cluster whose nodes
-compute ETags differently is the opposite case and is refused as a change).
+read with ``SourceChanged`` (the store says so in one ``source_changed`` event). What the
+validator cannot guard: a server that keeps the same ETag for different bytes (a misconfigured
+cluster whose nodes compute ETags differently is the opposite case and is refused as a change).
 
 A request's deadline is the socket timeout of each read from the connection (RFC 9112 has no
 request id, so one request per connection at a time): past it the connection is closed and
@@ -212,7 +212,6 @@ class HttpSource:
         if self._changed is None:
             self._changed = (f"{self.url}: the source changed since it was opened ({why}); "
                              "refusing its bytes, which would mix two disks")
-            log.error("source_changed", url=self.url, reason=why)
         raise SourceChanged(self._changed)
 
     def _request(self, priority: Priority, headers: dict[str, str],

@@ -45,6 +45,12 @@ class SourceUnreachable(SourceIOError):
     """The source did not answer (connection refused, dropped or silent), after retries."""
 
 
+class SourceChangedError(SourceIOError):
+    """The source is no longer the disk this cache was filled from (a file modified in place, an
+    HTTP object or NBD export replaced behind its URL). Permanent: no unit that is not local yet
+    can ever be fetched, so the copy stops; units already local are still served."""
+
+
 class SourceTimeout(SourceUnreachable):
     """The source did not answer an on-demand read within the I/O timeout."""
 

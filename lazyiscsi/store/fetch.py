@@ -20,8 +20,8 @@ import gevent
 import structlog
 from gevent.event import AsyncResult, Event
 
-from lazyiscsi.source.base import Priority, Source, SourceError, SourceUnavailable
-from lazyiscsi.store.errors import NoSource, SourceIOError, SourceUnreachable, StoreError
+from lazyiscsi.source.base import Priority, Source, SourceChanged, SourceError, SourceUnavailable
+from lazyiscsi.store.errors import NoSource, SourceChangedError, SourceIOError, SourceUnreachable, StoreError
 from lazyiscsi.store.extentmap import ExtentMap
 
 log = structlog.get_logger("lazyiscsi.store")
@@ -59,10 +59,11 @@ class Fetcher:
         emap: ExtentMap,
         unit: int,
         size: int,
-        fill: Callable[[int, int, memoryview], int],
+        fill: Callable[[int, int, memoryview, Priority], int],
         *,
         readahead_units: int = 16,
         retry: RetryPolicy | None = None,
+        label: str = "",
     ) -> None:
         self.source = source
         self._map = emap
@@ -74,6 +75,9 @@ class Fetcher:
         self._inflight: dict[int, Flight] = {}
         self._greenlets: set[gevent.Greenlet] = set()
         self._closed = False
+        self._label = label
+        #: why the source is no longer this cache's disk, once a read said so: for good
+        self.changed: str | None = None
         self._fg_active = 0
         self.fg_idle = Event()
         self.fg_idle.set()
@@ -141,6 +145,8 @@ class Fetcher:
             raise NoSource("the cache is closing: no more fetches")
         if self.source is None:
             raise NoSource("the data is not local yet and no source is attached")
+        if self.changed is not None:
+            raise SourceChangedError(self.changed)
         if priority is Priority.FOREGROUND:
             a, b = self._widen(a, b)
         flight = Flight(a, b, priority)
@@ -181,6 +187,8 @@ class Fetcher:
                 attempt += 1
                 try:
                     data = source.read(offset, length, flight.priority)
+                except SourceChanged as e:
+                    raise self._source_changed(e) from None
                 except SourceError as e:
                     if not e.transient or attempt >= self._retry.attempts:
                         raise _reason(e)(f"source read at offset {offset} ({length} bytes) failed "
@@ -191,7 +199,7 @@ class Fetcher:
                     delay = min(delay * 2, self._retry.max_delay)
                     continue
                 self.bytes_fetched[flight.priority] += length
-                self._fill(flight.start, flight.end, memoryview(data))
+                self._fill(flight.start, flight.end, memoryview(data), flight.priority)
                 break
         except StoreError as e:
             flight.result.set_exception(e)
@@ -202,6 +210,16 @@ class Fetcher:
             flight.result.set(None)
         finally:
             self._forget(flight)
+
+    def _source_changed(self, e: SourceChanged) -> SourceChangedError:
+        """Latch a change of the source, said once: it is permanent, so no later fetch asks the
+        source again (nor retries), and every miss fails at once with the same reason."""
+        if self.changed is None:
+            self.changed = str(e)
+            log.error("source_changed", path=self._label, error=self.changed,
+                      action="the copy stops; reads of units not yet local fail, local units are "
+                             "still served")
+        return SourceChangedError(self.changed)
 
     def _landed(self, g: gevent.Greenlet, flight: Flight) -> None:
         self._greenlets.discard(g)

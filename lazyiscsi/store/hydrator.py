@@ -28,8 +28,8 @@ import gevent
 import gevent.event
 import structlog
 
-from lazyiscsi.source.base import Extent, Priority, SourceError
-from lazyiscsi.store.errors import StoreError
+from lazyiscsi.source.base import Extent, Priority, SourceChanged, SourceError
+from lazyiscsi.store.errors import SourceChangedError, StoreError
 from lazyiscsi.store.lazydisk import LazyDisk
 
 log = structlog.get_logger("lazyiscsi.hydrator")
@@ -283,6 +283,7 @@ class Hydrator:
                     raise StoreError("units are missing and no source is attached")
                 if self.disk.failed:  # fail-stopped: no run can land any more
                     raise StoreError(self.disk.failed)
+                self._check_source()
                 failed_before = self._failed_runs
                 for offset, length in self._plan():
                     self._checkpoint()
@@ -302,6 +303,13 @@ class Hydrator:
             self._apply(Verb.FINISH)
         except gevent.GreenletExit:
             gevent.killall(list(self._active))
+        except SourceChangedError as e:
+            # permanent: no retry pass could ever fetch what is missing. The store said so in its
+            # one ``source_changed`` event; the job's state change is the only other one. Runs
+            # still in flight are dropped, not waited for: none of them can land.
+            gevent.killall(list(self._active))
+            self._error = str(e)
+            self._apply(Verb.FAIL)
         except Exception as e:  # a bug or a dead cache file: say so, never hang the waiter
             self._error = str(e) or repr(e)
             log.error("hydration_failed", path=self.disk.path, error=self._error)
@@ -310,9 +318,17 @@ class Hydrator:
     def _checkpoint(self) -> None:
         """The one pause/cancel/rate point of every iteration."""
         self._resumed.wait()
+        self._check_source()
         delay = self._bucket.delay(self.run_size)
         if delay > 0:
             gevent.sleep(delay)
+
+    def _check_source(self) -> None:
+        """Stop at once when the source is no longer the cache's disk (not a transient error:
+        retried until a stall timeout, it would only delay the operator's news)."""
+        changed = self.disk.source_changed
+        if changed is not None:
+            raise SourceChangedError(changed)
 
     def _issue(self, offset: int, length: int) -> None:
         # counted as in flight from here: a run waiting for a slot when the job is paused is
@@ -343,6 +359,8 @@ class Hydrator:
         t0 = time.monotonic()
         try:
             self.disk.populate(offset, length)
+        except SourceChangedError:
+            return  # the job stops at its next checkpoint; the store logged why
         except StoreError as e:
             self._failed_runs += 1
             log.warning("hydration_run_failed", path=self.disk.path, offset=offset, bytes=length,
@@ -380,7 +398,9 @@ class Hydrator:
                 # local meanwhile: the answer is dropped, and the query left to finish on its
                 # own (killing a greenlet inside a source call could cut a request in half)
                 continue
-            for ext in query.get():
+            extents = query.get()
+            self._check_source()  # a changed source's holes are not this disk's
+            for ext in extents:
                 if ext.zero:
                     self.disk.mark_zero(ext.offset, ext.length)
                     continue
@@ -404,6 +424,9 @@ class Hydrator:
             return [Extent(offset, length, False)]
         try:
             return source.extents(offset, length, Priority.BACKGROUND)
+        except SourceChanged:
+            # nothing marked zero from it; the run's read meets the change too and stops the copy
+            return [Extent(offset, length, False)]
         except SourceError as e:
             # without block status every byte is copied: slower, never wrong
             log.warning("source_extents_failed", path=self.disk.path, offset=offset, error=str(e))

@@ -22,6 +22,8 @@ from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_lis
 
 LAZYISCSI = [sys.executable, "-m", "lazyiscsi.cli"]
 UNIT = 4096
+#: hydrate's exit status for a source that changed under the copy (cli.EXIT_SOURCE_CHANGED)
+EXIT_SOURCE_CHANGED = 4
 
 
 def local_units(cache: Path) -> list[int]:
@@ -75,7 +77,7 @@ def test_a_replaced_file_is_another_disk(tmp_path: Path) -> None:
 
 def _hydrate_slowly(source: str, cache: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([*LAZYISCSI, "--log-level", "info", "hydrate", "--source", source, "--cache",
-                             str(cache), "--stall-timeout", "3", "--progress-interval", "0.5", *args],
+                             str(cache), "--progress-interval", "0.5", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -88,15 +90,15 @@ def test_hydrate_from_a_file_modified_mid_copy_takes_none_of_its_new_bytes(tmp_p
     with open(img, "r+b") as f:
         f.write(os.urandom(len(image)))  # the whole disk rewritten in place
     _out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "source_changed" in err, err
+    assert proc.returncode == EXIT_SOURCE_CHANGED and "source_changed" in err, err
     assert_only_old_bytes(cache, image)
 
 
 def test_hydrate_from_an_http_object_replaced_mid_copy_takes_none_of_its_new_bytes(
         tmp_path: Path) -> None:
     """Defect 6 with a real nginx: the object is replaced while the copy runs (slowed by the
-    proxy); If-Match makes nginx answer 412, the copy stops with a source_changed event, and
-    no byte of the new object reaches the cache."""
+    proxy); If-Match makes nginx answer 412, the copy stops at once (exit 4, not after the
+    stall timeout) with a source_changed event, and no byte of the new object reaches the cache."""
     root = tmp_path / "www"
     root.mkdir()
     image = make_image(root / "disk.img", 16 * MiB)
@@ -116,7 +118,7 @@ def test_hydrate_from_an_http_object_replaced_mid_copy_takes_none_of_its_new_byt
     finally:
         proxy.close()
         nginx.stop()
-    assert proc.returncode != 0 and "source_changed" in err, err
+    assert proc.returncode == EXIT_SOURCE_CHANGED and "source_changed" in err, err
     assert_only_old_bytes(cache, image)
 
 

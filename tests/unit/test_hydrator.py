@@ -11,7 +11,8 @@ import time
 import gevent
 import pytest
 
-from lazyiscsi.source.base import Priority
+from lazyiscsi.source.base import Priority, SourceChanged
+from lazyiscsi.store.errors import SourceChangedError
 from lazyiscsi.store.hydrator import Hydrator, JobState, JobVerbError, TokenBucket
 from lazyiscsi.store.lazydisk import LazyDisk
 from lazyiscsi.store.superblock import CacheState
@@ -288,4 +289,42 @@ def test_sparse_lun_keeps_status_queries_in_flight(tmp_path, monkeypatch) -> Non
     assert job.wait(20) and job.state is JobState.COMPLETED
     assert source.reads == 0 and source.queries == 32
     assert source.peak == hydrator.EXTENTS_AHEAD
+    disk.close()
+
+
+class _ChangingSource(InstantSource):
+    """Changes (as a file modified in place does) once ``after`` reads have been answered."""
+
+    def __init__(self, data: bytes, after: int) -> None:
+        super().__init__(data)
+        self.after = after
+
+    def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
+        if self.reads >= self.after:
+            self.reads += 1
+            raise SourceChanged("src: the source file changed since it was opened")
+        return super().read(offset, length, priority)
+
+
+def test_a_changed_source_stops_the_copy_at_once_and_for_good(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 10: ``SourceChanged`` is permanent. The job fails at once (it was retried pass after
+    pass until the CLI's stall timeout), the source is asked no more, a miss fails with the
+    reason without asking it either, and local units are still read."""
+    data = _data(32 * MiB)
+    source = _ChangingSource(data, after=6)
+    disk = _open(tmp_path, source)
+    job = Hydrator(disk, run_size=MiB)
+    t0 = time.monotonic()
+    job.start()
+    assert job.wait(10)
+    assert time.monotonic() - t0 < 2.0  # no retry pass, no backoff
+    assert job.state is JobState.FAILED and "changed" in (job.query().error or "")
+    assert disk.source_changed and "changed" in disk.source_changed
+    asked = source.reads
+    local = next(iter(disk.verifiable_runs(0, disk.size // disk.unit)))
+    assert disk.read(local[0] * disk.unit, disk.unit) == data[local[0] * disk.unit:][:disk.unit]
+    missing = next(disk.missing_runs(0, disk.size))
+    with pytest.raises(SourceChangedError, match="changed"):
+        disk.read(missing[0], disk.unit)
+    assert source.reads == asked  # latched: the source is not asked again
     disk.close()

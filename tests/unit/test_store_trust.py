@@ -18,6 +18,7 @@ from lazyiscsi.source.base import Priority, SourceReadError, SourceUnavailable
 from lazyiscsi.store.errors import (
     CacheFailed,
     CacheFull,
+    SourceChangedError,
     SourceIOError,
     SourceTimeout,
     SourceUnreachable,
@@ -313,6 +314,24 @@ def test_miss_latency_inside_a_background_run(tmp_path: Path) -> None:
     disk.close()
 
 
+def test_a_miss_is_answered_while_writeback_is_stuck(tmp_path: Path) -> None:
+    """Issue 10, acceptance 5: a guest's miss must not wait for the thread pool after its data
+    arrived. Writeback start (``sync_file_range`` in gevent's pool, whose ``spawn`` waits for a
+    free thread while the copier keeps it busy) held for ever: the read still completes, and a
+    background fill still starts writeback for what it wrote."""
+    rig = Rig(tmp_path)
+    reader = gevent.spawn(rig.disk.read, 0, UNIT)
+    rig.run_until(reader.ready, hold=lambda p: p.kind == "writeback")
+    assert reader.value == rig.data[:UNIT]
+    assert not [p for p in rig.gate.parked if p.kind == "writeback"]
+    copier = gevent.spawn(rig.disk.populate, UNIT, UNIT)
+    settle()
+    rig.run_until(lambda: any(p.kind == "writeback" for p in rig.gate.parked),
+                  hold=lambda p: p.kind == "writeback")
+    assert not copier.ready()  # a background fill hands its writeback over first
+    rig.run_until(copier.ready)
+
+
 @pytest.mark.parametrize(("error", "expect"), [
     (SourceUnavailable("no answer"), SourceUnreachable),
     (SourceReadError("EIO"), SourceIOError),
@@ -331,6 +350,8 @@ def test_source_failure_reasons(tmp_path: Path, error: Exception, expect: type) 
     (SourceTimeout("x"), False, Reason.SOURCE_UNREACHABLE),
     (SourceUnreachable("x"), True, Reason.SOURCE_UNREACHABLE),
     (SourceIOError("x"), False, Reason.UNRECOVERED_READ_ERROR),
+    (SourceChangedError("x"), False, Reason.SOURCE_CHANGED),
+    (SourceChangedError("x"), True, Reason.SOURCE_CHANGED),
     (CacheFull("x"), True, Reason.SPACE_ALLOCATION_FAILED),
     (CacheFull("x"), False, Reason.CACHE_WRITE_FAULT),
     (CacheFailed("x"), True, Reason.WRITE_ERROR),
@@ -340,3 +361,5 @@ def test_store_errors_map_to_one_sense_each(error: StoreError, writing: bool, re
     the source failed to answer, and a full cache is never a MEDIUM ERROR."""
     assert reason_for_store_error(error, writing=writing) is reason
     assert SENSE_TABLE[Reason.SOURCE_UNREACHABLE] == (SenseKey.NOT_READY, 0x04, 0x00)
+    # a changed source: those blocks are lost for good (not retried), the LUN stays
+    assert SENSE_TABLE[Reason.SOURCE_CHANGED] == (SenseKey.MEDIUM_ERROR, 0x11, 0x00)

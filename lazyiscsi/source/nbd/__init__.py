@@ -12,7 +12,11 @@ that was written to in the sampled places). What it cannot: two clones of one te
 under the same export name whose writes missed every sample look alike; and a disk written to
 during the copy is not noticed (no NBD server reports a change). The operator's ``--source-id``
 (the VM's disk UUID, say) closes the first gap; the second needs a frozen source (or the
-pre-copy phase with a dirty bitmap).
+pre-copy phase with a dirty bitmap). An export *replaced* behind the URL (the server restarted
+on another disk) is noticed when the client redials: every new connection is checked against the
+identity (size and samples) before it carries a request, and a mismatch stops every later read
+with ``SourceChanged``. A replacement between two requests on a connection that never dropped
+cannot happen with a real server (a restart drops the connection).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from lazyiscsi.source.base import (
     PATIENCE,
     Extent,
     Priority,
+    SourceChanged,
     SourceConfigError,
+    SourceError,
     SourceProtocolError,
     SourceReadError,
     SourceUnavailable,
@@ -37,7 +43,14 @@ from lazyiscsi.source.base import (
     sample_ranges,
 )
 from lazyiscsi.source.nbd.constants import Cmd
-from lazyiscsi.source.nbd.transport import Channel, Connection, Dialer, tcp_dialer, unix_dialer
+from lazyiscsi.source.nbd.transport import (
+    Channel,
+    Connection,
+    ConnectionLost,
+    Dialer,
+    tcp_dialer,
+    unix_dialer,
+)
 from lazyiscsi.source.url import redact
 
 __all__ = ["NbdSource", "open_nbd", "parse_nbd_url"]
@@ -84,13 +97,17 @@ class NbdSource:
         self._max_payload = info.max_payload
         self._block_status = info.meta_context_id is not None
         self._dial, self._export, self._deadline = dial, export, deadline
-        foreground = Channel(dial, export, f"{self.url} foreground", deadline=deadline, first=first)
+        #: why this is no longer the export it was at open, once a connection showed it
+        self._changed: str | None = None
+        self._extra = f"export={export!r}" + (f":id={source_id}" if source_id else "")
+        self.identity = ""  # until the samples are in: a redial meanwhile checks the size only
+        foreground = Channel(dial, export, f"{self.url} foreground", deadline=deadline, first=first,
+                             check=self._same_export)
         self._channels = {Priority.FOREGROUND: foreground}
         self._bg_lock = gevent.lock.Semaphore()
         self._closed = False
         samples = _parallel([(self._sample, off, n) for off, n in sample_ranges(self.size)])
-        extra = f"export={export!r}" + (f":id={source_id}" if source_id else "")
-        self.identity = fingerprint("nbd", self.size, samples, extra=extra)
+        self.identity = fingerprint("nbd", self.size, samples, extra=self._extra)
 
     def _sample(self, offset: int, length: int) -> bytes:
         """A fingerprint read: retried a few times, since one EIO must not fail an open."""
@@ -102,6 +119,30 @@ class NbdSource:
                     raise
                 gevent.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _same_export(self, conn: Connection) -> None:
+        """A new connection must reach the disk this source was opened on: same size, same
+        samples. A server restarted behind the URL on another disk would otherwise hand the
+        copy bytes of two disks. A sample that cannot be read now is not a verdict: the caller
+        redials (``SourceUnavailable``)."""
+        if self._changed is None:
+            why = None
+            if conn.info.size != self.size:
+                why = f"the export's size is now {conn.info.size}, was {self.size}"
+            elif self.identity:
+                reads = [(conn.call, Cmd.READ, off, n) for off, n in sample_ranges(self.size)]
+                try:
+                    samples = _parallel(reads)
+                except (ConnectionLost, SourceError) as e:
+                    raise SourceUnavailable(f"cannot check the export after a reconnect: {e}") from None
+                if fingerprint("nbd", self.size, [bytes(r.buf) for r in samples],
+                               extra=self._extra) != self.identity:
+                    why = "a reconnect reached an export whose sampled content differs"
+            if why is not None:
+                self._changed = (f"{self.url}: the source changed since it was opened ({why}); "
+                                 "refusing its bytes, which would mix two disks")
+        if self._changed is not None:
+            raise SourceChanged(self._changed)
 
     def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
         self._check(offset, length)
@@ -130,8 +171,13 @@ class NbdSource:
                 try:
                     first = Connection.open(self._dial, self._export, self._deadline,
                                             f"{self.url} background", self._deadline)
+                    try:
+                        self._same_export(first)  # opened later than the identity was taken
+                    except BaseException:
+                        first.kill("not the export it was")
+                        raise
                     channel = Channel(self._dial, self._export, f"{self.url} background",
-                                      deadline=self._deadline, first=first)
+                                      deadline=self._deadline, first=first, check=self._same_export)
                 except (OSError, SourceUnavailable) as e:
                     log.warning("source_single_connection", url=self.url, error=str(e) or type(e).__name__,
                                 hint="the server takes one client at a time (qemu-nbd: use --shared=2 "
@@ -171,6 +217,8 @@ class NbdSource:
     def _check(self, offset: int, length: int) -> None:
         if self._closed:
             raise SourceUnavailable(f"{self.url}: closed")
+        if self._changed is not None:
+            raise SourceChanged(self._changed)
         if offset < 0 or length <= 0 or offset + length > self.size:
             raise SourceProtocolError(f"read [{offset}, +{length}) outside the export ({self.size} bytes)")
 

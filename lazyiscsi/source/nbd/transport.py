@@ -308,8 +308,12 @@ class Channel:
     """A connection that reconnects: what one priority class of requests goes through."""
 
     def __init__(self, dial: Dialer, export: str, label: str, *, deadline: float,
-                 first: Connection | None = None) -> None:
+                 first: Connection | None = None,
+                 check: Callable[[Connection], None] | None = None) -> None:
         self._dial = dial
+        #: run on every redialled connection before it carries a request: raises
+        #: ``SourceChanged`` if it reached another disk, ``SourceUnavailable`` to redial again
+        self._check = check
         self._export = export
         self._label = label
         self._deadline = deadline
@@ -350,10 +354,17 @@ class Channel:
                     if left is not None and left <= 0:
                         raise SourceUnreachable(f"{self._label}: cannot reconnect")
                     handshake = self._deadline if left is None else min(left, self._deadline)
-                    self._conn = Connection.open(self._dial, self._export, handshake, self._label,
-                                                 self._deadline)
+                    conn = Connection.open(self._dial, self._export, handshake, self._label,
+                                           self._deadline)
+                    if self._check is not None:
+                        try:
+                            self._check(conn)
+                        except BaseException:
+                            conn.kill("not the export it was")
+                            raise
+                    self._conn = conn
                     log.info("source_connected", connection=self._label)
-                    return self._conn
+                    return conn
                 except SourceUnreachable:
                     raise
                 except (OSError, SourceUnavailable) as e:
