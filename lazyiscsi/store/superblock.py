@@ -133,8 +133,10 @@ def needs_source(cache_path: str) -> bool:
     return sb is None or sb.state is CacheState.HYDRATING
 
 
-def live_phase(cache_path: str) -> bool:
-    """Whether the cache at ``cache_path`` is before its cutover (or has none yet, which
-    ``live`` then decides): its source must be opened as a live one, identity not sampled."""
+def opens_live(cache_path: str, live: bool) -> bool:
+    """Whether the source of the cache at ``cache_path`` must be opened as a live one (its
+    identity not sampled from content that still changes): before the cache's cutover, or,
+    for a cache not made yet, when ``live`` asks for one. The superblock decides for an
+    existing cache: a restart during pre-copy stays live whatever the configuration says."""
     sb = read_superblock(f"{cache_path}.meta")
-    return sb is None or sb.phase is not Phase.POST_COPY
+    return live if sb is None else sb.phase is not Phase.POST_COPY
