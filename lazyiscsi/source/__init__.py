@@ -19,6 +19,7 @@ from lazyiscsi.source.base import (
     SourceUnavailable,
     SourceUnreachable,
     deadline_for,
+    sample_ranges,
 )
 from lazyiscsi.source.url import redact
 
@@ -35,6 +36,7 @@ __all__ = [
     "SourceReadError",
     "SourceUnavailable",
     "SourceUnreachable",
+    "content_fingerprint",
     "deadline_for",
     "open_source",
     "redact",
@@ -46,7 +48,8 @@ _SOURCE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def open_source(url: str, *, timeout: float = 30.0, deadline: float = DEFAULT_REQUEST_DEADLINE,
-                source_id: str | None = None) -> Source:
+                source_id: str | None = None, dirty_bitmap: str | None = None,
+                live: bool = False) -> Source:
     """Open the source named by ``url``: connect, learn its size and identity.
 
     ``timeout`` bounds how long opening keeps trying to reach the source; ``deadline`` is each
@@ -55,6 +58,8 @@ def open_source(url: str, *, timeout: float = 30.0, deadline: float = DEFAULT_RE
     of the identity a cache is bound to. Raises ``SourceConfigError`` for a URL no client
     accepts, and the client's own ``SourceError`` when the source cannot be used.
     """
+    if dirty_bitmap is not None:  # interim, until the NBD meta-context client (branch nbdmeta)
+        raise SourceConfigError(f"dirty bitmap {dirty_bitmap!r}: this build cannot read dirty bitmaps yet")
     if source_id is not None and not _SOURCE_ID.fullmatch(source_id):
         raise SourceConfigError(f"source id {source_id!r}: use 1-128 of A-Z a-z 0-9 . _ : - "
                                 "(a disk UUID, a VM name)")
@@ -75,3 +80,12 @@ def open_source(url: str, *, timeout: float = 30.0, deadline: float = DEFAULT_RE
         return open_file(url, source_id=source_id)
     raise SourceConfigError(f"source URL {redact(url)!r}: unknown scheme {scheme!r} "
                             "(expected nbd, nbd+unix, http, https, file or a path)")
+
+
+def content_fingerprint(source: Source) -> str:
+    """Pin a live source's identity at the cutover. Interim, until branch nbdmeta's: the
+    samples are read (a source that cannot be reached refuses the cutover), the identity is
+    the one the source was opened with."""
+    for offset, length in sample_ranges(source.size):
+        source.read(offset, length)
+    return source.identity

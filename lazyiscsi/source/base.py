@@ -58,6 +58,19 @@ class Extent:
         return self.offset + self.length
 
 
+@dataclass(frozen=True, slots=True)
+class DirtyRun:
+    """A run of the source's dirty bitmap: ``dirty`` means written since the bitmap was made."""
+
+    offset: int
+    length: int
+    dirty: bool
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
 class SourceError(Exception):
     """Base of every source failure. ``str()`` is a one-line, secret-free explanation."""
 
@@ -199,3 +212,14 @@ def fingerprint(kind: str, size: int, samples: list[bytes], extra: str = "") -> 
         h.update(len(s).to_bytes(8, "little"))
         h.update(s)
     return f"{kind}:size={size}:sha256={h.hexdigest()[:32]}" + (f":{extra}" if extra else "")
+
+
+@runtime_checkable
+class DirtyTracking(Protocol):
+    """A source that reports which of its blocks were written since a point in time (QEMU's
+    dirty bitmap, NBD meta context ``qemu:dirty-bitmap:NAME``)."""
+
+    dirty_bitmap: str
+
+    def dirty_runs(self, offset: int, length: int,
+                   priority: Priority = Priority.BACKGROUND) -> list[DirtyRun]: ...
