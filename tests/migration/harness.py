@@ -126,20 +126,29 @@ class Result:
     source_holds_dest_writes: list[int] = field(default_factory=list)
     status_at_cutover: dict[str, Any] = field(default_factory=dict)
     status_final: dict[str, Any] = field(default_factory=dict)
-    fetched_after_cutover: int | None = None
-    block_io_errors: int = 0  # BLOCK_IO_ERROR events at the destination before `cont`
+    # what the destination QEMU wrote to the LUN while it waited (-incoming, then paused):
+    # query-blockstats' wr_operations + failed_wr_operations, and BLOCK_IO_ERROR events
+    writes_before_cont: int = -1
+    block_io_errors: int = 0
+    complete_after_serve_s: float = 0.0  # from `serve` started to the LUN complete
 
     def summary(self) -> list[str]:
         lines = [f"variant {self.variant}"]
         lines += [f"  {name:<10} {seconds:7.1f} s" for name, seconds in self.phases.items()]
+        lines.append(f"  complete   {self.complete_after_serve_s:7.1f} s after the LUN was served")
+        lines.append(f"  the destination QEMU wrote {self.writes_before_cont} times before `cont` "
+                     f"({self.block_io_errors} I/O errors)")
         lines.append(f"  source VM steps {self.source_steps}, destination VM steps {len(self.dest_steps)}, "
                      f"destination checks {self.verdicts}")
         if self.status_at_cutover:
             s = self.status_at_cutover
-            lines.append(f"  at cutover: dirty_bytes={s.get('dirty_bytes')} local_bytes="
-                         f"{s.get('local_bytes')} of {s.get('size')} fetched_bytes={s.get('fetched_bytes')}")
-        if self.fetched_after_cutover is not None:
-            lines.append(f"  fetched after cutover: {self.fetched_after_cutover} bytes")
+            lines.append(f"  before cutover: phase {s.get('phase')}, dirty {s.get('dirty_bytes')} bytes, "
+                         f"local {s.get('local_bytes')} of {s.get('size')}")
+        f = self.status_final
+        if f.get("fetched_after_cutover_bytes") is not None:
+            lines.append(f"  after cutover: fetched {f['fetched_after_cutover_bytes']} bytes; the final "
+                         f"dirty set {f.get('dirty_at_cutover_bytes')} bytes, not reached by the copy "
+                         f"{f.get('not_reached_bytes')} bytes")
         lines.append(f"  stale records found by the VM: {self.stale_records or 'none'}")
         lines.append("  final LUN vs the source's last state + the destination's writes: "
                      + ("equal" if self.cache_equal else
@@ -224,7 +233,7 @@ def status(control: Path) -> dict[str, Any]:
 
 
 def hydrated(vol: dict[str, Any]) -> bool:
-    return vol.get("phase", vol["state"]) == "complete" or vol["state"] == "complete"
+    return vol["state"] == "complete"
 
 
 def console_text(*paths: Path) -> str:
@@ -294,6 +303,7 @@ def _run(variant: Variant, work: Path, layout: records.Layout, vm_dir: Path, say
         serve_argv += ["--dirty-bitmap", variant.bitmap]
     lun = f"iscsi://127.0.0.1:{port}/{IQN}/0"
     with phase(result, "pre-copy", say):
+        served = time.monotonic()
         serve = procs.start("serve", serve_argv)
         wait_listening(port, serve)
         wait_until(control.exists, "serve's control socket", proc=serve)
@@ -334,29 +344,28 @@ def _run(variant: Variant, work: Path, layout: records.Layout, vm_dir: Path, say
     src.wait(60)
     result.source_steps = len(parse_steps(console_text(src_console)))
     snapshot = image.read_bytes()  # the source's last state: its VM is gone
-    # QEMU under -incoming must not have written the LUN: a write before cutover is refused
+    # QEMU under -incoming must not write the LUN: before the cutover a write is refused
+    (stats,) = [b["stats"] for b in dst_qmp.command("query-blockstats") if b.get("device") == "disk0"]
+    result.writes_before_cont = stats["wr_operations"] + stats["failed_wr_operations"]
     result.block_io_errors = sum(e["event"] == "BLOCK_IO_ERROR" for e in dst_qmp.events)
 
-    fetched_at_cutover = None
     if variant.live:
+        result.status_at_cutover = status(control)
         with phase(result, "cutover", say):
-            result.status_at_cutover = status(control)
             r = lazyiscsi(control, "cutover", "vol0")
             assert r.returncode == 0, f"lazyiscsi cutover: {r.stdout}{r.stderr}"
-        fetched_at_cutover = status(control)["fetched_bytes"]
     dst_qmp.command("cont")
     with phase(result, "post-copy", say):
         start = len(parse_steps(console_text(dst_console)))
         wait_until(lambda: hydrated(status(control)), "hydration", STEPS_S, serve)
-    with phase(result, "complete", say):
+        result.complete_after_serve_s = time.monotonic() - served
+    with phase(result, "checks", say):
         # a whole round of re-reads at the destination: the checks visit every record in N/2
         # steps, while the writes rewrite half of them (the other half stays as the source left it)
         wait_until(lambda: len(parse_steps(console_text(dst_console))) >= start + layout.records // 2,
                    "a round of destination checks", STEPS_S, dst)
     dst_qmp.command("stop")
     result.status_final = status(control)
-    if fetched_at_cutover is not None:
-        result.fetched_after_cutover = result.status_final["fetched_bytes"] - fetched_at_cutover
     dst_qmp.command("quit")
     dst_qmp.close()
     dst.wait(60)

@@ -36,3 +36,28 @@ def test_without_live_the_destination_reads_stale_records(vm: Path, tmp_path: Pa
     # the source site is untouched by what the destination wrote, even here
     assert result.source_unchanged and not result.source_holds_dest_writes, result.summary()
     assert result.dest_written, "the destination VM wrote nothing"
+
+
+def assert_migrated_intact(result: harness.Result) -> None:
+    """After the cutover the VM read no stale record; once the LUN was complete it held the
+    source's last state plus the destination's writes; the source holds none of them; and the
+    destination QEMU wrote nothing to the LUN before it ran."""
+    summary = "\n".join(result.summary())
+    assert result.verdicts and set(result.verdicts) == {"ok"}, summary
+    assert result.cache_equal, summary
+    assert result.source_unchanged and not result.source_holds_dest_writes, summary
+    assert result.dest_written, summary
+    assert result.writes_before_cont == 0 and result.block_io_errors == 0, summary
+    final = result.status_final
+    assert final["state"] == "complete" and final["phase"] == "complete", final
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S)
+def test_live_without_a_bitmap_migrates_with_no_stale_record(vm: Path, tmp_path: Path) -> None:
+    """``--live`` only: nothing is cached before the cutover (a full read of the LUN before it,
+    as a destination host's udev would do, is not trusted), everything is fetched after it."""
+    result = harness.run(harness.VARIANTS["live"], tmp_path, vm_dir=vm)
+    print("\n".join(result.summary()))
+    assert_migrated_intact(result)
+    assert result.status_at_cutover["phase"] == "pre-copy" and result.status_at_cutover["local_bytes"] == 0
+    assert result.status_final["fetched_after_cutover_bytes"] == harness.LAYOUT.size
