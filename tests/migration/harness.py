@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,8 @@ MIGRATE_PARAMETERS = {"max-bandwidth": 1 << 30, "downtime-limit": 1000}
 # source (N steps) and of checks at the destination (N/2): under TCG on a loaded host a step
 # takes a quarter to a whole second.
 LAYOUT = records.Layout(records=32, stride=256)
+# what marks a directory as a run's (the next run may empty it)
+MARK = ".lazyiscsi-migration-run"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # a whole line: the console's last one may still be coming
 STEP = re.compile(r"^LZVM step=(\d+) wrote=(\d+):(\d+):(\w+) checked=([-\w:,]+)\r?\n", re.M)
@@ -244,12 +247,15 @@ def console_text(*paths: Path) -> str:
 
 def run(variant: Variant, work: Path, layout: records.Layout = LAYOUT, vm_dir: Path = VM_DIR,
         say: Callable[[str], None] = lambda line: None) -> Result:
-    """Runs one migration in ``work`` (made empty first) and returns what it measured; the
-    peers are stopped however it ends."""
+    """Runs one migration in ``work`` and returns what it measured; the peers are stopped
+    however it ends. ``work`` is emptied first: a run before (the demo run twice) left it, or it
+    must be empty (a directory that is not ours is never removed)."""
+    if work.exists() and any(work.iterdir()):
+        if not (work / MARK).exists():
+            raise RuntimeError(f"{work}: not empty and not a migration run's directory; give another one")
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    for old in work.iterdir():
-        if old.is_file() or old.is_socket():
-            old.unlink()
+    (work / MARK).touch()
     with contextlib.closing(Procs(work)) as procs:
         return _run(variant, work, layout, vm_dir, say, procs)
 
@@ -433,15 +439,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/lazyiscsi-demo-live"))
     args = ap.parse_args(argv)
     print("the VM: Debian's kernel and busybox from this host's apt sources (built once)", flush=True)
-    build_vm()
-    result = run(VARIANTS[args.variant], args.work, say=lambda line: print(line, flush=True))
+    try:
+        build_vm()
+        result = run(VARIANTS[args.variant], args.work, say=lambda line: print(line, flush=True))
+    except (RuntimeError, AssertionError, OSError) as e:
+        print(f"demo failed: {e}\n(the peers' logs are in {args.work})", file=sys.stderr)
+        return 1
     print("\n".join(result.summary()))
-    ok = (not result.stale_records and result.cache_equal and result.source_unchanged
+    ok = (set(result.verdicts) == {"ok"} and result.cache_equal and result.source_unchanged
           and not result.source_holds_dest_writes)
-    print("verified: the destination read no stale record and the final LUN is the expected disk" if ok
-          else "NOT verified: see above")
+    print("verified: the VM read no stale record and the LUN is the source's last state plus the"
+          " destination's writes" if ok else "NOT verified: see above")
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
