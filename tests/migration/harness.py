@@ -134,6 +134,7 @@ class Result:
     writes_before_cont: int = -1
     block_io_errors: int = 0
     complete_after_serve_s: float = 0.0  # from `serve` started to the LUN complete
+    cutover_event: dict[str, Any] = field(default_factory=dict)  # serve's cutover_completed
 
     def summary(self) -> list[str]:
         lines = [f"variant {self.variant}"]
@@ -143,6 +144,10 @@ class Result:
                      f"({self.block_io_errors} I/O errors)")
         lines.append(f"  source VM steps {self.source_steps}, destination VM steps {len(self.dest_steps)}, "
                      f"destination checks {self.verdicts}")
+        if self.cutover_event:
+            e = self.cutover_event
+            lines.append(f"  cutover: {e.get('duration_ms')} ms in serve; invalidated "
+                         f"{e.get('invalidated_bytes')} bytes copied before the VM's last writes")
         if self.status_at_cutover:
             s = self.status_at_cutover
             lines.append(f"  before cutover: phase {s.get('phase')}, dirty {s.get('dirty_bytes')} bytes, "
@@ -321,8 +326,8 @@ def _run(variant: Variant, work: Path, layout: records.Layout, vm_dir: Path, say
             assert probe.returncode == 0, probe.stderr
             (work / "probe.img").unlink()
         if not variant.live or variant.bitmap:
-            wait_until(lambda: status(control)["local_bytes"] >= layout.size, "the copy's first pass",
-                       STEPS_S, serve)
+            # the copy has been everywhere: every unit local, or (pre-copy) skipped as dirty
+            wait_until(lambda: _copied(status(control), layout.size), "the copy's pass", STEPS_S, serve)
         # every record rewritten at the source after the copy (or the probe) read it
         first = len(parse_steps(console_text(src_console)))
         wait_until(lambda: len(parse_steps(console_text(src_console))) >= first + layout.records,
@@ -381,12 +386,26 @@ def _run(variant: Variant, work: Path, layout: records.Layout, vm_dir: Path, say
                         timeout=STEPS_S)
     assert r2.returncode == 0, r2.stderr
     procs.stop(serve)
+    result.cutover_event = next(
+        (e for e in _events(work / "serve.log") if e.get("event") == "cutover_completed"), {})
     qsd.command("quit")
     qsd.close()
     qsd_proc.wait(60)
     _verify(result, layout, snapshot, image.read_bytes(), final.read_bytes(),
             console_text(src_console, dst_console), console_text(dst_console))
     return result
+
+
+def _events(log: Path) -> Iterator[dict[str, Any]]:
+    """serve's structured events (JSON lines: its output is not a terminal)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                yield json.loads(line)
+
+
+def _copied(vol: dict[str, Any], size: int) -> bool:
+    return bool(vol["local_bytes"] + (vol.get("dirty_bytes") or 0) >= size)
 
 
 def _finished(info: dict[str, Any]) -> dict[str, Any] | None:

@@ -61,3 +61,4 @@ def test_live_without_a_bitmap_migrates_with_no_stale_record(vm: Path, tmp_path:
     assert_migrated_intact(result)
     assert result.status_at_cutover["phase"] == "pre-copy" and result.status_at_cutover["local_bytes"] == 0
     assert result.status_final["fetched_after_cutover_bytes"] == harness.LAYOUT.size
+
