@@ -5,10 +5,14 @@ The source site is a qemu-storage-daemon that owns the VM's raw disk image and e
 over NBD on a Unix socket: ``vm``, the source VM's disk, and ``lazy``, lazyiscsi's source (with
 the dirty bitmap for pre-copy; writable then, since QEMU refuses an enabled bitmap on a read-only
 export). The destination is ``lazyiscsi serve`` on the embedded portal; the destination QEMU opens
-the LUN with its iSCSI driver and waits with ``-incoming``. QMP ``migrate`` moves the VM (its
-memory; the disk is "shared" as far as QEMU knows), then ``lazyiscsi cutover`` (live variants),
-then ``cont``. The VM's workload (vm/init) keeps rewriting and re-reading records all along and
-says on its console whether a record it re-read held what it last wrote there.
+the LUN with its iSCSI driver and waits with ``-incoming`` and ``-S``. Its drive needs neither
+``cache.direct=on`` nor ``auto-read-only``: before the cutover lazyiscsi refuses writes but does
+not set WP in MODE SENSE, so QEMU's iSCSI driver opens the LUN read-write, and QEMU issues no
+write while it is incoming or paused (``Result.writes_before_cont``, from query-blockstats).
+QMP ``migrate`` moves the VM (its memory; the disk is "shared" as far as QEMU knows), then
+``lazyiscsi cutover`` (live variants), then ``cont``. The VM's workload (vm/init) keeps
+rewriting and re-reading records all along and says on its console whether a record it re-read
+held what it last wrote there.
 
 Variants: ``precopy`` (``--live --dirty-bitmap``), ``live`` (``--live``), ``static`` (no
 ``--live``: today's behaviour before live migration existed; the LUN hydrates while the source
@@ -291,7 +295,7 @@ def _run(variant: Variant, work: Path, layout: records.Layout, vm_dir: Path, say
         "--chardev", f"socket,id=qmp0,path={work / 'qsd.qmp'},server=on,wait=off",
         "--monitor", "chardev=qmp0"])
     wait_until(sock.exists, "qemu-storage-daemon's NBD socket", proc=qsd_proc)
-    qsd = Qmp(work / "qsd.qmp")
+    qsd = Qmp(work / "qsd.qmp", qsd_proc)
     with phase(result, "boot", say):
         src = procs.start("source-vm", qemu_argv(vm_dir, layout, f"file=nbd+unix:///vm?socket={sock}",
                                                  src_console, work / "source-vm.qmp"))
@@ -339,8 +343,8 @@ def _run(variant: Variant, work: Path, layout: records.Layout, vm_dir: Path, say
     mport = free_port()
     dst = procs.start("dest-vm", [*qemu_argv(vm_dir, layout, f"file={lun}", dst_console, dst_qmp_path),
                                   "-incoming", f"tcp:127.0.0.1:{mport}", "-S"])
-    dst_qmp = Qmp(dst_qmp_path)
-    src_qmp = Qmp(work / "source-vm.qmp")
+    dst_qmp = Qmp(dst_qmp_path, dst)
+    src_qmp = Qmp(work / "source-vm.qmp", src)
     with phase(result, "migration", say):
         src_qmp.command("migrate-set-parameters", MIGRATE_PARAMETERS)
         src_qmp.command("migrate", {"uri": f"tcp:127.0.0.1:{mport}"})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ class QmpError(RuntimeError):
 
 
 class Qmp:
-    def __init__(self, path: Path, seconds: float = 60.0) -> None:
+    def __init__(self, path: Path, proc: subprocess.Popen[bytes], seconds: float = 60.0) -> None:
+        """Connects to ``path`` once ``proc`` (the QEMU that serves it) listens there; fails at
+        once when ``proc`` exits first (its log says why)."""
         deadline = time.monotonic() + seconds
         while True:
             self.sock = socket.socket(socket.AF_UNIX)
@@ -29,6 +32,9 @@ class Qmp:
                 break
             except OSError:
                 self.sock.close()
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before its QMP "
+                                       f"socket {path} listened") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
