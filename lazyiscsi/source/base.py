@@ -58,6 +58,21 @@ class Extent:
         return self.offset + self.length
 
 
+@dataclass(frozen=True, slots=True)
+class DirtyRun:
+    """A run of a source's dirty bitmap: ``dirty`` means the source was written there since the
+    bitmap was started (QEMU: bit 0 of the ``qemu:dirty-bitmap:NAME`` context), so a copy taken
+    before may be stale."""
+
+    offset: int
+    length: int
+    dirty: bool
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
 class SourceError(Exception):
     """Base of every source failure. ``str()`` is a one-line, secret-free explanation."""
 
@@ -165,6 +180,26 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class DirtyTracking(Protocol):
+    """A source that tells which of its blocks were written since a point in time: a live source
+    (still in use by a running VM) whose server keeps a dirty bitmap (NBD meta context
+    ``qemu:dirty-bitmap:NAME``, issue 11).
+
+    ``dirty_runs`` covers the asked range exactly, in order, adjacent runs of the same state
+    merged, and is safe from many greenlets. DIRTY is never a guess in the wrong direction: where
+    the client cannot tell (a server that cut the range into more runs than a query may hold),
+    it says dirty, which costs a re-fetch, never a stale block. Its default priority is
+    BACKGROUND: the copier polls the bitmap, and its queries must not delay a guest's reads.
+    """
+
+    #: the bitmap's name, as the server exports it
+    dirty_bitmap: str
+
+    def dirty_runs(self, offset: int, length: int,
+                   priority: Priority = Priority.BACKGROUND) -> list[DirtyRun]: ...
+
+
 #: Where ``fingerprint`` samples, as fractions of the size. Fixed forever: changing them
 #: changes every identity and would make every existing cache refuse to resume.
 _SAMPLE_POINTS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -199,3 +234,11 @@ def fingerprint(kind: str, size: int, samples: list[bytes], extra: str = "") -> 
         h.update(len(s).to_bytes(8, "little"))
         h.update(s)
     return f"{kind}:size={size}:sha256={h.hexdigest()[:32]}" + (f":{extra}" if extra else "")
+
+
+def live_identity(kind: str, size: int, extra: str) -> str:
+    """The identity of a source opened live (still in use, ``open_source(..., live=True)``): what
+    it is (size, name) without what it holds. Content samples would change under the running VM,
+    so a cache bound to them would refuse to resume a minute later; ``content_fingerprint``
+    pins the content once the source has stopped changing (the cutover)."""
+    return f"{kind}:size={size}:live:{extra}"
