@@ -8,12 +8,28 @@ import json
 import random
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import IO, TypeVar
+
+from lazyiscsi.source.nbd.constants import (
+    BASE_ALLOCATION,
+    IHAVEOPT,
+    NBDMAGIC,
+    OPT_REPLY_MAGIC,
+    QEMU_DIRTY_BITMAP,
+    STRUCTURED_REPLY_MAGIC,
+    Chunk,
+    Cmd,
+    Info,
+    Opt,
+    Rep,
+)
 
 MiB = 1 << 20
 T = TypeVar("T")
@@ -261,3 +277,84 @@ def qemu_nbd_with_bitmap(image: Path, port: int, bitmap: str = BITMAP, export: s
     ``url + export``."""
     return Nbdkit(["-f", "qcow2", "-t", "--shared=8", "-B", bitmap, "-x", export, str(image)], port,
                   command=["qemu-nbd", "-b", "127.0.0.1", "-p", str(port)])
+
+
+class ScriptedNbd:
+    """A tiny NBD server in a thread, written from the NBD document: fixed newstyle, structured
+    replies, the contexts in ``contexts`` (name -> id) when asked for, reads answered with
+    zeros, and every NBD_CMD_BLOCK_STATUS answered with the chunk payloads ``answer(offset,
+    length)`` returns (context id and descriptors, as bytes), then NBD_REPLY_TYPE_NONE."""
+
+    def __init__(self, answer: Callable[[int, int], list[bytes]], size: int = 1 << 30,
+                 contexts: dict[str, int] | None = None) -> None:
+        self.answer, self.size = answer, size
+        self.contexts = {BASE_ALLOCATION: 1, QEMU_DIRTY_BITMAP + BITMAP: 2} if contexts is None else contexts
+        self.status_requests = 0
+        self.reads = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/x"
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, suppress(OSError, ConnectionError):
+            f = conn.makefile("rb")
+            conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+            f.read(4)
+            while True:  # option haggling
+                _, opt, length = struct.unpack(">QII", f.read(16))
+                data = f.read(length)
+                if opt == Opt.SET_META_CONTEXT:
+                    (n,) = struct.unpack_from(">I", data)
+                    pos = 4 + n
+                    (count,) = struct.unpack_from(">I", data, pos)
+                    pos += 4
+                    for _ in range(count):
+                        (qlen,) = struct.unpack_from(">I", data, pos)
+                        query = data[pos + 4:pos + 4 + qlen].decode()
+                        pos += 4 + qlen
+                        if query in self.contexts:
+                            self._opt_reply(conn, opt, Rep.META_CONTEXT,
+                                            struct.pack(">I", self.contexts[query]) + query.encode())
+                if opt == Opt.GO:
+                    self._opt_reply(conn, opt, Rep.INFO, struct.pack(">HQH", Info.EXPORT, self.size, 3))
+                    self._opt_reply(conn, opt, Rep.ACK)
+                    break
+                self._opt_reply(conn, opt, Rep.ACK if opt in (Opt.STRUCTURED_REPLY, Opt.SET_META_CONTEXT)
+                                else Rep.ERR_UNSUP)
+            while True:  # transmission
+                _, _, cmd, cookie, offset, length = struct.unpack(">IHHQQI", f.read(28))
+                if cmd == Cmd.READ:
+                    self.reads += 1
+                    data = struct.pack(">Q", offset) + bytes(length)
+                    self._chunk(conn, cookie, Chunk.OFFSET_DATA, data, True)
+                elif cmd == Cmd.BLOCK_STATUS:
+                    self.status_requests += 1
+                    for payload in self.answer(offset, length):
+                        self._chunk(conn, cookie, Chunk.BLOCK_STATUS, payload, False)
+                    self._chunk(conn, cookie, Chunk.NONE, b"", True)
+                else:
+                    return
+
+    @staticmethod
+    def _opt_reply(conn: socket.socket, opt: int, rep: int, payload: bytes = b"") -> None:
+        conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, rep, len(payload)) + payload)
+
+    @staticmethod
+    def _chunk(conn: socket.socket, cookie: int, kind: int, payload: bytes, done: bool) -> None:
+        conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, int(done), kind, cookie, len(payload)))
+        conn.sendall(payload)  # not joined: a large payload is not copied

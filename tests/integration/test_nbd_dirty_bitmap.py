@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import itertools
 import random
-import socket
 import struct
-import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from pathlib import Path
 
 import gevent
@@ -29,25 +26,14 @@ from lazyiscsi.source import (
     open_source,
 )
 from lazyiscsi.source.nbd import replies
-from lazyiscsi.source.nbd.constants import (
-    BASE_ALLOCATION,
-    IHAVEOPT,
-    NBDMAGIC,
-    OPT_REPLY_MAGIC,
-    QEMU_DIRTY_BITMAP,
-    STRUCTURED_REPLY_MAGIC,
-    Chunk,
-    Cmd,
-    Info,
-    Opt,
-    Rep,
-)
+from lazyiscsi.source.nbd.constants import BASE_ALLOCATION, QEMU_DIRTY_BITMAP
 from lazyiscsi.source.nbd.replies import MAX_STATUS_RUNS
 from tests.integration.peers import (
     BITMAP,
     DirtyBitmapSource,
     MiB,
     Nbdkit,
+    ScriptedNbd,
     free_port,
     make_qcow2_with_bitmap,
     qemu_io,
@@ -219,85 +205,6 @@ def test_qemu_nbd_with_a_persistent_qcow2_bitmap(tmp_path: Path, nbdkit: list[Nb
 
 # -- a server that breaks the rules (libnbd's test_errors_server_* idea, with a scripted peer) --
 
-class ScriptedNbd:
-    """A tiny NBD server in a thread, written from the NBD document: fixed newstyle, structured
-    replies, the contexts in ``contexts`` (name -> id) when asked for, reads answered with
-    zeros, and every NBD_CMD_BLOCK_STATUS answered with the chunk payloads ``answer(offset,
-    length)`` returns (context id and descriptors, as bytes), then NBD_REPLY_TYPE_NONE."""
-
-    def __init__(self, answer: Callable[[int, int], list[bytes]], size: int = 1 << 30,
-                 contexts: dict[str, int] | None = None) -> None:
-        self.answer, self.size = answer, size
-        self.contexts = {BASE_ALLOCATION: 1, QEMU_DIRTY_BITMAP + "mig": 2} if contexts is None else contexts
-        self.status_requests = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/x"
-
-    def close(self) -> None:
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn, suppress(OSError, ConnectionError):
-            f = conn.makefile("rb")
-            conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
-            f.read(4)
-            while True:  # option haggling
-                _, opt, length = struct.unpack(">QII", f.read(16))
-                data = f.read(length)
-                if opt == Opt.SET_META_CONTEXT:
-                    (n,) = struct.unpack_from(">I", data)
-                    pos = 4 + n
-                    (count,) = struct.unpack_from(">I", data, pos)
-                    pos += 4
-                    for _ in range(count):
-                        (qlen,) = struct.unpack_from(">I", data, pos)
-                        query = data[pos + 4:pos + 4 + qlen].decode()
-                        pos += 4 + qlen
-                        if query in self.contexts:
-                            self._opt_reply(conn, opt, Rep.META_CONTEXT,
-                                            struct.pack(">I", self.contexts[query]) + query.encode())
-                if opt == Opt.GO:
-                    self._opt_reply(conn, opt, Rep.INFO, struct.pack(">HQH", Info.EXPORT, self.size, 3))
-                    self._opt_reply(conn, opt, Rep.ACK)
-                    break
-                self._opt_reply(conn, opt, Rep.ACK if opt in (Opt.STRUCTURED_REPLY, Opt.SET_META_CONTEXT)
-                                else Rep.ERR_UNSUP)
-            while True:  # transmission
-                _, _, cmd, cookie, offset, length = struct.unpack(">IHHQQI", f.read(28))
-                if cmd == Cmd.READ:
-                    data = struct.pack(">Q", offset) + bytes(length)
-                    self._chunk(conn, cookie, Chunk.OFFSET_DATA, data, True)
-                elif cmd == Cmd.BLOCK_STATUS:
-                    self.status_requests += 1
-                    for payload in self.answer(offset, length):
-                        self._chunk(conn, cookie, Chunk.BLOCK_STATUS, payload, False)
-                    self._chunk(conn, cookie, Chunk.NONE, b"", True)
-                else:
-                    return
-
-    @staticmethod
-    def _opt_reply(conn: socket.socket, opt: int, rep: int, payload: bytes = b"") -> None:
-        conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, rep, len(payload)) + payload)
-
-    @staticmethod
-    def _chunk(conn: socket.socket, cookie: int, kind: int, payload: bytes, done: bool) -> None:
-        conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, int(done), kind, cookie, len(payload)))
-        conn.sendall(payload)  # not joined: a large payload is not copied
-
-
 @pytest.fixture
 def scripted() -> Iterator[Callable[..., ScriptedNbd]]:
     servers: list[ScriptedNbd] = []
@@ -339,7 +246,7 @@ def test_a_peer_that_cuts_a_query_into_millions_of_runs_is_cut_short(
     the answer keeps MAX_STATUS_RUNS runs and reports the rest dirty (and DATA), which is
     never wrong; no second request is sent for a query already full."""
     server = _millions(scripted)
-    src = open_source(server.url, dirty_bitmap="mig", live=True, timeout=5)
+    src = open_source(server.url, dirty_bitmap=BITMAP, live=True, timeout=5)
     try:
         runs = src.dirty_runs(0, 1 << 30)
         assert len(runs) == MAX_STATUS_RUNS and server.status_requests == 1
@@ -363,7 +270,7 @@ def test_memory_for_a_query_is_bounded_by_the_cap_not_by_the_peer(
     some 400 MiB). Measured with a small cap: tracemalloc makes each kept run slow to count."""
     monkeypatch.setattr(replies, "MAX_STATUS_RUNS", 1024)
     server = _millions(scripted)
-    src = open_source(server.url, dirty_bitmap="mig", live=True, timeout=5)
+    src = open_source(server.url, dirty_bitmap=BITMAP, live=True, timeout=5)
     try:
         tracemalloc.start()
         runs = src.dirty_runs(0, 1 << 30)
@@ -397,8 +304,8 @@ def _zero_length(offset: int, length: int) -> list[bytes]:
 
 @pytest.mark.parametrize(("answer", "match"), [
     (_unknown_context, "context id 9"),
-    (_bitmap_missing, "without qemu:dirty-bitmap:mig"),
-    (_bitmap_twice, "two block status chunks for qemu:dirty-bitmap:mig"),
+    (_bitmap_missing, "without qemu:dirty-bitmap:lazyiscsi-mig"),
+    (_bitmap_twice, "two block status chunks for qemu:dirty-bitmap:lazyiscsi-mig"),
     (_overrun, "run past the request"),
     (_zero_length, "length 0"),
 ])
@@ -411,7 +318,7 @@ def test_block_status_replies_that_break_the_rules_fail_the_query(
     answers the same wrong way every time must not make the copier spin). The connection read
     the whole reply and stays in step: the next request on it is answered."""
     server = scripted(answer)
-    src = open_source(server.url, dirty_bitmap="mig", live=True, timeout=5)
+    src = open_source(server.url, dirty_bitmap=BITMAP, live=True, timeout=5)
     try:
         with gevent.Timeout(30):
             with pytest.raises(SourceProtocolError, match=match):
@@ -426,17 +333,17 @@ def test_a_redialled_connection_without_the_bitmap_is_not_clean(scripted: Callab
     """The bitmap was offered at open but a later connection (the background one here; a
     redial after a restart is the same) does not select it: ``dirty_runs`` says SourceNotFound,
     never "clean"."""
-    contexts = {BASE_ALLOCATION: 1, QEMU_DIRTY_BITMAP + "mig": 2}
+    contexts = {BASE_ALLOCATION: 1, QEMU_DIRTY_BITMAP + BITMAP: 2}
 
     def answer(offset: int, length: int) -> list[bytes]:  # only what the server now offers
         return [struct.pack(">III", ctx, length, 0) for ctx in contexts.values()]
 
     server = scripted(answer, contexts=contexts)
-    src = open_source(server.url, dirty_bitmap="mig", live=True, timeout=5)
+    src = open_source(server.url, dirty_bitmap=BITMAP, live=True, timeout=5)
     try:
         assert src.dirty_runs(0, 4096, Priority.FOREGROUND) == [DirtyRun(0, 4096, False)]
-        del contexts[QEMU_DIRTY_BITMAP + "mig"]
-        with pytest.raises(SourceNotFound, match="no longer offers dirty bitmap 'mig'"):
+        del contexts[QEMU_DIRTY_BITMAP + BITMAP]
+        with pytest.raises(SourceNotFound, match="no longer offers dirty bitmap 'lazyiscsi-mig'"):
             src.dirty_runs(0, 4096, Priority.BACKGROUND)
         assert src.extents(0, 4096, Priority.BACKGROUND) == [Extent(0, 4096, False)]
     finally:
