@@ -348,3 +348,16 @@ def test_a_redialled_connection_without_the_bitmap_is_not_clean(scripted: Callab
         assert src.extents(0, 4096, Priority.BACKGROUND) == [Extent(0, 4096, False)]
     finally:
         src.close()
+
+
+def test_nbdkit_offers_no_dirty_bitmap(nbdkit: list[Nbdkit]) -> None:
+    """nbdkit selects base:allocation only: asked for a bitmap it ignores the query, which is
+    the refusal the client must turn into SourceNotFound (a source without the bitmap would
+    otherwise read as all clean)."""
+    server = Nbdkit(["memory", "size=16M"], free_port()).start()
+    nbdkit.append(server)
+    with pytest.raises(SourceNotFound, match=f"does not offer dirty bitmap '{BITMAP}'"):
+        open_source(server.url, dirty_bitmap=BITMAP, live=True, timeout=5)
+    src = open_source(server.url, live=True, timeout=5)  # the same export without a bitmap opens
+    assert src.extents(0, 16 * MiB) == [Extent(0, 16 * MiB, True)]
+    src.close()

@@ -221,6 +221,7 @@ class NbdSource:
         if offset < 0 or length <= 0 or offset + length > self.size:
             raise SourceProtocolError(f"read [{offset}, +{length}) outside the export ({self.size} bytes)")
 
+
 class NbdBitmapSource(NbdSource):
     """An NBD export with a dirty bitmap (``DirtyTracking``): the live source of issue 11."""
 
