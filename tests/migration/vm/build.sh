@@ -43,7 +43,10 @@ WORK=$(mktemp -d "$OUT.work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 step "kernel and busybox from the host's apt sources"
-KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
+if [ -z "$KPKG" ] || ! apt-cache show busybox-static >/dev/null 2>&1; then
+  echo "vm: this host's apt sources offer no linux-image-amd64 or busybox-static (Debian's main)"; exit 1
+fi
 apt-get download -qq "$KPKG" busybox-static 2>&1 | grep -v "^W: Download is performed unsandboxed" || true
 dpkg -x "$KPKG"_*.deb kernel
 dpkg -x busybox-static_*.deb busybox
