@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the volumes of a TOML file (lazyiscsi.toml(5)); excludes --source")
     sourcearg.add_options(s, "where the data lives (as for hydrate); with --cache")
     s.add_argument("--cache", metavar="PATH", help="the cache file (created or resumed)")
+    commands.add_live_options(s)
     s.add_argument("--iqn", type=_iscsi_name_arg, default="iqn.2026-11.io.lazyiscsi:vol0",
                    help="the target's IQN")
     s.add_argument("--listen", type=_listen_arg, default=("0.0.0.0", 3260), metavar="HOST:PORT",
@@ -355,6 +356,9 @@ def serve_config(args: argparse.Namespace) -> config.Config:
     if args.config:
         if args.source or args.source_file or args.cache:
             raise CliError("--config and --source/--source-file/--cache exclude each other", EXIT_USAGE)
+        if args.live or args.dirty_bitmap:
+            raise CliError("--config and --live/--dirty-bitmap exclude each other (set live and "
+                           "dirty_bitmap in the volume's table)", EXIT_USAGE)
         try:
             return config.load(args.config)
         except config.ConfigError as e:
@@ -365,11 +369,17 @@ def serve_config(args: argparse.Namespace) -> config.Config:
         raise CliError(f"--unit {args.unit} is above {config.MAX_UNIT}: the background copy moves runs "
                        f"of {config.MAX_UNIT} bytes, and a unit must fit in a run", EXIT_USAGE)
     if not args.cache:  # $LAZYISCSI_SOURCE alone does not make a volume: it has no cache
+        if args.live or args.dirty_bitmap:
+            raise CliError("--live and --dirty-bitmap describe --source: give --source and --cache",
+                           EXIT_USAGE)
         return config.Config(args.listen, ())
     source = source_url(args)
+    problem = config.live_problem(source, args.live, args.dirty_bitmap, names=commands.CLI_LIVE_NAMES)
+    if problem is not None:
+        raise CliError(problem, EXIT_USAGE)
     volume = config.VolumeConfig(name="vol0", source=source, cache=args.cache, target=args.iqn,
                                  unit=args.unit, block_size=args.block_size, rate=args.rate,
-                                 source_id=args.source_id)
+                                 source_id=args.source_id, live=args.live, dirty_bitmap=args.dirty_bitmap)
     return config.Config(args.listen, (volume,))
 
 

@@ -1,5 +1,5 @@
 """The operator's verbs that talk to a running ``serve`` through its control socket: volume
-create/list/delete, status (with --watch), pause, resume, rate, detach and verify."""
+create/list/delete, status (with --watch), pause, resume, rate, detach, verify and cutover."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lazyiscsi import sourcearg
+from lazyiscsi.config import live_problem
 from lazyiscsi.control import DEFAULT_SOCKET, NoDaemon, call
 from lazyiscsi.progress import bar_line, human_bytes, human_eta, terminal_columns
 
@@ -29,6 +30,20 @@ def default_control() -> str:
 
 
 _NAME_HELP = "the volume's name (1-64 of A-Z a-z 0-9 _ . -); its target is <iqn prefix>:NAME"
+#: how ``config.live_problem`` names the options on the command line
+CLI_LIVE_NAMES = ("--live", "--dirty-bitmap")
+LIVE_HELP = ("the source is still in use by a running VM (live migration): the LUN refuses writes "
+             "(DATA PROTECT) until `lazyiscsi cutover`, and without --dirty-bitmap nothing is cached "
+             "before it")
+BITMAP_HELP = ("with --live and an nbd:// source: the name of the source's QEMU dirty bitmap (NBD meta "
+               "context qemu:dirty-bitmap:NAME); the copy then runs before the cutover, which "
+               "fetches again only what the bitmap marks dirty")
+
+
+def add_live_options(parser: argparse.ArgumentParser) -> None:
+    """--live and --dirty-bitmap, for ``serve`` and ``volume create``."""
+    parser.add_argument("--live", action="store_true", help=LIVE_HELP)
+    parser.add_argument("--dirty-bitmap", metavar="NAME", help=BITMAP_HELP)
 
 
 def add_parsers(sub: Any, size_arg: Callable[[str], int], seconds_arg: Callable[[str], float],
@@ -48,6 +63,7 @@ def add_parsers(sub: Any, size_arg: Callable[[str], int], seconds_arg: Callable[
                    help="tracking unit of the new cache: a power of two from 512 to 1M")
     c.add_argument("--rate", type=size_arg, default=0, metavar="BYTES_PER_S",
                    help="limit the background copy (0: none)")
+    add_live_options(c)
     c.add_argument("--json", action="store_true", help="print the new volume's status as JSON")
     c.set_defaults(func=_create)
     ls = verb(vs, "list", help="every volume, one line each")
@@ -86,6 +102,17 @@ def add_parsers(sub: Any, size_arg: Callable[[str], int], seconds_arg: Callable[
     vf.add_argument("name", metavar="NAME", help="the volume")
     vf.add_argument("--json", action="store_true", help="machine-readable, one JSON document")
     vf.set_defaults(func=_verify)
+    co = verb(sub, "cutover", help="a live volume's source VM has stopped: make the LUN writable",
+              description=("Run after the source VM has stopped (QEMU migration completed) and before the "
+                           "destination VM runs (`cont`). With a dirty bitmap, one final read of it "
+                           "invalidates every unit cached before the VM's last write to it; then the LUN "
+                           "accepts writes (each initiator gets one UNIT ATTENTION, MODE PARAMETERS "
+                           "CHANGED) and the copy runs to completion."),
+              epilog=("Exit status: 0 post-copy has started; 1 refused, with the reason (source "
+                      "unreachable, bitmap not offered, not live or already cut over): nothing changed."))
+    co.add_argument("name", metavar="NAME", help="the volume")
+    co.add_argument("--json", action="store_true", help="print the volume's status as JSON")
+    co.set_defaults(func=_cutover)
 
 
 def _watch_interval(seconds_arg: Callable[[str], float]) -> Callable[[str], float]:
@@ -115,9 +142,19 @@ def _create(args: argparse.Namespace) -> int:
     except sourcearg.SourceArgError as e:
         sys.stderr.write(f"lazyiscsi: error: {e}\n")
         return EXIT_USAGE
+    problem = live_problem(source, args.live, args.dirty_bitmap, names=CLI_LIVE_NAMES)
+    if problem is not None:
+        sys.stderr.write(f"lazyiscsi: error: {problem}\n")
+        return EXIT_USAGE
     result = _call(args, "volume.create", timeout=None, name=args.name, source=source, unit=args.unit,
-                   rate=args.rate)
+                   rate=args.rate, live=args.live or None, dirty_bitmap=args.dirty_bitmap)
     print(json.dumps(result) if args.json else f"created {_line(result)}")
+    return EXIT_OK
+
+
+def _cutover(args: argparse.Namespace) -> int:
+    result = _call(args, "cutover", timeout=None, name=args.name)
+    print(json.dumps(result) if args.json else f"cut over {_line(result)}")
     return EXIT_OK
 
 
@@ -182,7 +219,15 @@ def _line(v: dict[str, Any]) -> str:
     miss = ""
     if v.get("miss_p99_ms") is not None:
         miss = f" miss_p50={v['miss_p50_ms']:.1f}ms miss_p99={v['miss_p99_ms']:.1f}ms"
-    return (f"{v['volume']} {v['state']} {v['percent']:.1f}% {human_bytes(v['local_bytes'])}/"
+    phase = f" phase={v['phase']}" if v.get("phase") else ""
+    if v.get("dirty_bytes") is not None:
+        phase += (f" dirty={human_bytes(v['dirty_bytes'])}"
+                  f" dirty_rate={human_bytes(v['dirty_rate_bps'] or 0)}/s")
+    if v.get("fetched_after_cutover_bytes") is not None:
+        phase += (f" after_cutover={human_bytes(v['fetched_after_cutover_bytes'])}"
+                  f" (dirty {human_bytes(v['dirty_at_cutover_bytes'])}"
+                  f" + not reached {human_bytes(v['not_reached_bytes'])})")
+    return (f"{v['volume']} {v['state']}{phase} {v['percent']:.1f}% {human_bytes(v['local_bytes'])}/"
             f"{human_bytes(v['size'])} {human_bytes(v['rate_bps'])}/s eta={human_eta(v['eta_s'])}{limit}"
             f" misses={v['misses']}{miss} source={v['source_health']} target={v['target']} lun={v['lun']}")
 

@@ -14,6 +14,8 @@
     rate = 0                      # optional: background copy limit in bytes/s
     allowed_initiators = ["iqn.1993-08.org.debian:01:host1"]   # optional ACL of the target
     chap = { user = "host1", secret = "at-least-12-chars" }    # optional, for the target
+    live = false                  # optional: the source is still in use by a running VM
+    dirty_bitmap = "mig"          # optional, with live and an nbd:// source: QEMU's dirty bitmap
 
 Volumes naming the same target become LUNs of one target; its ACL and CHAP must then agree.
 A file may define no volume at all (the portal then serves only the runtime volumes of
@@ -24,8 +26,10 @@ Every mistake is one line naming the file, the field and the reason (``ConfigErr
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from lazyiscsi.iscsi.chap import ChapSecrets
 from lazyiscsi.source.url import check as check_url
@@ -36,6 +40,12 @@ from lazyiscsi.store.hydrator import DEFAULT_RUN
 MAX_UNIT = DEFAULT_RUN
 MIN_UNIT = 512
 DEFAULT_PORT = 3260
+#: a dirty bitmap's name: it becomes the NBD meta context ``qemu:dirty-bitmap:NAME`` and is
+#: shown in status and logs; QEMU's own names (node names, bitmap names) fit this
+DIRTY_BITMAP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+#: sources that can be live (in use by a running VM): an NBD export or a local file
+LIVE_SCHEMES = ("nbd", "nbd+unix", "file")
+NBD_SCHEMES = ("nbd", "nbd+unix")
 
 
 class ConfigError(Exception):
@@ -55,6 +65,8 @@ class VolumeConfig:
     allowed_initiators: tuple[str, ...] = ()
     chap: ChapSecrets | None = None
     source_id: str | None = None  # the operator's name for the source disk (its identity)
+    live: bool = False  # the source is in use: pre-copy until ``lazyiscsi cutover`` (issue 11)
+    dirty_bitmap: str | None = None  # with live: the source's dirty bitmap (NBD only)
 
 
 @dataclass(frozen=True)
@@ -64,13 +76,34 @@ class Config:
 
 
 _VOLUME_KEYS = {"name", "source", "cache", "target", "lun", "unit", "block_size", "rate",
-                "allowed_initiators", "chap", "source_id"}
+                "allowed_initiators", "chap", "source_id", "live", "dirty_bitmap"}
 _CHAP_KEYS = {"user", "secret", "mutual_user", "mutual_secret"}
 
 
 def is_iscsi_name(name: str) -> bool:
     """The three iSCSI name formats (RFC 7143 4.2.7.2): iqn., eui. and naa. prefixes."""
     return name.startswith(("iqn.", "eui.", "naa."))
+
+
+def live_problem(source: str, live: bool, dirty_bitmap: str | None, *,
+                 names: tuple[str, str] = ("live", "dirty_bitmap")) -> str | None:
+    """Why ``live``/``dirty_bitmap`` do not fit ``source`` (one phrase naming the option as
+    ``names`` spell them: the TOML keys, or the CLI's options), or None. A bitmap only means
+    something for a live source, and only NBD carries one (the meta context
+    ``qemu:dirty-bitmap:NAME``); an HTTP object is never a running VM's disk."""
+    live_name, bitmap_name = names
+    scheme = urlsplit(source).scheme.lower() if "://" in source else "file"
+    if dirty_bitmap is not None:
+        if not live:
+            return f"{bitmap_name} needs {live_name} (a bitmap tracks a source still in use)"
+        if not DIRTY_BITMAP_NAME.fullmatch(dirty_bitmap):
+            return (f"{bitmap_name} {dirty_bitmap!r}: use 1-128 of A-Z a-z 0-9 . _ : - "
+                    "(the name given to QEMU's block-dirty-bitmap-add)")
+        if scheme not in NBD_SCHEMES:
+            return f"{bitmap_name} needs an nbd:// source (dirty bitmaps travel over NBD), not {scheme}"
+    if live and scheme not in LIVE_SCHEMES:
+        return f"{live_name} needs an nbd:// source or a file (a running VM's disk), not {scheme}"
+    return None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -177,8 +210,17 @@ def _volume(v: object, where: str) -> VolumeConfig:
     source_id = v.get("source_id")
     if source_id is not None and (not isinstance(source_id, str) or not source_id):
         raise ConfigError(f"{where}.source_id: a non-empty string")
+    live = v.get("live", False)
+    if not isinstance(live, bool):
+        raise ConfigError(f"{where}.live: true or false")
+    bitmap = v.get("dirty_bitmap")
+    if bitmap is not None and not isinstance(bitmap, str):
+        raise ConfigError(f"{where}.dirty_bitmap: a string, the bitmap's name")
+    problem = live_problem(v["source"], live, bitmap)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
     return VolumeConfig(v["name"], v["source"], v["cache"], v["target"], lun, unit, block_size, rate,
-                        tuple(acl), _chap(v.get("chap"), f"{where}.chap"), source_id)
+                        tuple(acl), _chap(v.get("chap"), f"{where}.chap"), source_id, live, bitmap)
 
 
 def _int(v: dict, key: str, default: int, low: int, high: int, where: str) -> int:  # type: ignore[type-arg]

@@ -53,7 +53,8 @@ class _BadArgument(Exception):
 #: also be null (absent)
 _ARG_TYPES: dict[str, tuple[type, str]] = {
     "name": (str, "a string"), "source": (str, "a string"), "unit": (int, "an integer"),
-    "rate": (int, "an integer"), "force": (bool, "true or false"),
+    "rate": (int, "an integer"), "force": (bool, "true or false"), "live": (bool, "true or false"),
+    "dirty_bitmap": (str, "a string"),
 }
 
 
@@ -66,7 +67,7 @@ class _Op:
 
 def _ops(m: VolumeManager) -> dict[str, _Op]:
     return {
-        "volume.create": _Op(m.create, ("name", "source"), ("unit", "rate")),
+        "volume.create": _Op(m.create, ("name", "source"), ("unit", "rate", "live", "dirty_bitmap")),
         "volume.list": _Op(m.list),
         "volume.delete": _Op(m.delete, ("name",)),
         "status": _Op(m.status, (), ("name",)),
@@ -75,6 +76,7 @@ def _ops(m: VolumeManager) -> dict[str, _Op]:
         "rate": _Op(m.rate, ("name", "rate")),
         "detach": _Op(m.detach, ("name",), ("force",)),
         "verify": _Op(m.verify, ("name",)),
+        "cutover": _Op(m.cutover, ("name",)),
     }
 
 

@@ -19,17 +19,17 @@ from typing import Any
 import gevent
 import structlog
 
-from lazyiscsi.config import MAX_UNIT, MIN_UNIT, VolumeConfig
+from lazyiscsi.config import MAX_UNIT, MIN_UNIT, VolumeConfig, live_problem
 from lazyiscsi.frontend import Frontend, FrontendError
 from lazyiscsi.scsi.lun import Lun
-from lazyiscsi.source import deadline_for, open_source
+from lazyiscsi.source import content_fingerprint, deadline_for, open_source
 from lazyiscsi.source.base import SourceError
 from lazyiscsi.source.url import check as check_url
 from lazyiscsi.source.url import redact
 from lazyiscsi.store.errors import StoreError
 from lazyiscsi.store.hydrator import DEFAULT_RUN, Hydrator, JobState, JobVerbError
 from lazyiscsi.store.lazydisk import DEFAULT_IO_TIMEOUT, LazyDisk
-from lazyiscsi.store.superblock import needs_source
+from lazyiscsi.store.superblock import Phase, needs_source, opens_live
 from lazyiscsi.store.verify import verify
 
 log = structlog.get_logger("lazyiscsi.daemon")
@@ -129,7 +129,8 @@ class VolumeManager:
 
     # -- verbs ------------------------------------------------------------------------------
 
-    def create(self, name: str, source: str, *, unit: int | None = None, rate: int = 0) -> dict[str, Any]:
+    def create(self, name: str, source: str, *, unit: int | None = None, rate: int = 0, live: bool = False,
+               dirty_bitmap: str | None = None) -> dict[str, Any]:
         """Open, export and persist a new volume; or, refused or failed, leave nothing behind:
         no volume, no export, no cache file it made, no record, the cache's lock released."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -147,22 +148,27 @@ class VolumeManager:
                               f"{MAX_UNIT} (the background copy moves runs of {DEFAULT_RUN} bytes)")
         if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
             raise VolumeError(f"volume {name}: rate {rate!r}: must be a whole number of bytes/s, >= 0")
+        problem = live_problem(source, live, dirty_bitmap)
+        if problem is not None:
+            raise VolumeError(f"volume {name}: {problem}")
         if name in self.volumes or name in self._creating or name in self._unopened:
             raise VolumeError(f"volume {name} exists")
         self._creating.add(name)
         try:
-            return self._create(name, source, unit, rate)
+            return self._create(name, source, unit, rate, live, dirty_bitmap)
         finally:
             self._creating.discard(name)
 
-    def _create(self, name: str, source: str, unit: int | None, rate: int) -> dict[str, Any]:
+    def _create(self, name: str, source: str, unit: int | None, rate: int, live: bool,
+                dirty_bitmap: str | None) -> dict[str, Any]:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise VolumeError(f"volume {name}: state directory {self.state_dir}: {e.strerror}") from None
         cache = str(self.state_dir / f"{name}.cache")
         record = VolumeRecord(VolumeConfig(name=name, source=source, cache=cache,
-                                           target=f"{self.iqn_prefix}:{name}", unit=unit, rate=rate))
+                                           target=f"{self.iqn_prefix}:{name}", unit=unit, rate=rate,
+                                           live=live, dirty_bitmap=dirty_bitmap))
         made = [cache + suffix for suffix in CACHE_FILES if not os.path.lexists(cache + suffix)]
         try:
             vol = self._open(record)
@@ -178,7 +184,7 @@ class VolumeManager:
                     os.unlink(path)
             raise
         log.info("volume_created", volume=name, source=redact(source), target=record.volume.target,
-                 size=vol.disk.size)
+                 size=vol.disk.size, phase=vol.disk.phase.value, dirty_bitmap=dirty_bitmap)
         return self._status(vol)
 
     def delete(self, name: str) -> None:
@@ -209,7 +215,8 @@ class VolumeManager:
         shown = []
         for vol in list(self.volumes.values())[:STATUS_VOLUMES]:
             s = self._status(vol)
-            shown.append(f"{s['volume']} {s['state']} {s['percent']:.1f}%")
+            phase = "" if s["phase"] in ("post-copy", "complete") else f" {s['phase']}"
+            shown.append(f"{s['volume']} {s['state']}{phase} {s['percent']:.1f}%")
         more = len(self.volumes) - len(shown)
         return f"{len(self.volumes)} volume(s): " + ", ".join(shown) + (f", +{more} more" if more else "")
 
@@ -246,8 +253,19 @@ class VolumeManager:
         self._save()
         return self._status(vol)
 
+    def cutover(self, name: str) -> dict[str, Any]:
+        """The source VM has stopped: make the live volume writable (``LazyDisk.cutover``). A
+        refusal changes nothing and says why in one line."""
+        vol = self._get(name)
+        try:
+            vol.disk.cutover(content_fingerprint)
+        except StoreError as e:
+            raise VolumeError(f"volume {name}: {e}") from None
+        return self._status(vol)
+
     def detach(self, name: str, *, force: bool = False) -> dict[str, Any]:
         vol = self._get(name)
+        self._refuse_before_cutover(vol, "detach")
         missing = vol.disk.size - vol.disk.local_bytes
         if missing and not force:
             raise VolumeError(f"volume {name}: {missing} bytes are still only at the source; detaching "
@@ -270,6 +288,7 @@ class VolumeManager:
         vol = self._get(name)
         if vol.record.detached:
             raise VolumeError(f"volume {name} is detached: there is no source to compare with")
+        self._refuse_before_cutover(vol, "verify")
         if vol.verifying:
             raise VolumeError(f"volume {name}: a verify is already running")
         try:
@@ -303,6 +322,13 @@ class VolumeManager:
         return vol
 
     @staticmethod
+    def _refuse_before_cutover(vol: Volume, verb: str) -> None:
+        """Verbs that assume a frozen source: before the cutover it still changes."""
+        if vol.disk.phase is not Phase.POST_COPY:
+            raise VolumeError(f"volume {vol.record.volume.name}: cannot {verb} before its cutover "
+                              f"(phase {vol.disk.phase.value}): the source is still in use")
+
+    @staticmethod
     def _verb(vol: Volume, call: Any) -> None:
         try:
             call()
@@ -318,15 +344,18 @@ class VolumeManager:
         try:
             # open by state: a complete or detached cache serves without its source
             wanted = not record.detached and needs_source(cfg.cache)
+            # by phase: before its cutover a source is live, and only then its bitmap is read
+            live = opens_live(cfg.cache, cfg.live)
         except StoreError as e:
             raise VolumeError(f"volume {cfg.name}: {e}") from None
         try:
             source = open_source(cfg.source, timeout=self.connect_timeout, source_id=cfg.source_id,
-                                 deadline=deadline_for(self.io_timeout)) if wanted else None
+                                 deadline=deadline_for(self.io_timeout), live=live,
+                                 dirty_bitmap=cfg.dirty_bitmap if live else None) if wanted else None
         except SourceError as e:
             raise VolumeError(f"volume {cfg.name}: source: {e}") from None
         try:
-            disk = LazyDisk.open(cfg.cache, source, unit=cfg.unit, io_timeout=self.io_timeout)
+            disk = LazyDisk.open(cfg.cache, source, unit=cfg.unit, io_timeout=self.io_timeout, live=cfg.live)
         except BaseException as e:
             if source is not None:
                 source.close()
@@ -391,6 +420,7 @@ class VolumeManager:
     def _status(self, vol: Volume) -> dict[str, Any]:
         cfg = vol.record.volume
         p = vol.job.query()
+        st = vol.disk.stats()
         if vol.record.detached:
             state = "detached"
         elif vol.disk.complete:
@@ -406,6 +436,13 @@ class VolumeManager:
             "inflight_runs": p.inflight_runs, "misses": p.misses, "miss_p50_ms": p.miss_p50_ms,
             "miss_p99_ms": p.miss_p99_ms, "source_health": _source_health(vol, p.error),
             "static": vol.record.static,
+            # issue 11: where a live migration stands, and the figures of its acceptance 3
+            "phase": "complete" if vol.disk.complete else st.phase.value,
+            "live": cfg.live, "dirty_bitmap": cfg.dirty_bitmap,
+            "dirty_bytes": st.dirty_bytes,
+            "dirty_rate_bps": None if st.dirty_rate_bps is None else round(st.dirty_rate_bps),
+            "fetched_after_cutover_bytes": st.fetched_after_cutover,
+            "dirty_at_cutover_bytes": st.dirty_at_cutover, "not_reached_bytes": st.not_reached,
         }
 
 
@@ -428,5 +465,7 @@ def _unopened_status(record: VolumeRecord) -> dict[str, Any]:
         "rate_limit_bps": cfg.rate or None, "fetched_bytes": 0, "inflight_runs": 0, "misses": 0,
         "miss_p50_ms": None,
         "miss_p99_ms": None, "source_health": "not opened at start (see volume_restore_failed)",
-        "static": False,
+        "static": False, "phase": None, "live": cfg.live, "dirty_bitmap": cfg.dirty_bitmap,
+        "dirty_bytes": None, "dirty_rate_bps": None, "fetched_after_cutover_bytes": None,
+        "dirty_at_cutover_bytes": None, "not_reached_bytes": None,
     }

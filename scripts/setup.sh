@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # The peers the tests drive (nbdkit, qemu-img/qemu-io/qemu-nbd and QEMU's iSCSI driver, nginx,
 # libiscsi's tools and iscsi-test-cu, tgtd), the linters of what ships (mandoc, groff, systemd-analyze)
-# and the commands the tests call (openssl for TLS sources, pgrep).
-PACKAGES=(nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common nginx-light libiscsi-bin tgt
-          mandoc groff-base systemd openssl procps)
+# and the commands the tests call (openssl for TLS sources, pgrep); QEMU and cpio for the VM the
+# migration test and demo build (tests/migration/vm/build.sh).
+PACKAGES=(nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common qemu-system-x86 cpio nginx-light
+          libiscsi-bin tgt mandoc groff-base systemd openssl procps)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

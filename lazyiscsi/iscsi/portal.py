@@ -263,9 +263,11 @@ class _Session:
         self._nexus_lost()
 
     def _nexus_lost(self) -> None:
-        """The I_T nexus is gone: so are its SPC-2 reservations (SPC-2 5.5.1)."""
+        """The I_T nexus is gone: so are its SPC-2 reservations (SPC-2 5.5.1) and the unit
+        attentions owed to it."""
         for lun in self._luns(None):
             lun.reservations.nexus_lost(self.conn.nexus)
+            lun.nexus_lost(self.conn.nexus)
 
     def _login_expired(self) -> None:
         actions = self.conn.login_timed_out()

@@ -163,6 +163,12 @@ SUPPORTED: list[tuple[int, int | None]] = sorted(
 
 #: commands that run even with a unit attention pending (SAM-5 5.14, SPC-4 6.6/6.33/6.39)
 _UA_EXEMPT = frozenset({Op.INQUIRY, Op.REPORT_LUNS, Op.REQUEST_SENSE})
+#: commands that change the medium: refused with DATA PROTECT while the backend is not
+#: writable (a live volume before its cutover, issue 11). SYNCHRONIZE CACHE is not among them:
+#: with nothing written there is nothing to flush, and initiators flush at close.
+WRITE_OPS = frozenset({Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16, Op.WRITE_AND_VERIFY_10,
+                       Op.WRITE_AND_VERIFY_12, Op.WRITE_AND_VERIFY_16, Op.WRITE_SAME_10,
+                       Op.WRITE_SAME_16, Op.UNMAP, Op.COMPARE_AND_WRITE})
 
 
 def data_out_length(cdb: bytes, block_size: int) -> int:
@@ -242,10 +248,13 @@ def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | Non
         except (ValueError, KeyError):
             raise SenseError(Reason.INVALID_OPCODE) from None
         check_length(cdb)
+        writable = lun.note_writable(nexus)
         pending = lun.unit_attentions.get(nexus)
         if pending and op not in _UA_EXEMPT:
             raise SenseError(pending.pop(0))
         lun.reservations.check(op, cdb, nexus)
+        if not writable and op in WRITE_OPS:
+            raise SenseError(Reason.WRITE_PROTECTED)
         data = memoryview(data_out) if data_out is not None else None
         if handler is _block and data_in_buffer is not None:
             return Result(Status.GOOD, _block(lun, cdb, data, nexus, into=data_in_buffer))

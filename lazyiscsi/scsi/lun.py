@@ -26,6 +26,8 @@ class BlockBackend(Protocol):
     unit: int
     #: every byte is local: I/O never waits for a source
     complete: bool
+    #: writes are allowed (a live volume refuses them until its cutover)
+    writable: bool
 
     def read(self, offset: int, length: int) -> bytes | bytearray: ...
 
@@ -59,12 +61,33 @@ class Lun:
     #: SBC-4 5.3 asks atomicity only against other COMPARE AND WRITE commands here
     compare_lock: gevent.lock.Semaphore = field(default_factory=gevent.lock.Semaphore)
     reservations: Reservations = field(default_factory=Reservations)
+    #: nexuses that sent a command while the backend refused writes: each is owed one UNIT
+    #: ATTENTION, MODE PARAMETERS CHANGED once it accepts them (``note_writable``)
+    read_only_seen: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.block_size not in (512, 4096):
             raise ValueError(f"block size {self.block_size}: must be 512 or 4096")
         if not self.target_luns:
             self.target_luns = [self.number]
+
+    def note_writable(self, nexus: str) -> bool:
+        """Whether the backend accepts writes now; a nexus that saw it refuse them is told,
+        once, that it changed (SAM-5 5.14: a unit attention for every I_T nexus whose view of
+        the logical unit changed; a nexus that came after the change saw no other). The
+        set holds nexuses of live sessions only (``nexus_lost``), so it is bounded by the
+        frontend's connection limit."""
+        if not self.backend.writable:
+            self.read_only_seen.add(nexus)
+            return False
+        if self.read_only_seen and nexus in self.read_only_seen:
+            self.read_only_seen.discard(nexus)
+            self.unit_attentions.setdefault(nexus, []).append(Reason.MODE_PARAMETERS_CHANGED)
+        return True
+
+    def nexus_lost(self, nexus: str) -> None:
+        """The I_T nexus ended: nothing is owed to it any more."""
+        self.read_only_seen.discard(nexus)
 
     @property
     def n_blocks(self) -> int:

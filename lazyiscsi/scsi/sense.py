@@ -19,6 +19,7 @@ from lazyiscsi.store.errors import (
     SourceIOError,
     SourceUnreachable,
     StoreError,
+    WriteProtected,
 )
 
 
@@ -56,6 +57,7 @@ class Reason(enum.Enum):
     UNRECOVERED_READ_ERROR = "unrecovered read error"
     WRITE_ERROR = "write error"
     SPACE_ALLOCATION_FAILED = "space allocation failed write protect"
+    WRITE_PROTECTED = "write protected"
     CACHE_WRITE_FAULT = "peripheral device write fault"
     SOURCE_UNREACHABLE = "source site not answering"
     SOURCE_CHANGED = "source changed: data not yet local is lost"
@@ -89,6 +91,10 @@ SENSE_TABLE: dict[Reason, tuple[SenseKey, int, int]] = {
     # The cache's filesystem is full: SPACE ALLOCATION FAILED WRITE PROTECT, the thin-provisioning
     # resource-exhaustion answer to a write (SBC-4 4.7.3.7); the initiator's write fails, reads go on.
     Reason.SPACE_ALLOCATION_FAILED: (SenseKey.DATA_PROTECT, 0x27, 0x07),
+    # A live volume before its cutover (issue 11): DATA PROTECT, WRITE PROTECTED (27h/00h,
+    # SPC-4 Table D.1). The WP bit of MODE SENSE stays clear: QEMU's iSCSI driver
+    # refuses to open a LUN that sets it, and the destination VM must open it before cutover.
+    Reason.WRITE_PROTECTED: (SenseKey.DATA_PROTECT, 0x27, 0x00),
     # A read whose data came from the source but could not be stored in the cache (full or
     # failed): PERIPHERAL DEVICE WRITE FAULT, the target's own medium, not the source's fault.
     Reason.CACHE_WRITE_FAULT: (SenseKey.HARDWARE_ERROR, 0x03, 0x00),
@@ -158,6 +164,7 @@ def invalid_param(byte: int, bit: int | None = None) -> SenseError:
 #: the target's own fault, never reported as the source's.
 STORE_ERRORS: tuple[tuple[type[StoreError], Reason, Reason], ...] = (
     (OutOfRange, Reason.LBA_OUT_OF_RANGE, Reason.LBA_OUT_OF_RANGE),
+    (WriteProtected, Reason.WRITE_PROTECTED, Reason.WRITE_PROTECTED),
     (SourceUnreachable, Reason.SOURCE_UNREACHABLE, Reason.SOURCE_UNREACHABLE),
     (SourceChangedError, Reason.SOURCE_CHANGED, Reason.SOURCE_CHANGED),
     (SourceIOError, Reason.UNRECOVERED_READ_ERROR, Reason.UNRECOVERED_READ_ERROR),

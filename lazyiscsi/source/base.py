@@ -21,6 +21,11 @@ protocol; it only relies on what this module states:
   protocol cannot tell says DATA for everything: ZERO is a promise the store relies on to skip
   bytes, so it must never be a guess. At background priority they wait for a source that went
   away as background reads do.
+* A ``DirtyTracking`` source (a live NBD export with QEMU's dirty bitmap, issue 11) also has
+  ``dirty_runs``: it covers the asked range exactly with clean and dirty runs, in order,
+  adjacent runs merged, at BACKGROUND priority unless told (the copier polls it). Dirty is never
+  a guess in the wrong direction: where the client cannot tell (a server that cut the range
+  into more runs than a query may hold) it says dirty, which costs a re-fetch, never a stale block.
 * Every method is safe to call from many greenlets at once.
 * Error messages never contain secrets: they name the redacted URL only.
 """
@@ -52,6 +57,19 @@ class Extent:
     offset: int
     length: int
     zero: bool
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyRun:
+    """A run of the source's dirty bitmap: ``dirty`` means written since the bitmap was made."""
+
+    offset: int
+    length: int
+    dirty: bool
 
     @property
     def end(self) -> int:
@@ -130,6 +148,14 @@ def deadline_for(io_timeout: float) -> float:
     return io_timeout / DEADLINES_PER_IO_TIMEOUT
 
 
+def live_identity(kind: str, size: int, extra: str) -> str:
+    """The identity of a source opened live (still in use, ``open_source(..., live=True)``): what
+    it is (size, name) without what it holds. Content samples would change under the running VM,
+    so a cache bound to them would refuse to resume a minute later; ``content_fingerprint``
+    pins the content once the source has stopped changing (the cutover)."""
+    return f"{kind}:size={size}:live:{extra}"
+
+
 def redial_delay_cap(deadline: float) -> float:
     """The longest wait between two redials: half a deadline, so that a path that comes back
     is in use again within half a deadline (plus the handshake)."""
@@ -199,3 +225,14 @@ def fingerprint(kind: str, size: int, samples: list[bytes], extra: str = "") -> 
         h.update(len(s).to_bytes(8, "little"))
         h.update(s)
     return f"{kind}:size={size}:sha256={h.hexdigest()[:32]}" + (f":{extra}" if extra else "")
+
+
+@runtime_checkable
+class DirtyTracking(Protocol):
+    """A source that reports which of its blocks were written since a point in time (QEMU's
+    dirty bitmap, NBD meta context ``qemu:dirty-bitmap:NAME``)."""
+
+    dirty_bitmap: str
+
+    def dirty_runs(self, offset: int, length: int,
+                   priority: Priority = Priority.BACKGROUND) -> list[DirtyRun]: ...

@@ -15,6 +15,11 @@ mtime that writes change, so writes to the device go unnoticed (use a frozen sna
 its old mtime (``touch -d``, ``cp -p``) to the same inode looks unchanged; and a copy of the file
 moved to another filesystem is a different inode, so resuming from it is refused although its
 bytes are the same (pass the original path).
+
+A live file (``live=True``: a running VM's disk, issue 11) changes by design: its identity is the
+file (device and inode, or the device node) and its size, without mtime or samples, and reads do
+not check for changes (nothing read before the cutover is trusted anyway). ``content_fingerprint``
+at the cutover computes the frozen identity and re-arms the per-read check from then on.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from lazyiscsi.source.base import (
     SourceProtocolError,
     SourceUnavailable,
     fingerprint,
+    live_identity,
     sample_ranges,
 )
 from lazyiscsi.source.url import redact
@@ -54,7 +60,7 @@ def path_of(url: str) -> str:
 class FileSource:
     """A read-only local file or block device."""
 
-    def __init__(self, url: str, *, source_id: str | None = None) -> None:
+    def __init__(self, url: str, *, source_id: str | None = None, live: bool = False) -> None:
         path = path_of(url)
         self.url = redact(url)
         try:
@@ -79,13 +85,28 @@ class FileSource:
             raise SourceConfigError(f"{path}: is empty")
         self._holes = stat.S_ISREG(mode)
         self._changed: str | None = None
-        #: what every read re-checks: a regular file's size and mtime (see the module docstring)
+        #: what every read re-checks: a regular file's size and mtime (see the module docstring);
+        #: None for a device, and for a live file until ``content_fingerprint``
+        self._stamp: tuple[int, int] | None = None
+        self._id = f":id={source_id}" if source_id else ""
+        where = f"dev={st.st_dev}:ino={st.st_ino}" if self._holes else f"rdev={st.st_rdev}"
+        self.identity = (live_identity("file", self.size, where + self._id) if live
+                         else self.content_fingerprint())
+
+    def content_fingerprint(self) -> str:
+        """The identity a frozen open computes, from the file as it is now; it becomes this
+        source's ``identity``, and reads check for changes from now on (a live file is pinned at
+        the cutover, when it has stopped changing: see the module docstring)."""
+        fd = self._live_fd()
+        st = os.fstat(fd)
+        if os.lseek(fd, 0, os.SEEK_END) != self.size:
+            raise SourceChanged(f"{self._path}: the source changed size since it was opened")
         self._stamp = _stamp(st) if self._holes else None
         samples = [self.read(off, length) for off, length in sample_ranges(self.size)]
         where = (f"dev={st.st_dev}:ino={st.st_ino}:mtime_ns={st.st_mtime_ns}" if self._holes
                  else f"rdev={st.st_rdev}")
-        self.identity = fingerprint("file", self.size, samples,
-                                    extra=where + (f":id={source_id}" if source_id else ""))
+        self.identity = fingerprint("file", self.size, samples, extra=where + self._id)
+        return self.identity
 
     def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
         fd = self._live_fd()
@@ -152,5 +173,5 @@ def _stamp(st: os.stat_result) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def open_file(url: str, *, source_id: str | None = None) -> FileSource:
-    return FileSource(url, source_id=source_id)
+def open_file(url: str, *, source_id: str | None = None, live: bool = False) -> FileSource:
+    return FileSource(url, source_id=source_id, live=live)

@@ -57,3 +57,13 @@ class SourceTimeout(SourceUnreachable):
 
 class NoSource(SourceIOError):
     """A missing unit was asked for while no source is attached."""
+
+
+class WriteProtected(StoreError):
+    """A write before a live volume's cutover: the source is still in use, and a write here would
+    diverge from it (issue 11). The SCSI layer answers DATA PROTECT, WRITE PROTECTED."""
+
+
+class CutoverRefused(StoreError):
+    """A cutover that could not be made (source unreachable, bitmap not offered, already cut
+    over); the volume is exactly as it was."""

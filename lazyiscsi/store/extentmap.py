@@ -15,7 +15,10 @@ little-endian, so ``int.from_bytes(page, "little")`` is the page and the on-disk
 plain bitmap any tool can read.
 
 Bits only go from 0 to 1 (a local unit never becomes missing), which is what makes a torn
-page write on disk harmless: every sector of it holds either the old bits or a superset.
+page write on disk harmless: every sector of it holds either the old bits or a superset. The
+one exception is a live migration's cutover (``clear``), which invalidates units the source
+changed: a torn page then may keep a stale bit on the medium, which is harmless because the
+cutover is redone, from the source's final bitmap, until the phase after it is durable.
 """
 
 from __future__ import annotations
@@ -111,6 +114,34 @@ class ExtentMap:
             unit = page * UNITS_PER_PAGE + hi
         self._local += added
         return added
+
+    def clear(self, start: int, end: int) -> int:
+        """Mark ``[start, end)`` missing (cutover only: see the module docstring). Returns how
+        many units were local."""
+        end = min(end, self.n_units)
+        removed = 0
+        unit = start
+        while unit < end:
+            page, lo = divmod(unit, UNITS_PER_PAGE)
+            hi = min(self._page_units(page), lo + (end - unit))
+            old = self._raw(page) & ((1 << self._page_units(page)) - 1)
+            new = old & ~(((1 << (hi - lo)) - 1) << lo)
+            if new != old:
+                removed += (old ^ new).bit_count()
+                self._dirty.add(page)
+                self._bits.pop(page, None)
+                if new:
+                    self._state[page] = PageState.PARTIAL
+                    self._bits[page] = new
+                else:
+                    self._state[page] = PageState.EMPTY
+            unit = page * UNITS_PER_PAGE + hi
+        self._local -= removed
+        return removed
+
+    def local_runs(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """Maximal runs ``[a, b)`` of local units within ``[start, end)``, in order."""
+        return _merged(_scan(self.n_units, start, end, self._raw))
 
     def intersect(self, other: ExtentMap) -> None:
         """Keep only the units also local in ``other``; pages that changed become dirty, so

@@ -9,6 +9,11 @@ When a flight's data arrives, only the units that are *still missing* are writte
 write that landed meanwhile set those units' bits and must not be overwritten by the older
 source data. That check is made by ``fill`` (``LazyDisk._fill``) at each write into the cache,
 under the lock guest writes take, never once per flight: a fill may yield between its runs.
+
+A live migration's cutover starts a new *epoch* (``Fetcher.epoch``): every flight remembers the
+epoch it was started in, before its source read went out, and hands it to ``fill``, which
+drops what a flight of an earlier epoch read for a unit the cutover invalidated (its bytes may
+predate the source VM's last write).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Flight:
     start: int
     end: int
     priority: Priority
+    epoch: int = 0
     result: AsyncResult = field(default_factory=AsyncResult)
 
 
@@ -59,7 +65,7 @@ class Fetcher:
         emap: ExtentMap,
         unit: int,
         size: int,
-        fill: Callable[[int, int, memoryview, Priority], int],
+        fill: Callable[[int, int, memoryview, Priority, int], int],
         *,
         readahead_units: int = 16,
         retry: RetryPolicy | None = None,
@@ -83,6 +89,10 @@ class Fetcher:
         self.fg_idle.set()
         #: bytes read from the source by flights, foreground and background
         self.bytes_fetched = {Priority.FOREGROUND: 0, Priority.BACKGROUND: 0}
+        #: bumped by a cutover (module docstring)
+        self.epoch = 0
+        #: bytes read by flights started in the current epoch (after the cutover, if any)
+        self.epoch_bytes = 0
 
     def ensure_local(self, start: int, end: int, priority: Priority) -> None:
         """Return once every unit of ``[start, end)`` is local; raise the ``StoreError`` of a
@@ -149,7 +159,7 @@ class Fetcher:
             raise SourceChangedError(self.changed)
         if priority is Priority.FOREGROUND:
             a, b = self._widen(a, b)
-        flight = Flight(a, b, priority)
+        flight = Flight(a, b, priority, self.epoch)
         for u in range(a, b):
             self._inflight[u] = flight
         g = gevent.Greenlet(self._run, flight)
@@ -191,7 +201,7 @@ class Fetcher:
                     raise self._source_changed(e) from None
                 except SourceError as e:
                     if not e.transient or attempt >= self._retry.attempts:
-                        raise _reason(e)(f"source read at offset {offset} ({length} bytes) failed "
+                        raise store_error_class(e)(f"source read at offset {offset} ({length} bytes) failed "
                                          f"after {attempt} attempt(s): {e}") from None
                     log.warning("source_read_retry", offset=offset, bytes=length, attempt=attempt,
                                 error=str(e), retry_in_s=round(delay, 3))
@@ -199,7 +209,9 @@ class Fetcher:
                     delay = min(delay * 2, self._retry.max_delay)
                     continue
                 self.bytes_fetched[flight.priority] += length
-                self._fill(flight.start, flight.end, memoryview(data), flight.priority)
+                if flight.epoch == self.epoch:
+                    self.epoch_bytes += length
+                self._fill(flight.start, flight.end, memoryview(data), flight.priority, flight.epoch)
                 break
         except StoreError as e:
             flight.result.set_exception(e)
@@ -242,13 +254,17 @@ class Fetcher:
         f = self._inflight.get(unit)
         return f.priority if f is not None else None
 
+    def new_epoch(self) -> None:
+        self.epoch += 1
+        self.epoch_bytes = 0
+
     def close(self) -> None:
         """Abort every flight and refuse new ones; waiters get ``SourceIOError`` at once."""
         self._closed = True
         gevent.killall(list(self._greenlets), block=True)
 
 
-def _reason(e: SourceError) -> type[SourceIOError]:
+def store_error_class(e: SourceError) -> type[SourceIOError]:
     """A source that did not answer is NOT READY to the guest (it may come back); one that
     answered with an error is a read error (issue 10, defect 9)."""
     return SourceUnreachable if isinstance(e, SourceUnavailable) else SourceIOError

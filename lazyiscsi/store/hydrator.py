@@ -14,6 +14,11 @@ Zero runs the source reports (NBD block status) are marked local without moving 
 The hydrator asks for them at background priority, like its reads: a status query over a
 large range can keep a server busy for seconds, and a guest's read must not queue behind it
 (NBD: the background connection).
+
+A live source before its cutover (issue 11): without a dirty bitmap the job waits for the
+cutover (nothing may be cached); with one it copies what the disk says is worth copying
+(``LazyDisk.missing_runs`` leaves out units already dirty), and, that done, waits for the
+cutover to copy the rest.
 """
 
 from __future__ import annotations
@@ -279,6 +284,9 @@ class Hydrator:
         backoff = 0.5
         try:
             while not self.disk.complete:
+                if not self.disk.copy_allowed:
+                    self.disk.wait_cutover()
+                    continue
                 if self.disk.source is None:
                     raise StoreError("units are missing and no source is attached")
                 if self.disk.failed:  # fail-stopped: no run can land any more
@@ -292,6 +300,10 @@ class Hydrator:
                 if self.disk.complete:
                     break
                 if self._failed_runs == failed_before:
+                    if not self.disk.wait_cutover(0):
+                        # pre-copy: every unit worth copying before the cutover is local
+                        self.disk.wait_cutover()
+                        continue
                     # nothing failed, yet units are missing: a guest fetch still in flight
                     gevent.sleep(0.05)
                     continue
@@ -381,7 +393,7 @@ class Hydrator:
         reached: an answer about another range must never stand in for the current one
         (issue 10, defect 12: a skipped window's look-ahead was taken for the next window's,
         which was then left for another pass over the whole LUN)."""
-        planned: collections.deque[tuple[int, int, gevent.Greenlet]] = collections.deque()
+        planned: collections.deque[tuple[int, int, int, gevent.Greenlet]] = collections.deque()
         pos = 0
         while True:
             while len(planned) < EXTENTS_AHEAD:
@@ -389,10 +401,13 @@ class Hydrator:
                 if window is None:
                     break
                 start, end = window
-                planned.append((start, end, gevent.spawn(self._extents, start, end - start)))
+                # the epoch before the question: a cutover before the answer is applied makes
+                # its zero runs stale (``mark_zero`` then drops them)
+                planned.append((start, end, self.disk.epoch,
+                                gevent.spawn(self._extents, start, end - start)))
             if not planned:
                 return
-            start, end, query = planned.popleft()
+            start, end, epoch, query = planned.popleft()
             pos = end
             if not self._has_missing(start, end):
                 # local meanwhile: the answer is dropped, and the query left to finish on its
@@ -402,7 +417,7 @@ class Hydrator:
             self._check_source()  # a changed source's holes are not this disk's
             for ext in extents:
                 if ext.zero:
-                    self.disk.mark_zero(ext.offset, ext.length)
+                    self.disk.mark_zero(ext.offset, ext.length, epoch)
                     continue
                 for off, length in list(self.disk.missing_runs(ext.offset, ext.length)):
                     yield from _split(off, length, self.run_size)

@@ -36,6 +36,18 @@ once and marks the pages clean, so the next fdatasync succeeds without the data;
 commit would let the map vouch for data that never reached the medium (issue 10, defect 2). The
 volume goes read-only-failed: every later write and flush fails, local data stays readable,
 and ``path.boot`` is cleared so that a successor in this boot does not adopt unflushed writes.
+
+A live source (issue 11) is still in use by a running VM. Until its cutover (``Phase``, kept
+in the superblock so that a restart stays live) every write is refused (``WriteProtected``),
+and nothing read may be trusted later. Without a dirty bitmap nothing is cached: reads pass
+through to the source and the copy waits. With one (``DirtyTracking``) the copy runs, skipping
+units the bitmap already reports dirty (a QEMU bitmap is cumulative: its bits are never cleared
+over NBD, so a unit dirty once is dirty at cutover and would be invalidated anyway); a poll
+every ``DIRTY_POLL_INTERVAL`` keeps that set current. ``cutover`` reads the final bitmap and
+invalidates every local unit it marks dirty, so what a copy or a read cached before the VM's
+last write is fetched again; flights still in the air then are of an older epoch
+(``fetch.Fetcher.epoch``) and ``_fill`` drops their bytes for invalidated units. The bitmap
+must exist before the volume is created: a unit changed before the bitmap began is not in it.
 """
 
 from __future__ import annotations
@@ -45,14 +57,15 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import gevent
+import gevent.event
 import gevent.lock
 import structlog
 
-from lazyiscsi.source.base import Priority, Source
+from lazyiscsi.source.base import DirtyTracking, Priority, Source, SourceError
 from lazyiscsi.source.url import redact
 from lazyiscsi.store.cachefile import BlockFile, FileOpener, OsFile
 from lazyiscsi.store.errors import (
@@ -61,15 +74,18 @@ from lazyiscsi.store.errors import (
     CacheFull,
     CacheIOError,
     CacheReadError,
+    CutoverRefused,
+    NoSource,
     OutOfRange,
     SourceMismatch,
     SourceTimeout,
     StoreError,
+    WriteProtected,
 )
 from lazyiscsi.store.extentmap import PAGE_BYTES, ExtentMap, only_in
-from lazyiscsi.store.fetch import Fetcher, RetryPolicy
+from lazyiscsi.store.fetch import Fetcher, RetryPolicy, store_error_class
 from lazyiscsi.store.newcache import size_new_cache, undo_new_cache
-from lazyiscsi.store.superblock import CacheState, Superblock, read_superblock, write_superblock
+from lazyiscsi.store.superblock import CacheState, Phase, Superblock, read_superblock, write_superblock
 
 log = structlog.get_logger("lazyiscsi.store")
 
@@ -79,6 +95,18 @@ DEFAULT_IO_TIMEOUT = 30.0
 #: how often fetched data and guest writes are committed without a flush from the guest
 DEFAULT_AUTOCOMMIT_S = 1.0
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+#: How often pre-copy asks the source's dirty bitmap which units the running VM wrote. A unit
+#: reported dirty is not copied any more (it will be invalidated at cutover), so a poll saves
+#: the link one copy of every unit dirtied since the last one that the copier reaches meanwhile;
+#: each poll is one block-status walk of the whole disk at background priority (a few replies
+#: of a few KiB for a disk that is mostly clean). Once a second is also the resolution of
+#: ``dirty_rate_bps``.
+DIRTY_POLL_INTERVAL = 1.0
+#: how much of the disk one dirty-bitmap query covers (NBD block status replies are bounded by
+#: the server; this keeps each reply, and our memory for it, to one window)
+DIRTY_QUERY_WINDOW = 1 << 30
+#: seconds of dirty-set samples ``dirty_rate_bps`` is measured over
+DIRTY_RATE_WINDOW_S = 5.0
 
 
 def current_boot_id() -> str:
@@ -103,6 +131,25 @@ class DiskStats:
     misses: int
     miss_p50_ms: float | None
     miss_p99_ms: float | None
+    phase: Phase
+    #: bytes the source's dirty bitmap reports written (pre-copy), or None without a bitmap
+    dirty_bytes: int | None
+    dirty_rate_bps: float | None
+    #: issue 11, acceptance 3: fetched by flights started after the cutover, which is at most
+    #: the final dirty set plus what the copy had not reached (None before a cutover)
+    fetched_after_cutover: int | None
+    dirty_at_cutover: int | None
+    not_reached: int | None
+
+
+@dataclass(frozen=True)
+class CutoverReport:
+    """What a cutover did (its log event says the same)."""
+
+    dirty_bytes: int
+    invalidated_bytes: int
+    not_reached_bytes: int
+    duration_ms: float
 
 
 class LazyDisk:
@@ -138,7 +185,22 @@ class LazyDisk:
         # last bits, and verify then reports those units (a false alarm, never a miss).
         self._writtenfile, self._written = written
         self._io_timeout = io_timeout
-        self._complete = emap.complete
+        self._phase = sb.phase
+        #: the source's dirty bitmap, while the cutover is still ahead
+        self._tracker = source if isinstance(source, DirtyTracking) and sb.phase is not Phase.POST_COPY \
+            else None
+        #: units the bitmap reported dirty so far (pre-copy); the copier skips them
+        self._dirty_seen = ExtentMap(emap.n_units) if self._tracker is not None else None
+        self._dirty_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        #: the final dirty set once a cutover began: fills of an older epoch skip these units
+        self._invalid: ExtentMap | None = None
+        self._cut_over = gevent.event.Event()
+        if sb.phase is Phase.POST_COPY:
+            self._cut_over.set()
+        self._cutting = False
+        # before the cutover the map may fill up (reads fetch dirty units too): that is no
+        # completion, the cutover may still invalidate units
+        self._complete = emap.complete and sb.phase is Phase.POST_COPY
         self._commit_lock = gevent.lock.Semaphore()
         # held around every write into the cache and the map update that goes with it
         self._data_lock = gevent.lock.Semaphore()
@@ -153,6 +215,9 @@ class LazyDisk:
         self._fetcher = Fetcher(source, emap, self.unit, self.size, self._fill,
                                 readahead_units=max(1, readahead // self.unit), retry=retry,
                                 label=path)
+        if sb.fetched_after_cutover is not None:
+            self._fetcher.epoch_bytes = sb.fetched_after_cutover  # counted on across restarts
+        self._poller = gevent.spawn(self._poll_dirty) if self._tracker is not None else None
         self._finisher: gevent.Greenlet | None = None
         self._committer: gevent.Greenlet | None = None
         if autocommit_s and not self._complete:
@@ -175,8 +240,12 @@ class LazyDisk:
         autocommit_s: float | None = DEFAULT_AUTOCOMMIT_S,
         retry: RetryPolicy | None = None,
         opener: FileOpener = OsFile,
+        live: bool = False,
     ) -> LazyDisk:
         """Open the cache at ``path``, creating it from ``source`` if there is none.
+
+        ``live``: a new cache's source is still in use (pre-copy until ``cutover``). An existing
+        cache keeps the phase its superblock records, whatever ``live`` says.
 
         An existing cache resumes from its map. It refuses, with ``CacheConfigError``, a
         source of another size or identity (``SourceMismatch``) while hydrating, a ``unit``
@@ -197,7 +266,8 @@ class LazyDisk:
                     raise CacheConfigError(f"{path}: exists and is not a lazyiscsi cache "
                                            f"(no {meta_path}); remove it or choose another path")
                 sb = Superblock(size=source.size, unit=unit or DEFAULT_UNIT, source_url=redact(source.url),
-                                source_identity=source.identity, state=CacheState.HYDRATING)
+                                source_identity=source.identity, state=CacheState.HYDRATING,
+                                phase=Phase.PRE_COPY if live else Phase.POST_COPY)
                 try:
                     # Side files left by an earlier cache at this path (its cache and .meta
                     # deleted to start over) describe another disk: emptied, durably, before the
@@ -279,8 +349,9 @@ class LazyDisk:
                 disk._mark_local(a, b)
             disk.commit()
             log.info("cache_writes_adopted", path=path, units=sum(b - a for a, b in orphans))
-        log.info("cache_opened", path=path, state=sb.state.value, local_bytes=disk.local_bytes,
-                 size=sb.size)
+        log.info("cache_opened", path=path, state=sb.state.value, phase=sb.phase.value,
+                 local_bytes=disk.local_bytes, size=sb.size,
+                 dirty_bitmap=getattr(disk._tracker, "dirty_bitmap", None))
         return disk
 
     # -- the I/O interface the SCSI layer uses --------------------------------------------
@@ -311,9 +382,31 @@ class LazyDisk:
         """Why the source is no longer this cache's disk (permanent), or None."""
         return self._fetcher.changed
 
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def writable(self) -> bool:
+        """Whether writes are allowed: not before a live source's cutover (the SCSI layer asks,
+        to answer DATA PROTECT before it decodes anything more)."""
+        return self._phase is Phase.POST_COPY
+
+    @property
+    def copy_allowed(self) -> bool:
+        """Whether the background copy may run: not before the cutover of a live source
+        without a dirty bitmap (nothing read then can be trusted later)."""
+        return self._phase is Phase.POST_COPY or self._tracker is not None
+
+    def wait_cutover(self, timeout: float | None = None) -> bool:
+        """Block until the volume is cut over (at once for a frozen source)."""
+        return self._cut_over.wait(timeout)
+
     def read(self, offset: int, length: int) -> bytes:
         """The LUN's bytes at ``offset``, fetching what is not local, in a new buffer."""
         self._check(offset, length)
+        if not self.copy_allowed:
+            return self._passthrough(offset, length)
         if not self._complete:
             a, b = self._units(offset, length)
             if next(self._map.missing_runs(a, b), None) is not None:
@@ -326,6 +419,9 @@ class LazyDisk:
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the LUN's bytes at ``offset``, fetching what is not local."""
         self._check(offset, len(buf))
+        if not self.copy_allowed:
+            buf[:] = self._passthrough(offset, len(buf))
+            return
         if not self._complete:
             a, b = self._units(offset, len(buf))
             if next(self._map.missing_runs(a, b), None) is not None:
@@ -340,6 +436,7 @@ class LazyDisk:
         whole units never wait for the source."""
         self._check(offset, len(data))
         self._check_writable()
+        self._check_cut_over()
         if len(data):
             a, b = self._units(offset, len(data))
             end = offset + len(data)
@@ -361,6 +458,7 @@ class LazyDisk:
         Units the range covers only partly are left as they are (discard is advisory)."""
         self._check(offset, length)
         self._check_writable()
+        self._check_cut_over()
         a = -(-offset // self.unit)
         end = offset + length
         b = self._map.n_units if end == self.size else end // self.unit
@@ -376,6 +474,7 @@ class LazyDisk:
         """Make the range read as zeros: whole units are deallocated, partial ones written."""
         self._check(offset, length)
         self._check_writable()
+        self._check_cut_over()
         end = offset + length
         head_end = min(end, -(-offset // self.unit) * self.unit)
         tail_start = max(head_end, (end // self.unit) * self.unit if end != self.size else end)
@@ -402,7 +501,7 @@ class LazyDisk:
         priority. Without ``wait`` it runs in the background and a failure is only logged: the
         reads that follow fetch again, and fail, on their own."""
         self._check(offset, length)
-        if self._complete or not length:
+        if self._complete or not length or not self.copy_allowed:
             return
         a, b = self._units(offset, length)
         if next(self._map.missing_runs(a, b), None) is None:
@@ -422,9 +521,14 @@ class LazyDisk:
     # -- what the hydrator uses ------------------------------------------------------------
 
     def missing_runs(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
-        """Missing byte runs ``(offset, length)`` in the range, clipped to the LUN."""
+        """Byte runs ``(offset, length)`` in the range the copy should fetch now, clipped to
+        the LUN: the missing ones, less (before the cutover) those the source's dirty bitmap
+        reports written, which the cutover would invalidate anyway."""
         a, b = self._units(offset, length)
-        for ua, ub in self._map.missing_runs(a, b):
+        runs = self._map.missing_runs(a, b)
+        if self._dirty_seen is not None and self._phase is not Phase.POST_COPY:
+            runs = self._clean(runs, self._dirty_seen)
+        for ua, ub in runs:
             start = ua * self.unit
             yield start, min(ub * self.unit, self.size) - start
 
@@ -434,16 +538,24 @@ class LazyDisk:
         a, b = self._units(offset, length)
         self._fetcher.ensure_local(a, b, Priority.BACKGROUND)
 
-    def mark_zero(self, offset: int, length: int) -> None:
+    @property
+    def epoch(self) -> int:
+        """Taken before asking the source something whose answer is applied later
+        (``mark_zero``): a cutover in between makes the answer stale."""
+        return self._fetcher.epoch
+
+    def mark_zero(self, offset: int, length: int, epoch: int | None = None) -> None:
         """The source promises these bytes are zero: make the whole units inside the range
         local without reading them (punching the cache, in case a lost unflushed write left
-        data there)."""
+        data there). A promise of an earlier ``epoch`` is dropped (the copy reads the units)."""
         a = -(-offset // self.unit)
         end = offset + length
         b = self._map.n_units if end >= self.size else end // self.unit
         while True:
             with self._data_lock:  # checked at each punch, as in ``_fill``
                 self._check_writable()
+                if epoch is not None and epoch != self._fetcher.epoch:
+                    return
                 run = next(self._map.missing_runs(a, b), None)
                 if run is None:
                     return
@@ -489,7 +601,161 @@ class LazyDisk:
             misses=self._misses,
             miss_p50_ms=_percentile(lat, 0.50),
             miss_p99_ms=_percentile(lat, 0.99),
+            phase=self._phase,
+            dirty_bytes=self._dirty_bytes(),
+            dirty_rate_bps=self._dirty_rate(),
+            fetched_after_cutover=None if self._sb.dirty_at_cutover is None else self._fetcher.epoch_bytes,
+            dirty_at_cutover=self._sb.dirty_at_cutover,
+            not_reached=self._sb.not_reached,
         )
+
+    # -- live migration ----------------------------------------------------------------------
+
+    def cutover(self, pin_identity: Callable[[Source], str]) -> CutoverReport:
+        """The source VM has stopped: make the volume writable, and trust only what the source
+        holds now (module docstring).
+
+        Every question to the source comes first: the final dirty bitmap (all units without
+        one) and its content fingerprint (``pin_identity``, the identity the cache is bound to
+        from now on; a live source's open-time identity could not sample a disk that changed).
+        A source that does not answer, or no longer offers the bitmap, refuses the cutover
+        with ``CutoverRefused`` and nothing changed. Then, only local steps, each durable
+        before the next: phase ``cutover``; every local unit the final bitmap marks dirty and
+        the guest did not write is invalidated, and the invalidation committed; phase
+        ``post-copy`` with the pinned identity. A crash anywhere in between leaves the volume
+        before its cutover, writes still refused, and the next ``cutover`` does it all again
+        (the final bitmap does not change once the VM has stopped).
+        """
+        if self._phase is Phase.POST_COPY:
+            raise CutoverRefused(f"{self.path}: already cut over (phase {self._phase.value})")
+        if self._cutting:
+            raise CutoverRefused(f"{self.path}: a cutover is already running")
+        source = self._fetcher.source
+        if source is None:
+            raise CutoverRefused(f"{self.path}: no source attached to cut over from")
+        self._check_writable()  # a fail-stopped cache cannot make the invalidation durable
+        self._cutting = True
+        t0 = time.monotonic()
+        try:
+            try:
+                final = self._final_dirty(source)
+                identity = pin_identity(source)
+            except SourceError as e:
+                log.warning("cutover_refused", path=self.path, source=redact(source.url), error=str(e))
+                raise CutoverRefused(f"cutover refused, nothing changed: {e}") from None
+            self._sb = replace(self._sb, phase=Phase.CUTOVER)
+            write_superblock(f"{self.path}.meta", self._sb)
+            self._phase = Phase.CUTOVER
+            log.info("cutover_started", path=self.path, dirty_bytes=self._bytes(final.local_units))
+            with self._data_lock:
+                # one step with the epoch change: a fill of the old epoch that lands after this
+                # skips the final dirty units; one that landed before is invalidated here
+                self._fetcher.new_epoch()
+                self._invalid = final
+                invalidated = sum(self._map.clear(a, b) for a, b in
+                                  list(only_in(final, self._written, 0, final.n_units)))
+                missing = self._map.n_units - self._map.local_units
+                dirty_missing = sum(b - a for a, b in only_in(final, self._map, 0, final.n_units))
+            self.commit()
+            report = CutoverReport(dirty_bytes=self._bytes(final.local_units),
+                                   invalidated_bytes=self._bytes(invalidated),
+                                   not_reached_bytes=self._bytes(missing - dirty_missing),
+                                   duration_ms=round((time.monotonic() - t0) * 1000.0, 3))
+            self._sb = replace(self._sb, phase=Phase.POST_COPY, source_identity=identity,
+                               dirty_at_cutover=report.dirty_bytes, not_reached=report.not_reached_bytes,
+                               fetched_after_cutover=0)
+            write_superblock(f"{self.path}.meta", self._sb)
+            self._phase = Phase.POST_COPY
+        finally:
+            self._cutting = False
+        self._tracker = None
+        if self._poller is not None:
+            self._poller.kill(block=False)
+        self._cut_over.set()
+        log.info("cutover_completed", path=self.path, phase=self._phase.value,
+                 dirty_at_cutover_bytes=report.dirty_bytes, invalidated_bytes=report.invalidated_bytes,
+                 not_reached_bytes=report.not_reached_bytes, duration_ms=report.duration_ms)
+        if self._map.complete and not self._complete:
+            self._complete = True
+            self._finisher = gevent.spawn(self._finish)
+        return report
+
+    def _final_dirty(self, source: Source) -> ExtentMap:
+        """The units the final bitmap marks dirty; every unit when there is no bitmap (then
+        nothing was cached, but nothing cached before the cutover may be trusted either way).
+        Asked at foreground priority: the background connection may be full of copy runs,
+        and a source that does not answer must refuse the cutover, not stall it."""
+        final = ExtentMap(self._map.n_units)
+        if self._tracker is None:
+            final.set_local(0, final.n_units)
+            return final
+        self._scan_dirty(self._tracker, final, Priority.FOREGROUND)
+        return final
+
+    def _scan_dirty(self, tracker: DirtyTracking, into: ExtentMap, priority: Priority) -> None:
+        """Mark in ``into`` every unit a dirty run touches, even partly (a unit partly
+        written is stale as a whole)."""
+        for pos in range(0, self.size, DIRTY_QUERY_WINDOW):
+            length = min(DIRTY_QUERY_WINDOW, self.size - pos)
+            for run in tracker.dirty_runs(pos, length, priority):
+                if run.dirty and run.length:
+                    into.set_local(run.offset // self.unit, -(-run.end // self.unit))
+
+    def _poll_dirty(self) -> None:
+        """Pre-copy: keep the dirty set the copier skips current (``DIRTY_POLL_INTERVAL``)."""
+        failing = False
+        while self._tracker is not None and self._dirty_seen is not None:
+            try:
+                self._scan_dirty(self._tracker, self._dirty_seen, Priority.BACKGROUND)
+            except SourceError as e:
+                if not failing:
+                    log.warning("dirty_bitmap_poll_failed", path=self.path, error=str(e))
+                failing = True
+            else:
+                if failing:
+                    log.info("dirty_bitmap_poll_recovered", path=self.path)
+                failing = False
+                self._dirty_seen.take_dirty()  # never persisted: keep no page list
+                self._dirty_samples.append((time.monotonic(), self._dirty_seen.local_units))
+            gevent.sleep(DIRTY_POLL_INTERVAL)
+
+    def _dirty_bytes(self) -> int | None:
+        if self._dirty_seen is None or self._phase is Phase.POST_COPY:
+            return None
+        return self._bytes(self._dirty_seen.local_units)
+
+    def _dirty_rate(self) -> float | None:
+        """Bytes/s the dirty set grew by over the last ``DIRTY_RATE_WINDOW_S``."""
+        if self._dirty_bytes() is None:
+            return None
+        samples = [(t, n) for t, n in self._dirty_samples if t >= time.monotonic() - DIRTY_RATE_WINDOW_S]
+        if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
+            return 0.0
+        return self._bytes(samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
+
+    def _bytes(self, units: int) -> int:
+        return min(units * self.unit, self.size)
+
+    def _clean(self, runs: Iterator[tuple[int, int]], dirty: ExtentMap) -> Iterator[tuple[int, int]]:
+        """The parts of ``runs`` that are not set in ``dirty``."""
+        for a, b in runs:
+            yield from dirty.missing_runs(a, b)
+
+    def _passthrough(self, offset: int, length: int) -> bytes:
+        """A read before the cutover of a live source without a bitmap: straight from the
+        source, nothing cached (it could be stale by the cutover, with no way to tell)."""
+        source = self._fetcher.source
+        if source is None:
+            raise NoSource(f"offset {offset}: no source attached")
+        try:
+            with gevent.Timeout(self._io_timeout, SourceTimeout(
+                    f"source did not deliver offset {offset} within {self._io_timeout:g} s")):
+                data = source.read(offset, length, Priority.FOREGROUND)
+        except SourceError as e:
+            raise store_error_class(e)(f"source read at offset {offset} ({length} bytes) failed: {e}") \
+                from None
+        self._fetcher.bytes_fetched[Priority.FOREGROUND] += length
+        return data
 
     # -- durability --------------------------------------------------------------------------
 
@@ -531,6 +797,8 @@ class LazyDisk:
         self._closed = True
         if self._committer is not None:
             self._committer.kill()
+        if self._poller is not None:
+            self._poller.kill()
         if self._finisher is not None:
             self._finisher.join()  # a completed cache should say so on disk before we go
         self._fetcher.close()
@@ -538,6 +806,7 @@ class LazyDisk:
             if self._failed is None:
                 self.commit()
                 self._writtenfile.sync()
+                self._save_fetched_after_cutover()
         except OSError as e:
             raise self._cache_error(e, "sync the written-units file") from None
         finally:
@@ -565,6 +834,11 @@ class LazyDisk:
     def _check_writable(self) -> None:
         if self._failed is not None:
             raise CacheFailed(self._failed)
+
+    def _check_cut_over(self) -> None:
+        if self._phase is not Phase.POST_COPY:
+            raise WriteProtected(f"{self.path}: read-only until the cutover (phase {self._phase.value}): "
+                                 "the source is still in use")
 
     def _cache_error(self, e: OSError, what: str) -> CacheIOError:
         """The typed reason for a failed cache operation (never the source's fault)."""
@@ -618,7 +892,7 @@ class LazyDisk:
         finally:
             self._miss_ms.append((time.monotonic() - t0) * 1000.0)
 
-    def _fill(self, start: int, end: int, data: memoryview, priority: Priority = Priority.BACKGROUND) -> int:
+    def _fill(self, start: int, end: int, data: memoryview, priority: Priority, epoch: int) -> int:
         """Write source data for units ``[start, end)`` where they are still missing.
 
         The one place that enforces "a unit the guest wrote is never written by a fetch": the
@@ -631,6 +905,9 @@ class LazyDisk:
         thread, and while the copier keeps the pool busy a guest's miss waited there too, after
         its data had arrived (measured: 36-75 ms on a loaded machine). A miss's few KiB are left
         to the next commit's fdatasync, which costs it nothing measurable.
+
+        A flight of an epoch before the cutover's skips the units the cutover invalidated,
+        checked at the same moment.
         """
         filled = 0
         base = start * self.unit
@@ -638,7 +915,10 @@ class LazyDisk:
         while True:
             with self._data_lock:
                 self._check_writable()
-                run = next(self._map.missing_runs(pos, end), None)
+                runs = self._map.missing_runs(pos, end)
+                if epoch != self._fetcher.epoch and self._invalid is not None:
+                    runs = self._clean(runs, self._invalid)
+                run = next(runs, None)
                 if run is None:
                     return filled
                 a, pos = run
@@ -651,7 +931,7 @@ class LazyDisk:
 
     def _mark_local(self, a: int, b: int) -> int:
         added = self._map.set_local(a, b)
-        if added and self._map.complete and not self._complete:
+        if added and self._map.complete and not self._complete and self._phase is Phase.POST_COPY:
             self._complete = True  # bits are all set: map checks can no longer say "missing"
             self._finisher = gevent.spawn(self._finish)
         return added
@@ -663,6 +943,7 @@ class LazyDisk:
         except StoreError:
             return  # logged by commit; the cache says HYDRATING until a commit succeeds
         self._set_state(CacheState.COMPLETE)
+        self._save_fetched_after_cutover()
         stats = self.stats()
         log.info("hydration_completed", path=self.path, size=self.size,
                  fetched_bytes=stats.fetched_foreground + stats.fetched_background, misses=stats.misses)
@@ -675,6 +956,13 @@ class LazyDisk:
             self._sb = self._sb.with_state(state)
             write_superblock(f"{self.path}.meta", self._sb)
             log.info("cache_state", path=self.path, state=state.value)
+
+    def _save_fetched_after_cutover(self) -> None:
+        """Kept in the superblock so that the figure of acceptance 3 outlives a restart."""
+        counted = self._fetcher.epoch_bytes
+        if self._sb.dirty_at_cutover is not None and self._sb.fetched_after_cutover != counted:
+            self._sb = replace(self._sb, fetched_after_cutover=self._fetcher.epoch_bytes)
+            write_superblock(f"{self.path}.meta", self._sb)
 
     def _drop_source(self) -> None:
         source, self._fetcher.source = self._fetcher.source, None

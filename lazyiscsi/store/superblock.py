@@ -17,13 +17,26 @@ from dataclasses import asdict, dataclass, replace
 from lazyiscsi.store.errors import CacheConfigError
 
 MAGIC = "lazyiscsi-cache"
+#: written for a cache whose source is frozen; a live cache before its cutover is written as
+#: ``LIVE_VERSION``, which a lazyiscsi that knows no phases refuses instead of serving
+#: writes over a source still in use
 VERSION = 1
+LIVE_VERSION = 2
 
 
 class CacheState(enum.Enum):
     HYDRATING = "hydrating"  # some units still live only at the source
     COMPLETE = "complete"  # every unit is local; the source is no longer needed
     DETACHED = "detached"  # the source was let go (possibly forced before completion)
+
+
+class Phase(enum.Enum):
+    """Where a live migration stands (DESIGN "Live migration: phases of a volume"). A cache of a
+    frozen source is post-copy from the start; ``complete`` is the cache's state, not a phase."""
+
+    PRE_COPY = "pre-copy"  # the source is in use: writes refused, nothing read may be trusted later
+    CUTOVER = "cutover"  # begun and not finished (a crash): writes refused until it is redone
+    POST_COPY = "post-copy"  # the source is frozen: writes land, the copy finishes
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,13 @@ class Superblock:
     #: hydrating: a complete or detached cache never asks its source (``needs_source``).
     source_identity: str
     state: CacheState
+    phase: Phase = Phase.POST_COPY
+    #: set at cutover (acceptance 3 of issue 11): the final dirty set, and the bytes neither dirty
+    #: nor copied yet; what post-copy fetches is at most their sum
+    dirty_at_cutover: int | None = None
+    not_reached: int | None = None
+    #: bytes fetched after the cutover, as of the last clean close (a crash loses some)
+    fetched_after_cutover: int | None = None
 
     def with_state(self, state: CacheState) -> Superblock:
         return replace(self, state=state)
@@ -43,7 +63,9 @@ class Superblock:
     def to_json(self) -> str:
         d = asdict(self)
         d["state"] = self.state.value
-        return json.dumps({"magic": MAGIC, "version": VERSION, **d}, indent=1, sort_keys=True) + "\n"
+        d["phase"] = self.phase.value
+        version = VERSION if self.phase is Phase.POST_COPY else LIVE_VERSION
+        return json.dumps({"magic": MAGIC, "version": version, **d}, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Superblock:
@@ -53,17 +75,25 @@ class Superblock:
             raise CacheConfigError(f"{where}: not a lazyiscsi superblock ({e})") from None
         if not isinstance(d, dict) or d.get("magic") != MAGIC:
             raise CacheConfigError(f"{where}: not a lazyiscsi superblock (bad magic)")
-        if d.get("version") != VERSION:
+        if d.get("version") not in (VERSION, LIVE_VERSION):
             raise CacheConfigError(f"{where}: superblock version {d.get('version')!r} is not supported "
-                                   f"(this lazyiscsi reads version {VERSION})")
+                                   f"(this lazyiscsi reads versions {VERSION} and {LIVE_VERSION})")
         try:
             sb = cls(size=int(d["size"]), unit=int(d["unit"]), source_url=str(d["source_url"]),
-                     source_identity=str(d["source_identity"]), state=CacheState(d["state"]))
+                     source_identity=str(d["source_identity"]), state=CacheState(d["state"]),
+                     phase=Phase(d.get("phase", Phase.POST_COPY.value)),
+                     dirty_at_cutover=_opt_int(d.get("dirty_at_cutover")),
+                     not_reached=_opt_int(d.get("not_reached")),
+                     fetched_after_cutover=_opt_int(d.get("fetched_after_cutover")))
         except (KeyError, ValueError, TypeError) as e:
             raise CacheConfigError(f"{where}: damaged superblock field {e}") from None
         if sb.size <= 0 or sb.unit < 512 or sb.unit & (sb.unit - 1):
             raise CacheConfigError(f"{where}: damaged superblock (size {sb.size}, unit {sb.unit})")
         return sb
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
 
 
 def read_superblock(path: str) -> Superblock | None:
@@ -101,3 +131,12 @@ def needs_source(cache_path: str) -> bool:
     decommissioned, which is the point of the migration."""
     sb = read_superblock(f"{cache_path}.meta")
     return sb is None or sb.state is CacheState.HYDRATING
+
+
+def opens_live(cache_path: str, live: bool) -> bool:
+    """Whether the source of the cache at ``cache_path`` must be opened as a live one (its
+    identity not sampled from content that still changes): before the cache's cutover, or,
+    for a cache not made yet, when ``live`` asks for one. The superblock decides for an
+    existing cache: a restart during pre-copy stays live whatever the configuration says."""
+    sb = read_superblock(f"{cache_path}.meta")
+    return live if sb is None else sb.phase is not Phase.POST_COPY

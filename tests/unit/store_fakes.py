@@ -324,3 +324,62 @@ class LinkSource(InstantSource):
         self._wire_free = start + length / self.rate
         gevent.sleep(self._wire_free + self.delay / 2 - now)
         return self.data[offset:offset + length]
+
+
+class LiveSource(InstantSource):
+    """A source still in use by a VM (issue 11), with QEMU's dirty bitmap: ``vm_write`` changes
+    its bytes and sets the bitmap, which is cumulative (nothing clears it, as over NBD). Each
+    read takes its bytes when it is asked, then may park on ``gate`` (a reply in the air: it
+    can land after a later VM write). ``down`` makes every request fail as an unreachable
+    source; without ``bitmap`` it is a live source without one."""
+
+    def __init__(self, data: bytes, *, bitmap: str | None = "mig", granularity: int = 4096,
+                 gate: Gate | None = None) -> None:
+        super().__init__(data)
+        self.data = bytearray(data)
+        self.granularity = granularity
+        self.dirty: set[int] = set()  # bitmap granules
+        self.gate = gate
+        self.down = False
+        self.identity = f"live:size={len(data)}"
+        self.bitmap_queries = 0
+        if bitmap is not None:
+            self.dirty_bitmap = bitmap
+
+    def vm_write(self, offset: int, data: bytes) -> None:
+        self.data[offset:offset + len(data)] = data
+        g = self.granularity
+        self.dirty.update(range(offset // g, -(-(offset + len(data)) // g)))
+
+    def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
+        if self.down or self.closed:
+            raise SourceUnavailable("injected: no answer")
+        self.reads += 1
+        data = bytes(self.data[offset:offset + length])
+        if self.gate is not None:
+            self.gate.park("source", priority.value, offset, length)
+        return data
+
+    def dirty_runs(self, offset: int, length: int, priority: Priority = Priority.BACKGROUND) -> list:
+        from lazyiscsi.source.base import DirtyRun
+
+        if self.down:
+            raise SourceUnavailable("injected: no answer")
+        self.bitmap_queries += 1
+        runs: list[DirtyRun] = []
+        pos, end, g = offset, offset + length, self.granularity
+        while pos < end:
+            dirty = pos // g in self.dirty
+            stop = min(end, (pos // g + 1) * g)
+            while stop < end and (stop // g in self.dirty) == dirty:
+                stop = min(end, stop + g)
+            runs.append(DirtyRun(pos, stop - pos, dirty))
+            pos = stop
+        return runs
+
+
+def content_identity(source: LiveSource) -> str:
+    """The pinned identity at cutover, as ``content_fingerprint`` gives it: from the bytes."""
+    if source.down:
+        raise SourceUnavailable("injected: no answer")
+    return "pinned:" + hashlib.sha256(bytes(source.data)).hexdigest()[:16]

@@ -140,3 +140,25 @@ def test_a_secret_on_the_command_line_is_warned_about_once_without_the_secret() 
     (warning,) = events
     assert warning["event"] == "source_secret_on_command_line" and warning["log_level"] == "warning"
     assert "pw0rd" not in repr(warning) and warning["source"] == "https://u:***@h/d"
+
+
+@pytest.mark.usefixtures("logs_reset")
+@pytest.mark.parametrize(("argv", "reason"), [
+    (["serve", "--source", "nbd://h/e", "--cache", "/c", "--dirty-bitmap", "mig"],
+     "--dirty-bitmap needs --live"),
+    (["serve", "--source", "/x.img", "--cache", "/c", "--live", "--dirty-bitmap", "mig"],
+     "--dirty-bitmap needs an nbd:// source"),
+    (["serve", "--source", "https://h/x.img", "--cache", "/c", "--live"], "--live needs an nbd:// source"),
+    (["serve", "--config", "/l.toml", "--live"], "--config and --live/--dirty-bitmap exclude"),
+    (["volume", "create", "v", "--source", "nbd://h/e", "--dirty-bitmap", "mig"],
+     "--dirty-bitmap needs --live"),
+    (["volume", "create", "v", "--source", "file:///x", "--live", "--dirty-bitmap", "mig"],
+     "--dirty-bitmap needs an nbd:// source"),
+])
+def test_live_option_refusals(argv: list[str], reason: str, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 11: bad --live/--dirty-bitmap combinations exit 2 with one line, before anything
+    is opened or a daemon is asked."""
+    assert main([*argv, "--control", str(tmp_path / "none.sock")]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and err.count("\n") == 1

@@ -58,3 +58,28 @@ def test_file_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     bad.write_text("[[volume]\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(str(bad))
+
+
+@pytest.mark.parametrize(("volume", "reason"), [
+    ({**GOOD, "dirty_bitmap": "mig"}, "dirty_bitmap needs live"),
+    ({**GOOD, "live": True, "dirty_bitmap": "mig", "source": "https://h/disk.raw"},
+     "dirty_bitmap needs an nbd:// source"),
+    ({**GOOD, "live": True, "dirty_bitmap": "mig", "source": "/var/lib/disk.raw"},
+     "dirty_bitmap needs an nbd:// source"),
+    ({**GOOD, "live": True, "source": "http://h/disk.raw"}, "live needs an nbd:// source or a file"),
+    ({**GOOD, "live": True, "dirty_bitmap": "no spaces"}, "dirty_bitmap 'no spaces'"),
+    ({**GOOD, "live": "yes"}, "live: true or false"),
+    ({**GOOD, "live": True, "dirty_bitmap": 7}, "dirty_bitmap: a string"),
+])
+def test_live_and_dirty_bitmap_combinations(volume: dict, reason: str) -> None:  # type: ignore[type-arg]
+    """Issue 11: a bitmap without live, or with a source that cannot carry one, is one line."""
+    with pytest.raises(ConfigError) as err:
+        parse({"volume": [volume]}, "lazy.toml")
+    assert str(err.value).startswith("lazy.toml: volume[0]") and reason in str(err.value)
+
+
+def test_live_volume_with_bitmap() -> None:
+    (v,) = parse({"volume": [{**GOOD, "live": True, "dirty_bitmap": "mig"}]}).volumes
+    assert v.live and v.dirty_bitmap == "mig"
+    (v,) = parse({"volume": [{**GOOD, "live": True, "source": "/dev/vg/disk"}]}).volumes
+    assert v.live and v.dirty_bitmap is None

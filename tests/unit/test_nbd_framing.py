@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from lazyiscsi.source.base import Extent, SourceNotFound, SourceProtocolError
-from lazyiscsi.source.nbd import replies
+from lazyiscsi.source.base import SourceNotFound, SourceProtocolError
+from lazyiscsi.source.nbd import _is_dirty, _is_zero, replies
 from lazyiscsi.source.nbd.constants import (
     IHAVEOPT,
     NBDMAGIC,
@@ -63,7 +63,8 @@ def test_full_handshake_with_structured_replies_and_block_status() -> None:
     for i in range(len(rest)):
         hs.receive(rest[i:i + 1])
     assert hs.result is not None
-    assert (hs.result.size, hs.result.structured, hs.result.meta_context_id) == (1 << 30, True, 7)
+    assert (hs.result.size, hs.result.structured) == (1 << 30, True)
+    assert hs.result.contexts == {"base:allocation": 7}
     assert hs.result.max_payload == 1 << 20
 
 
@@ -74,7 +75,7 @@ def test_server_without_structured_replies_gets_plain_reads() -> None:
     hs.receive(opt_reply(Opt.STRUCTURED_REPLY, Rep.ERR_UNSUP))
     assert hs.state is State.OPT_GO  # no meta context without structured replies
     hs.receive(opt_reply(Opt.GO, Rep.INFO, export_info(4096)) + opt_reply(Opt.GO, Rep.ACK))
-    assert hs.result is not None and not hs.result.structured and hs.result.meta_context_id is None
+    assert hs.result is not None and not hs.result.structured and hs.result.contexts == {}
 
 
 @pytest.mark.parametrize(("data", "match"), [
@@ -162,14 +163,138 @@ def test_error_chunks() -> None:
         replies.parse_error(chunk(Chunk.ERROR, 1, zero), zero)
 
 
-def test_block_status_zero_needs_the_zero_bit() -> None:
+def status_chunk(payload: bytes, offset: int, length: int, slices: int = 1,
+                 max_runs: int = replies.MAX_STATUS_RUNS) -> tuple[int, list[replies.Status]]:
+    """Feed a block status payload to ``StatusChunk`` in ``slices`` pieces, as the transport does."""
+    parser = replies.StatusChunk(len(payload), offset, length, max_runs)
+    step = max(1, len(payload) // slices)
+    for i in range(0, len(payload), step):
+        parser.feed(payload[i:i + step])
+    return parser.result()
+
+
+def descriptors(*pairs: tuple[int, int]) -> bytes:
+    return b"".join(struct.pack(">II", n, flags) for n, flags in pairs)
+
+
+@pytest.mark.parametrize("slices", [1, 3, 40])
+def test_block_status_zero_needs_the_zero_bit(slices: int) -> None:
     # HOLE alone (1) is DATA for us; HOLE|ZERO (3) and ZERO (2) are zero
-    payload = struct.pack(">I", 7) + struct.pack(">IIIIIIII", 100, 1, 100, 3, 100, 2, 500, 0)
-    got = replies.parse_block_status(payload, 7, 0, 450)
-    assert got == [Extent(0, 100, False), Extent(100, 200, True), Extent(300, 150, False)]
-    with pytest.raises(SourceProtocolError, match="unknown context"):
-        replies.parse_block_status(payload, 8, 0, 450)
-    with pytest.raises(SourceProtocolError, match="length 0"):
-        replies.parse_block_status(struct.pack(">III", 7, 0, 0), 7, 0, 10)
-    with pytest.raises(SourceProtocolError, match="bytes"):
-        replies.parse_block_status(struct.pack(">II", 7, 1), 7, 0, 10)
+    payload = struct.pack(">I", 7) + descriptors((100, 1), (100, 3), (100, 2), (500, 0))
+    ctx, runs = status_chunk(payload, 0, 450, slices)
+    assert ctx == 7
+    # runs keep the flags; the last one is clipped to the request
+    assert runs == [replies.Status(0, 100, 1), replies.Status(100, 100, 3), replies.Status(200, 100, 2),
+                    replies.Status(300, 150, 0)]
+    assert [_is_zero(r.flags) for r in runs] == [False, True, True, False]
+
+
+def test_dirty_is_bit_0_of_the_bitmap_context() -> None:
+    """QEMU docs/interop/nbd.txt: qemu:dirty-bitmap:NAME, bit 0 set = dirty; other bits reserved."""
+    _, runs = status_chunk(struct.pack(">I", 3) + descriptors((512, 1), (512, 1), (1024, 0), (512, 3)),
+                           4096, 2560)
+    assert runs == [replies.Status(4096, 1024, 1), replies.Status(5120, 1024, 0),
+                    replies.Status(6144, 512, 3)]
+    assert [_is_dirty(r.flags) for r in runs] == [True, False, True]
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    (struct.pack(">III", 7, 0, 0), "length 0"),
+    (struct.pack(">II", 7, 1), "4 \\+ a positive multiple of 8"),
+    (struct.pack(">I", 7) + descriptors((100, 0), (100, 1), (100, 0)), "run past the request"),
+    (struct.pack(">I", 7) + descriptors((300, 0), (1, 1)), "run past the request"),
+])
+def test_block_status_chunks_that_break_the_rules(payload: bytes, match: str) -> None:
+    """NBD document, NBD_REPLY_TYPE_BLOCK_STATUS: lengths MUST be nonzero, the chunk 4 + 8*N
+    bytes, and the first N-1 descriptors MUST sum to less than the request's length."""
+    with pytest.raises(SourceProtocolError, match=match):
+        status_chunk(payload, 0, 200)
+
+
+def test_a_chunk_with_too_many_runs_is_cut_not_kept() -> None:
+    """A server that sends more runs than ``MAX_STATUS_RUNS`` gets a shorter answer (which the
+    protocol allows): the kept runs stop at the cap, and nothing after the cut is merged into
+    them (a later run with the same flags is not adjacent)."""
+    alternating = [(512, i % 2) for i in range(1000)]
+    ctx, runs = status_chunk(struct.pack(">I", 9) + descriptors(*alternating), 0, 512 * 1000, slices=7,
+                             max_runs=10)
+    assert ctx == 9 and len(runs) == 10
+    assert runs[-1].end == 10 * 512 and [r.flags for r in runs] == [0, 1] * 5
+    # equal flags merge before they count: 1000 descriptors of one state are one run
+    _, runs = status_chunk(struct.pack(">I", 9) + descriptors(*[(512, 0)] * 1000), 0, 512 * 1000, max_runs=1)
+    assert runs == [replies.Status(0, 512 * 1000, 0)]
+
+
+def test_the_default_cap_bounds_memory() -> None:
+    """MAX_STATUS_RUNS: a 1 GiB query answered with 2^21 alternating 512-byte descriptors keeps
+    at most the cap (a Status is ~100 bytes: the cap bounds one chunk to a few MiB)."""
+    n = 1 << 21
+    payload = struct.pack(">I", 1) + b"".join(
+        struct.pack(">IIII", 512, 0, 512, 1) for _ in range(n // 2))
+    parser = replies.StatusChunk(len(payload), 0, 512 * n, replies.MAX_STATUS_RUNS)
+    for i in range(0, len(payload), replies.STATUS_SLICE):
+        parser.feed(payload[i:i + replies.STATUS_SLICE])
+    _, runs = parser.result()
+    assert len(runs) == replies.MAX_STATUS_RUNS and runs[-1].end == 512 * replies.MAX_STATUS_RUNS
+
+
+def test_handshake_asks_for_the_bitmap_beside_base_allocation() -> None:
+    hs = Handshake("lazy", bitmap="mig")
+    hs.receive(greeting())
+    hs.data_to_send()
+    hs.receive(opt_reply(Opt.STRUCTURED_REPLY, Rep.ACK))
+    sent = hs.data_to_send()
+    # NBD_OPT_SET_META_CONTEXT: export name, then both queries in one option
+    _, opt, _ = struct.unpack_from(">QII", sent)
+    assert opt == Opt.SET_META_CONTEXT
+    assert sent[16:] == (struct.pack(">I", 4) + b"lazy" + struct.pack(">I", 2)
+                         + struct.pack(">I", 15) + b"base:allocation"
+                         + struct.pack(">I", 21) + b"qemu:dirty-bitmap:mig")
+    # the server may answer in any order, with ids of its own
+    hs.receive(opt_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT,
+                         struct.pack(">I", 5) + b"qemu:dirty-bitmap:mig"))
+    hs.receive(opt_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, struct.pack(">I", 2) + b"base:allocation"))
+    hs.receive(opt_reply(Opt.SET_META_CONTEXT, Rep.ACK))
+    hs.receive(opt_reply(Opt.GO, Rep.INFO, export_info(1 << 20)) + opt_reply(Opt.GO, Rep.ACK))
+    assert hs.result is not None
+    assert hs.result.contexts == {"qemu:dirty-bitmap:mig": 5, "base:allocation": 2}
+
+
+def _at_meta_context(bitmap: str | None = "mig") -> Handshake:
+    hs = Handshake("lazy", bitmap=bitmap)
+    hs.receive(greeting())
+    hs.receive(opt_reply(Opt.STRUCTURED_REPLY, Rep.ACK))
+    assert hs.state is State.OPT_SET_META_CONTEXT
+    return hs
+
+
+def test_a_bitmap_the_server_ignores_is_not_negotiated() -> None:
+    """A server skips a context it does not offer (QEMU and nbdkit both do): the result says so
+    and the caller refuses the open (see the integration tests)."""
+    hs = _at_meta_context()
+    hs.receive(opt_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, struct.pack(">I", 2) + b"base:allocation")
+               + opt_reply(Opt.SET_META_CONTEXT, Rep.ACK)
+               + opt_reply(Opt.GO, Rep.INFO, export_info(1 << 20)) + opt_reply(Opt.GO, Rep.ACK))
+    assert hs.result is not None and hs.result.contexts == {"base:allocation": 2}
+
+
+@pytest.mark.parametrize(("replies_", "match"), [
+    ([(3, b"qemu:dirty-bitmap:other")], "did not ask for"),
+    ([(3, b"base:allocation"), (3, b"qemu:dirty-bitmap:mig")], "selected twice"),
+    ([(3, b"base:allocation"), (4, b"base:allocation")], "selected twice"),
+])
+def test_meta_context_replies_we_cannot_follow(replies_: list[tuple[int, bytes]], match: str) -> None:
+    """Every selected context gets a chunk in every block status reply (NBD document): one we
+    did not ask for, or a name or id given twice, is refused at the handshake."""
+    hs = _at_meta_context()
+    with pytest.raises(SourceProtocolError, match=match):
+        for ctx, name in replies_:
+            hs.receive(opt_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, struct.pack(">I", ctx) + name))
+
+
+def test_a_refused_meta_context_option_selects_nothing() -> None:
+    hs = _at_meta_context()
+    hs.receive(opt_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, struct.pack(">I", 2) + b"base:allocation")
+               + opt_reply(Opt.SET_META_CONTEXT, Rep.ERR_TOO_BIG)
+               + opt_reply(Opt.GO, Rep.INFO, export_info(1 << 20)) + opt_reply(Opt.GO, Rep.ACK))
+    assert hs.result is not None and hs.result.contexts == {}

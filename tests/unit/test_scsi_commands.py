@@ -376,3 +376,55 @@ def test_prefetch_makes_blocks_local_without_returning_data(env: tuple[Lun, byte
     assert list(disk.missing_runs(SIZE - 4 * BS, 4 * BS)) == []
     expect_lba_oob(run(lun, struct.pack(">BBIBHB", 0x34, 0, NBLOCKS - 1, 0, 2, 0)))
     assert bytes(expect_good(run(lun, rw("read", 10, 64, 16))).data_in or b"") == data[64 * BS:80 * BS]
+
+
+# -- a live volume before and after its cutover (issue 11) ------------------------------------
+
+#: every WRITE-type command, with its data-out: refused before the cutover
+LIVE_WRITES = {
+    **{f"write{n}": (rw("write", n, 1, 1), bytes(BS)) for n in (6, 10, 12, 16)},
+    **{f"writeverify{n}": (rw("writeverify", n, 1, 1), bytes(BS)) for n in (10, 12, 16)},
+    **{f"writesame{n}": (rw("writesame", n, 1, 2), bytes(BS)) for n in (10, 16)},
+    "unmap": (unmap_cdb(24), unmap_params((1, 1))),
+    "compare_and_write": (caw_cdb(1, 1), bytes(2 * BS)),
+}
+
+
+@pytest.fixture
+def live(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from tests.unit.store_fakes import LiveSource
+
+    src = LiveSource(random.Random(9).randbytes(SIZE))
+    disk = LazyDisk.open(str(tmp_path / "cache"), src, autocommit_s=None, live=True)
+    yield Lun(disk, "vm1", block_size=BS), src, disk
+    disk.close()
+
+
+@pytest.mark.parametrize("name", sorted(LIVE_WRITES))
+def test_live_write_before_cutover_is_data_protect(live, name: str) -> None:  # type: ignore[no-untyped-def]
+    lun, src, _ = live
+    cdb, data = LIVE_WRITES[name]
+    sense = expect_sense(run(lun, cdb, data), Reason.WRITE_PROTECTED)
+    assert sense[2] & 0x0F == SenseKey.DATA_PROTECT and (sense[12], sense[13]) == (0x27, 0x00)
+    # reads go on, and MODE SENSE does not set WP (QEMU's iSCSI driver would refuse the LUN)
+    assert expect_good(run(lun, rw("read", 10, 0, 8))).data_in == bytes(src.data[:8 * BS])
+    header = expect_good(run(lun, bytes([0x1A, 0, 0x3F, 0, 255, 0]))).data_in
+    assert header is not None and not header[2] & 0x80
+
+
+def test_live_cutover_unit_attention_once_per_nexus(live) -> None:  # type: ignore[no-untyped-def]
+    from tests.unit.store_fakes import content_identity
+
+    lun, _, disk = live
+    a, b, late = "iqn.test:a", "iqn.test:b", "iqn.test:late"
+    tur = bytes(6)
+    for nexus in (a, b):
+        expect_good(execute(lun, tur, None, nexus))
+    disk.cutover(content_identity)
+    for nexus in (a, b):
+        # INQUIRY is exempt and leaves the attention pending; the next command reports it
+        expect_good(execute(lun, bytes([0x12, 0, 0, 0, 36, 0]), None, nexus))
+        expect_sense(execute(lun, rw("write", 10, 0, 1), bytes(BS), nexus), Reason.MODE_PARAMETERS_CHANGED)
+        expect_good(execute(lun, rw("write", 10, 0, 1), bytes(BS), nexus))
+    expect_good(execute(lun, tur, None, late))  # it never saw the LUN read-only
+    assert not lun.read_only_seen

@@ -19,6 +19,15 @@ Checked after every step:
 * after a failed fdatasync the volume is fail-stopped: every flush that ends later fails, and so
   does every write that starts later (SBC-4 has no way to say "your earlier writes are gone").
 
+Half the schedules are live migrations (issue 11): the source is still written by its VM
+(``vm_write``, recorded in a cumulative dirty bitmap, or with no bitmap at all), and a
+``cutover`` races guest writes, reads, fills and source replies in flight, kills and power
+losses. Before the cutover has finished, a read may return any value the source's unit ever
+had (nothing read then is trusted) and every guest write must be refused; once it has finished
+(its post-copy phase durable), every read returns the source's final bytes or a later guest
+write, and the map on the medium vouches for nothing else: a fetch asked before the VM's last
+write and answered after the cutover must not land.
+
 The model keeps, per unit, the values a read may return now (``allowed``: one, unless a write
 failed half-way) and every value the unit held since the last flush (``history``, oldest
 first). Concurrent guest operations never overlap (an initiator orders its own overlapping
@@ -43,11 +52,11 @@ from structlog.testing import capture_logs
 
 from lazyiscsi.source.base import SourceReadError, SourceUnavailable
 from lazyiscsi.store import lazydisk
-from lazyiscsi.store.errors import StoreError
+from lazyiscsi.store.errors import StoreError, WriteProtected
 from lazyiscsi.store.fetch import RetryPolicy
 from lazyiscsi.store.lazydisk import LazyDisk
-from lazyiscsi.store.superblock import CacheState
-from tests.unit.store_fakes import Gate, GatedDisk, GatedSource, settle
+from lazyiscsi.store.superblock import CacheState, Phase, read_superblock
+from tests.unit.store_fakes import Gate, GatedDisk, GatedSource, LiveSource, content_identity, settle
 
 UNIT = 512
 MAX_UNITS = 12
@@ -58,6 +67,9 @@ EXAMPLES = int(os.environ.get("LAZYISCSI_MODEL_EXAMPLES", "200"))
 SCHEDULES = int(os.environ.get("LAZYISCSI_MODEL_SCHEDULES", "5000"))
 #: steps per schedule: enough for a fill, two guest writes and the releases between them
 STEPS = 30
+
+#: a frozen source (half the schedules), live without a dirty bitmap, live with one (issue 11)
+LIVE_MODES = (0, 0, 0, 1, 2, 2)
 
 T = TypeVar("T")
 SOURCE_OUTCOMES = ("ok", "ok", "ok", "eio", "unreachable")
@@ -72,6 +84,7 @@ class Op:
         self.mark: list[int] = []  # flush: where each unit's history stood when it began
         self.snapshot: list[set[bytes]] = []  # flush: allowed values when it began
         self.after_failure = False  # a flush or write begun after an fdatasync had failed
+        self.refused = False  # a write begun before the cutover finished: must fail
 
     @property
     def units(self) -> range:
@@ -118,7 +131,8 @@ class StoreModel:
     def __init__(self) -> None:
         self.tmp: tempfile.TemporaryDirectory | None = None
 
-    def setup(self, n_units: int, tail: int, readahead_units: int, seed: int) -> None:
+    def setup(self, n_units: int, tail: int, readahead_units: int, seed: int, live: int = 0) -> None:
+        """``live``: 0 a frozen source; 1 a live one without a dirty bitmap; 2 with one."""
         # the superblock is replaced with fsyncs: on tmpfs they cost nothing
         self.tmp = tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.boot = 0
@@ -141,6 +155,12 @@ class StoreModel:
         self.ops: list[Op] = []
         self.fills: list[gevent.Greenlet] = []
         self.sync_failed = False  # an fdatasync failed in this process: the volume is fail-stopped
+        self.history_of_source: list[list[bytes]] = [[self._unit(self.data, u)] for u in range(self._n_units)]
+        self.live = live
+        self.live_source = LiveSource(self.data, bitmap="mig" if live == 2 else None, granularity=UNIT,
+                                      gate=self.gate) if live else None
+        self.vm_stopped = False  # a cutover was asked for: the source VM has stopped
+        self.model_cut = not live  # the model has taken the cutover in (``_cut_over``)
         self._open()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -153,12 +173,20 @@ class StoreModel:
         return bytes(buf[u * UNIT:min((u + 1) * UNIT, self.size)])
 
     def _open(self) -> None:
-        self.source = GatedSource(self.gate, self.data)
+        if self.live_source is None:
+            self.source = GatedSource(self.gate, self.data)
+        else:
+            self.source = self.live_source
+            sb = read_superblock(self.path + ".meta")
+            # a source opened after the cutover is opened frozen: its identity is its content's
+            self.source.identity = content_identity(self.source) if sb and sb.phase is Phase.POST_COPY \
+                else f"live:size={self.size}"
         self.gate.passthrough = True
         try:
             self.disk = LazyDisk.open(self.path, self.source, unit=UNIT, readahead=self.readahead,
                                       io_timeout=1e6, autocommit_s=None,
-                                      retry=RetryPolicy(attempts=2, first_delay=0), opener=self.files)
+                                      retry=RetryPolicy(attempts=2, first_delay=0), opener=self.files,
+                                      live=bool(self.live))
         finally:
             self.gate.passthrough = False
         settle()
@@ -177,6 +205,10 @@ class StoreModel:
         offset = c.integer(0, self.size - 1)
         length = c.integer(1, min(self.size - offset, 3 * UNIT))
         return offset, length
+
+    @property
+    def _before_cutover(self) -> bool:
+        return self.disk.phase is not Phase.POST_COPY
 
     def _spawn(self, op: Op, fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         op.after_failure = self.sync_failed and (op.kind == "flush" or bool(op.old))
@@ -205,8 +237,18 @@ class StoreModel:
         for op in [o for o in self.ops if o.greenlet.ready()]:
             self.ops.remove(op)
             value, exc = op.greenlet.value
+            if op.refused:
+                assert exc is not None, f"{op.kind} accepted before the cutover finished"
+                assert isinstance(exc, StoreError), f"{op.kind} raised {exc!r}"
+                continue
+            if op.kind == "cutover":
+                assert exc is None or isinstance(exc, StoreError), f"cutover raised {exc!r}"
+                if exc is None:
+                    self._cut_over()
+                continue
             if exc is not None:
                 assert isinstance(exc, StoreError), f"{op.kind} raised {exc!r}"
+                assert not isinstance(exc, WriteProtected), f"{op.kind} refused after the cutover"
                 for u, old in op.old.items():  # it may have written all, part or nothing
                     self.allowed[u] |= old
                 continue
@@ -220,6 +262,17 @@ class StoreModel:
             elif op.kind == "read":
                 got = bytes(value)
                 self._check_read(op, got)
+
+    def _final(self, u: int) -> bytes:
+        assert self.live_source is not None
+        return self._unit(bytes(self.live_source.data), u)
+
+    def _cut_over(self) -> None:
+        """The cutover finished: from now on the LUN is the source's final bytes."""
+        self.model_cut = True
+        for u in range(self._n_units):
+            self.allowed[u] = {self._final(u)}
+            self.history[u] = [self._final(u)]
 
     def _check_read(self, op: Op, got: bytes) -> None:
         for i, u in enumerate(op.units):
@@ -247,14 +300,27 @@ class StoreModel:
             return
         payload = c.payload(length)
         op = Op("write", offset, length, payload)
-        self._apply_write(op, offset, payload)
+        if not self._refused(op):
+            self._apply_write(op, offset, payload)
         self._spawn(op, self.disk.write, offset, payload, fua=fua)
+
+    def _refused(self, op: Op) -> bool:
+        """A guest write before the cutover finished: it must fail, and changes nothing. (Its
+        phase check runs in the settle after its spawn, and a cutover finishes only when a
+        gate lets its fdatasync go, in a ``step``: the phase now is the one it will see.)"""
+        op.refused = self._before_cutover
+        return op.refused
 
     def unmap_or_write_same(self, c: Choices) -> None:
         """UNMAP is ``discard`` (whole units only); WRITE SAME of zeros is ``write_zeroes``."""
         offset, length = self._range(c)
         zeroes = c.boolean()
         if not self._free(offset, length) or not self._writable(offset, length):
+            return
+        if self._before_cutover:
+            op = Op("write_zeroes" if zeroes else "discard", offset, length)
+            op.refused = True
+            self._spawn(op, self.disk.write_zeroes if zeroes else self.disk.discard, offset, length)
             return
         if zeroes:
             op = Op("write_zeroes", offset, length)
@@ -273,7 +339,7 @@ class StoreModel:
         """SBC-4 5.3 at the store's API: read, compare, and write only if equal."""
         offset, length = self._range(c)
         match = c.boolean()
-        if not self._free(offset, length) or not self._writable(offset, length):
+        if not self._free(offset, length) or not self._writable(offset, length) or self._before_cutover:
             return
         current = b"".join(next(iter(self.allowed[u])) for u in range(self._n_units))[offset:offset + length]
         expect = current if match else bytes(b ^ 0xFF for b in current)
@@ -306,12 +372,38 @@ class StoreModel:
         settle()
 
     def mark_zero(self, c: Choices) -> None:
-        """The source said this unit is zero (block status): marked without reading it."""
-        if not self.zero_units:
+        """The source said this unit is zero (block status): marked without reading it. The
+        answer is of the epoch it was asked in, as the hydrator's (a live source's VM may
+        write the unit after it)."""
+        zero = [u for u in self.zero_units if self.live_source is None or not any(self._final(u))]
+        if not zero:
             return
-        u = c.pick(self.zero_units)
-        self.fills.append(gevent.spawn(self._quietly, self.disk.mark_zero, u * UNIT, UNIT))
+        u = c.pick(zero)
+        self.fills.append(gevent.spawn(self._quietly, self.disk.mark_zero, u * UNIT, UNIT, self.disk.epoch))
         settle()
+
+    # -- the live migration ----------------------------------------------------------------
+
+    def vm_write(self, c: Choices) -> None:
+        """The source VM writes its disk (before it stopped for the cutover)."""
+        if self.live_source is None or self.vm_stopped:
+            return
+        offset, length = self._range(c)
+        self.live_source.vm_write(offset, c.payload(length))
+        for u in range(offset // UNIT, -(-(offset + length) // UNIT)):
+            self.history_of_source[u].append(self._final(u))
+            self.allowed[u].add(self._final(u))
+            self.history[u].append(self._final(u))
+            for op in self.ops:  # a read in flight may see the VM's write too
+                if op.kind == "read" and u in op.units:
+                    op.expect[op.units.index(u)].add(self._final(u))
+
+    def cutover(self, c: Choices) -> None:
+        """The operator's cutover, once the VM stopped; it runs concurrently with everything."""
+        if self.live_source is None or not self._before_cutover or any(o.kind == "cutover" for o in self.ops):
+            return
+        self.vm_stopped = True
+        self._spawn(Op("cutover", 0, 0), self.disk.cutover, content_identity)
 
     @staticmethod
     def _quietly(fn, *args) -> None:  # type: ignore[no-untyped-def]
@@ -341,7 +433,7 @@ class StoreModel:
         """The process dies: nothing of it runs on."""
         gevent.killall([op.greenlet for op in self.ops] + self.fills)
         self.disk._fetcher.close()
-        for g in (self.disk._finisher, self.disk._committer):
+        for g in (self.disk._finisher, self.disk._committer, self.disk._poller):
             if g is not None:
                 g.kill()
         self.ops, self.fills = [], []
@@ -369,7 +461,23 @@ class StoreModel:
         self.allowed = [{self._unit(after, u)} for u in range(self._n_units)]
         for u in range(self._n_units):
             self.history[u].append(self._unit(after, u))
+        self._reopened(after)
         self.sync_failed = False
+
+    def _reopened(self, after: bytes) -> None:
+        """Reopened before its cutover finished, a live volume's reads may still return any
+        value its source had. One whose cutover finished on disk though the model had not
+        taken it in (the process died first) must read as the source's final bytes."""
+        if self.live_source is None:
+            return
+        if self._before_cutover:
+            for u in range(self._n_units):
+                self.allowed[u] |= set(self.history_of_source[u])
+                self.history[u] = [*self.history_of_source[u], *self.history[u]]
+        elif not self.model_cut:
+            for u in range(self._n_units):
+                assert self._unit(after, u) == self._final(u), f"unit {u} is stale after the cutover"
+            self._cut_over()
 
     def power_loss(self, c: Choices) -> None:
         self._die()
@@ -385,6 +493,7 @@ class StoreModel:
             assert got in self.history[u], f"unit {u} lost a flushed write or holds data never written there"
         self.allowed = [{self._unit(after, u)} for u in range(self._n_units)]
         self.history = [[self._unit(after, u)] for u in range(self._n_units)]
+        self._reopened(after)
         self.sync_failed = False
 
     def _read_all(self) -> bytes:
@@ -443,7 +552,8 @@ class StoreModel:
 #: the actions of a schedule, with the weights the seeded driver draws them by
 ACTIONS: tuple[tuple[str, int], ...] = (
     ("step", 8), ("read", 2), ("write", 2), ("unmap_or_write_same", 1), ("compare_and_write", 1),
-    ("flush", 1), ("populate", 2), ("mark_zero", 1), ("kill", 1), ("power_loss", 1))
+    ("flush", 1), ("populate", 2), ("mark_zero", 1), ("kill", 1), ("power_loss", 1), ("vm_write", 1),
+    ("cutover", 1))
 
 
 class LazyDiskMachine(RuleBasedStateMachine):
@@ -454,10 +564,11 @@ class LazyDiskMachine(RuleBasedStateMachine):
         self.model: StoreModel | None = None
 
     @initialize(n_units=st.integers(2, MAX_UNITS), tail=st.sampled_from([0, 0, 100]),
-                readahead_units=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
-    def setup(self, n_units: int, tail: int, readahead_units: int, seed: int) -> None:
+                readahead_units=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16),
+                live=st.sampled_from(LIVE_MODES))
+    def setup(self, n_units: int, tail: int, readahead_units: int, seed: int, live: int) -> None:
         self.model = StoreModel()
-        self.model.setup(n_units, tail, readahead_units, seed)
+        self.model.setup(n_units, tail, readahead_units, seed, live)
 
     @rule(action=st.sampled_from([name for name, _ in ACTIONS]), data=st.data())
     def act(self, action: str, data: st.DataObject) -> None:
@@ -484,7 +595,8 @@ def run_schedule(seed: int) -> StoreModel:
     rnd = random.Random(seed)
     c = Choices(rnd=rnd)
     model = StoreModel()
-    model.setup(c.integer(2, MAX_UNITS), c.pick([0, 0, 100]), c.pick([1, 2, 4]), c.integer(0, 2**16))
+    model.setup(c.integer(2, MAX_UNITS), c.pick([0, 0, 100]), c.pick([1, 2, 4]), c.integer(0, 2**16),
+                c.pick(LIVE_MODES))
     names = [name for name, _ in ACTIONS]
     weights = [w for _, w in ACTIONS]
     trail: list[str] = []

@@ -17,11 +17,28 @@ on another disk) is noticed when the client redials: every new connection is che
 identity (size and samples) before it carries a request, and a mismatch stops every later read
 with ``SourceChanged``. A replacement between two requests on a connection that never dropped
 cannot happen with a real server (a restart drops the connection).
+
+A live source (``live=True``: the disk is still in use by a running VM, issue 11) is identified
+without its samples: the size, the export name and the ``source_id``. Samples taken while the VM
+writes would differ from samples taken a minute later, and a cache bound to them would refuse to
+resume against the very disk it copies; they also cost reads the bitmap would then report dirty.
+What a live identity still guards: another export, another size, another operator id. At the
+cutover, when the VM has stopped, ``content_fingerprint`` samples the disk and pins the identity
+to the fingerprint a frozen open would compute, so the cache is bound to the content from then on.
+
+Dirty bitmap (``dirty_bitmap=NAME``): every connection negotiates ``qemu:dirty-bitmap:NAME``
+beside ``base:allocation`` in one NBD_OPT_SET_META_CONTEXT; a server that does not select it
+(QEMU: no such bitmap in the export's ``bitmaps``) makes the open fail with ``SourceNotFound``.
+NBD_CMD_BLOCK_STATUS then answers both contexts in every reply, one chunk each (the client
+cannot pick one per request without extended headers): ``extents`` reads one, ``dirty_runs``
+the other, on the same connections.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import gevent
@@ -31,18 +48,22 @@ import structlog
 from lazyiscsi.source.base import (
     DEFAULT_REQUEST_DEADLINE,
     PATIENCE,
+    DirtyRun,
     Extent,
     Priority,
     SourceChanged,
     SourceConfigError,
     SourceError,
+    SourceNotFound,
     SourceProtocolError,
     SourceReadError,
     SourceUnavailable,
     fingerprint,
+    live_identity,
     sample_ranges,
 )
-from lazyiscsi.source.nbd.constants import Cmd
+from lazyiscsi.source.nbd import replies
+from lazyiscsi.source.nbd.constants import BASE_ALLOCATION, QEMU_DIRTY_BITMAP, Cmd, DirtyFlag, StateFlag
 from lazyiscsi.source.nbd.transport import (
     Channel,
     Connection,
@@ -53,13 +74,16 @@ from lazyiscsi.source.nbd.transport import (
 )
 from lazyiscsi.source.url import redact
 
-__all__ = ["NbdSource", "open_nbd", "parse_nbd_url"]
+__all__ = ["NbdBitmapSource", "NbdSource", "open_nbd", "parse_nbd_url"]
 
 log = structlog.get_logger("lazyiscsi.source.nbd")
 
 DEFAULT_PORT = 10809
 #: block status asks at most this much per request (the length field is 32 bits)
 _MAX_STATUS = 1 << 31
+#: what a bitmap name may be: QEMU's limit (BDRV_BITMAP_MAX_NAME_SIZE, 1023 bytes), no control
+#: characters (it is shown in errors and logs)
+_BITMAP_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,1023}")
 
 
 def parse_nbd_url(url: str) -> tuple[Dialer, str]:
@@ -90,24 +114,35 @@ class NbdSource:
     """A read-only NBD export."""
 
     def __init__(self, url: str, dial: Dialer, export: str, first: Connection, *, deadline: float,
-                 source_id: str | None = None) -> None:
+                 source_id: str | None = None, live: bool = False, bitmap: str | None = None) -> None:
         self.url = redact(url)
         info = first.info
         self.size = info.size
         self._max_payload = info.max_payload
-        self._block_status = info.meta_context_id is not None
-        self._dial, self._export, self._deadline = dial, export, deadline
+        self._block_status = BASE_ALLOCATION in info.contexts
+        self._dial, self._export, self._deadline, self._bitmap = dial, export, deadline, bitmap
         #: why this is no longer the export it was at open, once a connection showed it
         self._changed: str | None = None
-        self._extra = f"export={export!r}" + (f":id={source_id}" if source_id else "")
+        #: whether ``identity`` holds samples a redialled connection can be checked against (a
+        #: live source's does not until the cutover pins it: its content changes meanwhile)
+        self._sampled = False
         self.identity = ""  # until the samples are in: a redial meanwhile checks the size only
         foreground = Channel(dial, export, f"{self.url} foreground", deadline=deadline, first=first,
-                             check=self._same_export)
+                             bitmap=bitmap, check=self._same_export)
         self._channels = {Priority.FOREGROUND: foreground}
         self._bg_lock = gevent.lock.Semaphore()
         self._closed = False
+        self._extra = f"export={export!r}" + (f":id={source_id}" if source_id else "")
+        self.identity = live_identity("nbd", self.size, self._extra) if live else self.content_fingerprint()
+
+    def content_fingerprint(self) -> str:
+        """The identity a frozen open computes (size, samples, export, id), from the disk as it is
+        now; it becomes this source's ``identity`` (see the module docstring: a live source is
+        pinned at the cutover, when it has stopped changing)."""
         samples = _parallel([(self._sample, off, n) for off, n in sample_ranges(self.size)])
         self.identity = fingerprint("nbd", self.size, samples, extra=self._extra)
+        self._sampled = True
+        return self.identity
 
     def _sample(self, offset: int, length: int) -> bytes:
         """A fingerprint read: retried a few times, since one EIO must not fail an open."""
@@ -129,7 +164,7 @@ class NbdSource:
             why = None
             if conn.info.size != self.size:
                 why = f"the export's size is now {conn.info.size}, was {self.size}"
-            elif self.identity:
+            elif self._sampled:
                 reads = [(conn.call, Cmd.READ, off, n) for off, n in sample_ranges(self.size)]
                 try:
                     samples = _parallel(reads)
@@ -170,14 +205,15 @@ class NbdSource:
             if Priority.BACKGROUND not in self._channels:
                 try:
                     first = Connection.open(self._dial, self._export, self._deadline,
-                                            f"{self.url} background", self._deadline)
+                                            f"{self.url} background", self._deadline, self._bitmap)
                     try:
                         self._same_export(first)  # opened later than the identity was taken
                     except BaseException:
                         first.kill("not the export it was")
                         raise
                     channel = Channel(self._dial, self._export, f"{self.url} background",
-                                      deadline=self._deadline, first=first, check=self._same_export)
+                                      deadline=self._deadline, first=first, bitmap=self._bitmap,
+                                      check=self._same_export)
                 except (OSError, SourceUnavailable) as e:
                     log.warning("source_single_connection", url=self.url, error=str(e) or type(e).__name__,
                                 hint="the server takes one client at a time (qemu-nbd: use --shared=2 "
@@ -190,23 +226,38 @@ class NbdSource:
         self._check(offset, length)
         if not self._block_status:
             return [Extent(offset, length, False)]
-        out: list[Extent] = []
+        # a connection redialled to a server that no longer offers base:allocation: DATA
+        runs = self._status(BASE_ALLOCATION, offset, length, priority, _is_zero, unsure=False)
+        return [Extent(off, n, zero) for off, n, zero in runs or [(offset, length, False)]]
+
+    def _status(self, context: str, offset: int, length: int, priority: Priority,
+                state_of: Callable[[int], bool], *, unsure: bool) -> list[tuple[int, int, bool]] | None:
+        """Block status runs of one context over the range, as (offset, length, state) with
+        adjacent equal states merged; None when the connection that answered did not select
+        ``context``. The server may describe less than asked: ask again from where it stopped.
+        At most ``MAX_STATUS_RUNS`` runs (a server cutting a large range very fine must not grow
+        our memory): the rest of the range is then one run of state ``unsure``, the state that
+        is never wrong (DATA, dirty)."""
+        out: list[tuple[int, int, bool]] = []
         pos, end = offset, offset + length
         # the copier's block status goes on the background connection: a server busy with a
         # slow status query would otherwise hold up the guests' reads queued behind it
         channel = self._channels.get(priority) or self._background()
         while pos < end:
-            got = channel.call(Cmd.BLOCK_STATUS, pos, min(end - pos, _MAX_STATUS),
-                               self._patience(priority)).extents
-            for ext in got:
-                if out and out[-1].zero == ext.zero:
-                    out[-1] = Extent(out[-1].offset, out[-1].length + ext.length, ext.zero)
-                else:
-                    out.append(ext)
-            new_pos = got[-1].end
-            if new_pos <= pos:
-                raise SourceProtocolError("block status made no progress")
-            pos = new_pos
+            if len(out) >= replies.MAX_STATUS_RUNS:
+                log.warning("source_status_truncated", url=self.url, context=context, offset=pos,
+                            length=end - pos, runs=len(out), state=unsure,
+                            hint="the server cut the range finer than one query may hold; the rest "
+                                 "is taken as DATA/dirty (a copy, never a stale block)")
+                _merge(out, pos, end - pos, unsure)
+                break
+            req = channel.call(Cmd.BLOCK_STATUS, pos, min(end - pos, _MAX_STATUS), self._patience(priority))
+            runs = req.status.get(context)
+            if runs is None:
+                return None
+            for run in runs:
+                _merge(out, run.offset, run.length, state_of(run.flags))
+            pos = runs[-1].end  # StatusChunk keeps at least one run of nonzero length
         return out
 
     def close(self) -> None:
@@ -221,6 +272,51 @@ class NbdSource:
             raise SourceChanged(self._changed)
         if offset < 0 or length <= 0 or offset + length > self.size:
             raise SourceProtocolError(f"read [{offset}, +{length}) outside the export ({self.size} bytes)")
+
+
+class NbdBitmapSource(NbdSource):
+    """An NBD export with a dirty bitmap (``DirtyTracking``): the live source of issue 11."""
+
+    def __init__(self, *args: object, bitmap: str, **kwargs: object) -> None:
+        super().__init__(*args, bitmap=bitmap, **kwargs)  # type: ignore[arg-type]
+        self.dirty_bitmap = bitmap
+        self._context = QEMU_DIRTY_BITMAP + bitmap
+
+    def dirty_runs(self, offset: int, length: int,
+                   priority: Priority = Priority.BACKGROUND) -> list[DirtyRun]:
+        """Which of ``[offset, offset+length)`` the bitmap marks dirty (flag bit 0 of
+        ``qemu:dirty-bitmap:NAME``, QEMU docs/interop/nbd.txt). Raises ``SourceNotFound`` when
+        a redialled connection no longer offers the bitmap: clean must never be a guess."""
+        self._check(offset, length)
+        runs = self._status(self._context, offset, length, priority, _is_dirty, unsure=True)
+        if runs is None:
+            raise SourceNotFound(_no_bitmap(self.url, self._export, self.dirty_bitmap, "no longer offers"))
+        return [DirtyRun(off, n, dirty) for off, n, dirty in runs]
+
+
+_ZERO, _DIRTY = int(StateFlag.ZERO), int(DirtyFlag.DIRTY)  # plain ints: IntFlag's & is slow per run
+
+
+def _is_zero(flags: int) -> bool:
+    """base:allocation: ZERO promises zeros; HOLE alone does not (NBD document, base:allocation)."""
+    return bool(flags & _ZERO)
+
+
+def _is_dirty(flags: int) -> bool:
+    return bool(flags & _DIRTY)
+
+
+def _merge(out: list[tuple[int, int, bool]], offset: int, length: int, state: bool) -> None:
+    if out and out[-1][2] == state and out[-1][0] + out[-1][1] == offset:
+        out[-1] = (out[-1][0], out[-1][1] + length, state)
+    else:
+        out.append((offset, length, state))
+
+
+def _no_bitmap(url: str, export: str, bitmap: str, verb: str) -> str:
+    return (f"{url}: export {export!r} {verb} dirty bitmap {bitmap!r} (meta context "
+            f"{QEMU_DIRTY_BITMAP}{bitmap}; qemu-storage-daemon: block-export-add ... bitmaps: [{bitmap!r}], "
+            f"qemu-nbd: -B {bitmap})")
 
 
 def _parallel(calls: list[tuple]) -> list:  # type: ignore[type-arg]
@@ -245,15 +341,21 @@ def _parallel(calls: list[tuple]) -> list:  # type: ignore[type-arg]
 
 
 def open_nbd(url: str, *, timeout: float = 30.0, deadline: float = DEFAULT_REQUEST_DEADLINE,
-             source_id: str | None = None) -> NbdSource:
-    """Connect and negotiate, retrying a refused or unreachable server until ``timeout``."""
+             source_id: str | None = None, dirty_bitmap: str | None = None,
+             live: bool = False) -> NbdSource:
+    """Connect and negotiate, retrying a refused or unreachable server until ``timeout``. With
+    ``dirty_bitmap`` the source is an ``NbdBitmapSource``, or ``SourceNotFound`` when the export
+    does not offer that bitmap; ``live``: see the module docstring."""
+    if dirty_bitmap is not None and not _BITMAP_NAME.fullmatch(dirty_bitmap):
+        raise SourceConfigError(f"dirty bitmap name {dirty_bitmap[:40]!r}: use 1-1023 characters, "
+                                "no control characters (QEMU's bitmap name)")
     dial, export = parse_nbd_url(url)
     give_up = time.monotonic() + timeout
     delay = 0.1
     while True:
         try:
             first = Connection.open(dial, export, max(0.5, min(deadline, give_up - time.monotonic())),
-                                    f"{redact(url)} foreground", deadline)
+                                    f"{redact(url)} foreground", deadline, dirty_bitmap)
             break
         except (OSError, SourceUnavailable) as e:
             if time.monotonic() + delay > give_up:
@@ -261,4 +363,11 @@ def open_nbd(url: str, *, timeout: float = 30.0, deadline: float = DEFAULT_REQUE
                 raise SourceUnavailable(f"cannot reach {redact(url)}: {why or type(e).__name__}") from None
             gevent.sleep(delay)
             delay = min(delay * 2, 2.0)
-    return NbdSource(url, dial, export, first, deadline=deadline, source_id=source_id)
+    if dirty_bitmap is None:
+        return NbdSource(url, dial, export, first, deadline=deadline, source_id=source_id, live=live)
+    if QEMU_DIRTY_BITMAP + dirty_bitmap not in first.info.contexts:
+        first.disconnect()
+        why = "does not offer" if first.info.structured else "cannot offer (no structured replies) the"
+        raise SourceNotFound(_no_bitmap(redact(url), export, dirty_bitmap, why))
+    return NbdBitmapSource(url, dial, export, first, deadline=deadline, source_id=source_id, live=live,
+                           bitmap=dirty_bitmap)

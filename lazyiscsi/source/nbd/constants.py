@@ -17,6 +17,9 @@ SIMPLE_HEADER = 16
 STRUCTURED_HEADER = 20
 
 BASE_ALLOCATION = "base:allocation"
+#: QEMU's dirty bitmap context, followed by the bitmap's exported name (QEMU docs/interop/nbd.txt,
+#: "qemu:dirty-bitmap:<dirty-bitmap-export-name>")
+QEMU_DIRTY_BITMAP = "qemu:dirty-bitmap:"
 
 
 class HandshakeFlag(enum.IntFlag):
@@ -114,6 +117,13 @@ class StateFlag(enum.IntFlag):
 
     HOLE = 1
     ZERO = 2
+
+
+class DirtyFlag(enum.IntFlag):
+    """qemu:dirty-bitmap:NAME descriptor flags (QEMU docs/interop/nbd.txt): bit 0 set means the
+    extent is dirty; every other bit is reserved and ignored."""
+
+    DIRTY = 1
 
 
 class Errno(enum.IntEnum):

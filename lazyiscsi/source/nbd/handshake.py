@@ -7,11 +7,15 @@ message the client waits for, grouped as libnbd groups them:
     NEWSTYLE                 wait for "NBDMAGIC" "IHAVEOPT" + handshake flags
     OPT_STRUCTURED_REPLY     wait for the reply to NBD_OPT_STRUCTURED_REPLY
     OPT_SET_META_CONTEXT     wait for META_CONTEXT replies then ACK for "base:allocation"
+                             (and "qemu:dirty-bitmap:NAME" when a bitmap is wanted)
     OPT_GO                   wait for INFO replies then ACK for NBD_OPT_GO
     READY                    negotiated: the transmission phase may begin
 
 Refusals that only cost a feature (no structured replies, no block status) are accepted and
-recorded; refusals of the export itself become typed ``SourceError`` reasons.
+recorded; refusals of the export itself become typed ``SourceError`` reasons. Whether a wanted
+dirty bitmap was granted is the caller's to judge (``Negotiated.contexts``): a server ignores a
+context it does not offer rather than refusing it (NBD document, NBD_OPT_SET_META_CONTEXT: "The
+server MAY ignore queries that do not select a single metadata context").
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lazyiscsi.source.nbd.constants import (
     IHAVEOPT,
     NBDMAGIC,
     OPT_REPLY_MAGIC,
+    QEMU_DIRTY_BITMAP,
     REP_ERROR_BIT,
     ClientFlag,
     HandshakeFlag,
@@ -77,7 +82,10 @@ class Negotiated:
     size: int
     flags: TransmissionFlag
     structured: bool
-    meta_context_id: int | None  # base:allocation's id, when block status is available
+    #: the metadata contexts the server selected, name -> id. The ids are the server's, valid on
+    #: this connection only (NBD document: "clients MUST therefore treat the ID as an opaque
+    #: value and not (for instance) cache it between connections")
+    contexts: dict[str, int]
     min_block: int
     preferred_block: int
     max_payload: int
@@ -86,15 +94,18 @@ class Negotiated:
 class Handshake:
     """One handshake for export ``name``."""
 
-    def __init__(self, name: str, *, structured: bool = True, block_status: bool = True) -> None:
+    def __init__(self, name: str, *, structured: bool = True, block_status: bool = True,
+                 bitmap: str | None = None) -> None:
         self.name = name
         self._want_structured = structured
-        self._want_block_status = block_status
+        #: the contexts NBD_OPT_SET_META_CONTEXT asks for, in order
+        self._queries = ([BASE_ALLOCATION] if block_status else []) + (
+            [QEMU_DIRTY_BITMAP + bitmap] if bitmap is not None else [])
         self.state = State.NEWSTYLE
         self._in = bytearray()
         self._out = bytearray()
         self._structured = False
-        self._context: int | None = None
+        self._contexts: dict[str, int] = {}
         self._size: int | None = None
         self._flags = TransmissionFlag(0)
         self._blocks = (1, 4096, DEFAULT_MAX_PAYLOAD)
@@ -157,12 +168,14 @@ class Handshake:
         if state is State.NEWSTYLE and self._want_structured:
             self._send_option(Opt.STRUCTURED_REPLY, b"")
             self.state = State.OPT_STRUCTURED_REPLY
-        elif state in (State.NEWSTYLE, State.OPT_STRUCTURED_REPLY) and self._structured \
-                and self._want_block_status:
+        elif state in (State.NEWSTYLE, State.OPT_STRUCTURED_REPLY) and self._structured and self._queries:
+            # NBD document, NBD_OPT_SET_META_CONTEXT: export name, number of queries, queries; one
+            # option with every query, since each SET_META_CONTEXT replaces the previous selection
             name = self.name.encode()
-            query = BASE_ALLOCATION.encode()
-            self._send_option(Opt.SET_META_CONTEXT, struct.pack(">I", len(name)) + name
-                              + struct.pack(">II", 1, len(query)) + query)
+            data = struct.pack(">I", len(name)) + name + struct.pack(">I", len(self._queries))
+            for query in self._queries:
+                data += struct.pack(">I", len(query.encode())) + query.encode()
+            self._send_option(Opt.SET_META_CONTEXT, data)
             self.state = State.OPT_SET_META_CONTEXT
         else:
             name = self.name.encode()
@@ -189,13 +202,22 @@ class Handshake:
             if len(payload) < 4:
                 raise SourceProtocolError("short NBD_REP_META_CONTEXT")
             (ctx,) = struct.unpack_from(">I", payload)
-            if payload[4:].decode(errors="replace") == BASE_ALLOCATION:
-                self._context = ctx
+            name = payload[4:].decode(errors="replace")
+            # every context the server selects gets one chunk in every block status reply, so
+            # one we did not ask for (or a repeated name or id) is a server we cannot follow
+            if name not in self._queries:
+                raise SourceProtocolError(f"the server selected meta context {name[:80]!r}, "
+                                          "which we did not ask for")
+            if name in self._contexts or ctx in self._contexts.values():
+                raise SourceProtocolError(f"meta context {name!r} (id {ctx}) selected twice")
+            self._contexts[name] = ctx
             return  # more may follow; ACK ends the list
         if rep != Rep.ACK and not rep & REP_ERROR_BIT:
             raise SourceProtocolError(f"unexpected reply {rep} to NBD_OPT_SET_META_CONTEXT")
         if rep & REP_ERROR_BIT:
-            self._context = None  # no block status: everything reads as DATA
+            # "replaces all previously-set metadata contexts (including when this command
+            # fails)": no block status; everything reads as DATA, a wanted bitmap is missing
+            self._contexts = {}
         self._next_option_after(State.OPT_SET_META_CONTEXT)
 
     def _on_go(self, rep: int, payload: bytes) -> None:
@@ -208,7 +230,7 @@ class Handshake:
             lo, pref, hi = self._blocks
             self.state = State.READY
             self.result = Negotiated(size=self._size, flags=self._flags, structured=self._structured,
-                                     meta_context_id=self._context, min_block=lo, preferred_block=pref,
+                                     contexts=dict(self._contexts), min_block=lo, preferred_block=pref,
                                      max_payload=hi)
             return
         if rep & REP_ERROR_BIT:

@@ -36,7 +36,6 @@ from gevent import socket as gsocket
 from gevent.event import AsyncResult
 
 from lazyiscsi.source.base import (
-    Extent,
     SourceError,
     SourceProtocolError,
     SourceReadError,
@@ -95,7 +94,8 @@ class _Request:
     length: int
     buf: bytearray | None = None
     filled: int = 0
-    extents: list[Extent] = field(default_factory=list)
+    #: block status: the runs of each metadata context, by context name
+    status: dict[str, list[replies.Status]] = field(default_factory=dict)
     error: SourceError | None = None
     result: AsyncResult = field(default_factory=AsyncResult)
     sent: float = 0.0  # time.monotonic() when it was handed to the socket
@@ -110,6 +110,7 @@ class Connection:
         self.label = label
         self.deadline = deadline
         self.alive = True
+        self._names = {ctx: name for name, ctx in info.contexts.items()}
         self._cookies = itertools.count(1)
         self._inflight: dict[int, _Request] = {}
         self._abandoned: dict[int, _Request] = {}
@@ -119,12 +120,14 @@ class Connection:
         self._watchdog = gevent.spawn(self._watch)
 
     @classmethod
-    def open(cls, dial: Dialer, export: str, timeout: float, label: str, deadline: float) -> Connection:
-        """Dial and negotiate; ``timeout`` bounds the connect and each handshake read."""
+    def open(cls, dial: Dialer, export: str, timeout: float, label: str, deadline: float,
+             bitmap: str | None = None) -> Connection:
+        """Dial and negotiate (with the dirty bitmap's context too, when ``bitmap`` is named);
+        ``timeout`` bounds the connect and each handshake read."""
         sock = dial(timeout)
         try:
             set_keepalive(sock, deadline)
-            hs = Handshake(export)
+            hs = Handshake(export, bitmap=bitmap)
             while hs.result is None:
                 out = hs.data_to_send()
                 if out:
@@ -145,6 +148,10 @@ class Connection:
         if not self.alive:
             raise ConnectionLost("connection is closed")
         req = _Request(cmd, offset, length, bytearray(length) if cmd is Cmd.READ else None)
+        if cmd is Cmd.BLOCK_STATUS and not self._names:
+            # NBD document: a client "MUST NOT send NBD_CMD_BLOCK_STATUS unless ... the server
+            # returned at least one metadata context": no runs for any context, said at once
+            return req
         cookie = next(self._cookies)
         self._inflight[cookie] = req
         try:
@@ -256,6 +263,10 @@ class Connection:
         req, abandoned = self._lookup(h.cookie)
         if self.info.structured and req.cmd is Cmd.READ and h.error == 0:
             raise SourceProtocolError("simple reply to a read after structured replies were agreed")
+        if req.cmd is Cmd.BLOCK_STATUS and h.error == 0:
+            # "For a successful return, the server MUST use a structured reply": no runs came;
+            # the stream is still in step, so only this request fails
+            req.error = SourceProtocolError("simple reply without block status to NBD_CMD_BLOCK_STATUS")
         if h.error:
             req.error = SourceReadError(f"the server failed {req.cmd.name} at {req.offset} "
                                         f"({req.length} bytes): {replies.errno_name(h.error)}")
@@ -279,11 +290,7 @@ class Connection:
             req.buf[pos:pos + n] = bytes(n)  # a retried request may reuse nothing: explicit
             req.filled += n
         elif h.type == Chunk.BLOCK_STATUS:
-            ctx = self.info.meta_context_id
-            if ctx is None:
-                raise SourceProtocolError("block status without a negotiated context")
-            req.extents = replies.parse_block_status(self._recv(h.length), ctx, req.offset,
-                                                     req.length)
+            self._on_status(h, req)
         elif h.is_error:
             error, msg = replies.parse_error(h, self._recv(h.length))
             req.error = SourceReadError(f"the server failed {req.cmd.name} at {req.offset} "
@@ -293,9 +300,37 @@ class Connection:
             if (req.cmd is Cmd.READ and req.error is None and req.filled != req.length):
                 raise SourceProtocolError(f"read at {req.offset} answered {req.filled} of "
                                           f"{req.length} bytes")
-            if req.cmd is Cmd.BLOCK_STATUS and req.error is None and not req.extents:
-                raise SourceProtocolError("block status reply without extents")
+            if req.cmd is Cmd.BLOCK_STATUS and req.error is None:
+                # "exactly one chunk of type NBD_REPLY_TYPE_BLOCK_STATUS per selected context id"
+                missing = sorted(set(self.info.contexts) - set(req.status))
+                if missing:
+                    req.error = SourceProtocolError(f"block status reply without {', '.join(missing)}")
             self._finish(h.cookie, req, abandoned)
+
+    def _on_status(self, h: replies.ChunkHeader, req: _Request) -> None:
+        """Read one block status chunk in slices (bounded memory however long the server made
+        it) and keep its runs under its context's name. What is wrong with its content fails
+        this request with ``SourceProtocolError`` (its caller learns why, rather than resending
+        it for ever to a server that will answer the same); the connection stays: it read the
+        whole chunk, so it is still in step."""
+        chunk = replies.StatusChunk(h.length, req.offset, req.length, replies.MAX_STATUS_RUNS)
+        left = h.length
+        while left:
+            data = self._recv(min(left, replies.STATUS_SLICE))
+            chunk.feed(data)
+            left -= len(data)
+        try:
+            ctx, runs = chunk.result()
+            name = self._names.get(ctx)
+            if name is None:
+                raise SourceProtocolError(f"block status for context id {ctx}, which the server "
+                                          "did not select for this connection")
+            if name in req.status:
+                raise SourceProtocolError(f"two block status chunks for {name}")
+            req.status[name] = runs
+        except SourceProtocolError as e:
+            log.error("source_protocol_error", connection=self.label, error=str(e))
+            req.error = req.error or e
 
     def _finish(self, cookie: int, req: _Request, abandoned: bool) -> None:
         if abandoned:
@@ -308,9 +343,10 @@ class Channel:
     """A connection that reconnects: what one priority class of requests goes through."""
 
     def __init__(self, dial: Dialer, export: str, label: str, *, deadline: float,
-                 first: Connection | None = None,
+                 first: Connection | None = None, bitmap: str | None = None,
                  check: Callable[[Connection], None] | None = None) -> None:
         self._dial = dial
+        self._bitmap = bitmap
         #: run on every redialled connection before it carries a request: raises
         #: ``SourceChanged`` if it reached another disk, ``SourceUnavailable`` to redial again
         self._check = check
@@ -355,7 +391,7 @@ class Channel:
                         raise SourceUnreachable(f"{self._label}: cannot reconnect")
                     handshake = self._deadline if left is None else min(left, self._deadline)
                     conn = Connection.open(self._dial, self._export, handshake, self._label,
-                                           self._deadline)
+                                           self._deadline, self._bitmap)
                     if self._check is not None:
                         try:
                             self._check(conn)

@@ -1,0 +1,115 @@
+"""A live volume (issue 11) through `serve`, its control socket and the embedded portal, with
+real initiators (QEMU's iSCSI driver: qemu-io, qemu-img) and a source still in use: before the
+cutover every write is refused with DATA PROTECT while another initiator reads the whole LUN;
+after it writes land, read back, and never reach the source; a refused cutover changes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_until
+from tests.integration.test_daemon import Serve, cli, status
+
+SIZE = 8 * MiB
+IQN_PREFIX = "iqn.2026-11.io.lazyiscsi"
+
+
+def lun_url(port: int, name: str) -> str:
+    return f"iscsi://127.0.0.1:{port}/{IQN_PREFIX}:{name}/0"
+
+
+def qemu_io(url: str, *commands: str) -> subprocess.CompletedProcess[str]:
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    return subprocess.run([*args, url], capture_output=True, text=True, timeout=120)
+
+
+def read_lun(url: str, out: Path) -> bytes:
+    subprocess.run(["qemu-img", "convert", "-O", "raw", url, str(out)], check=True, timeout=300)
+    return out.read_bytes()
+
+
+def write_refused(url: str) -> bool:
+    """QEMU maps DATA PROTECT to EACCES (block/iscsi.c, iscsi_translate_sense)."""
+    r = qemu_io(url, "write -P 0x77 0 64k")
+    return "write failed: Permission denied" in r.stdout + r.stderr
+
+
+def vm_write(image: Path, offset: int, data: bytes) -> None:
+    """The source VM writes its disk (nbdkit's file plugin reads the file at every request)."""
+    with image.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_live_without_bitmap_refuses_writes_until_cutover(tmp_path: Path, nbdkit: list[Nbdkit]) -> None:
+    image = tmp_path / "src.img"
+    make_image(image, SIZE, seed=5)
+    src = Nbdkit(["file", str(image)], free_port()).start()
+    nbdkit.append(src)
+    serve = Serve(free_port(), tmp_path / "serve.log")
+    serve.start()
+    url = lun_url(serve.port, "vm1")
+    try:
+        r = cli("volume", "create", "vm1", "--source", src.url, "--live")
+        assert r.returncode == 0, r.stderr
+        vol = status("vm1")
+        assert vol["phase"] == "pre-copy" and vol["dirty_bytes"] is None
+        assert write_refused(url)
+        # a second initiator reads the whole LUN; the VM goes on writing; reads see its writes
+        assert read_lun(url, tmp_path / "a.raw") == image.read_bytes()
+        vm_write(image, 3 * MiB + 100, b"\xee" * 5000)
+        assert read_lun(url, tmp_path / "b.raw") == image.read_bytes()
+        assert status("vm1")["local_bytes"] == 0  # nothing was cached, nothing copied
+        final = image.read_bytes()
+        r = cli("cutover", "vm1")
+        assert r.returncode == 0 and "post-copy" in r.stdout, r.stdout + r.stderr
+        r = qemu_io(url, "write -P 0x5a 1M 256k", "write -P 0x33 102401 5000", "read -P 0x5a 1M 256k")
+        assert r.returncode == 0 and "failed" not in r.stdout, r.stdout + r.stderr
+        expected = bytearray(final)
+        expected[MiB:MiB + 256 * 1024] = b"\x5a" * 256 * 1024
+        expected[102401:107401] = b"\x33" * 5000
+        wait_until(lambda: status("vm1")["phase"] == "complete", "the copy to complete")
+        assert read_lun(url, tmp_path / "c.raw") == bytes(expected)
+        assert image.read_bytes() == final, "the destination's writes reached the source"
+        vol = status("vm1")
+        assert vol["fetched_after_cutover_bytes"] <= vol["dirty_at_cutover_bytes"] + vol["not_reached_bytes"]
+        r = cli("cutover", "vm1")
+        assert r.returncode == 1 and "already cut over" in r.stderr and r.stderr.count("\n") == 1
+    finally:
+        serve.stop()
+
+
+def test_refused_cutover_leaves_the_volume_as_it_was(tmp_path: Path, nbdkit: list[Nbdkit]) -> None:
+    """Acceptance 2, last sentence: the source is down, the cutover refused in one line, and
+    the volume is as it was: phase, cache, writes still refused."""
+    image = tmp_path / "src.img"
+    make_image(image, SIZE, seed=6)
+    src = Nbdkit(["file", str(image)], free_port()).start()
+    nbdkit.append(src)
+    serve = Serve(free_port(), tmp_path / "serve.log")
+    serve.start()
+    url = lun_url(serve.port, "vm2")
+    try:
+        assert cli("volume", "create", "vm2", "--source", src.url, "--live").returncode == 0
+        meta = Path(tmp_path / "state" / "vm2.cache.meta").read_bytes()
+        before: dict[str, Any] = status("vm2")
+        src.kill()
+        r = cli("--log-level", "error", "cutover", "vm2")
+        assert r.returncode == 1 and "nothing changed" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        after = status("vm2")
+        assert {k: after[k] for k in ("phase", "local_bytes", "state")} == \
+            {k: before[k] for k in ("phase", "local_bytes", "state")}
+        assert Path(tmp_path / "state" / "vm2.cache.meta").read_bytes() == meta
+        assert write_refused(url)
+        # JSON status names the phase for scripts
+        r = subprocess.run([sys.executable, "-m", "lazyiscsi.cli", "status", "--json"], capture_output=True,
+                           text=True, timeout=60)
+        assert json.loads(r.stdout)[0]["phase"] == "pre-copy"
+    finally:
+        serve.stop()
