@@ -128,13 +128,7 @@ class ExtentMap:
             new = old & ~(((1 << (hi - lo)) - 1) << lo)
             if new != old:
                 removed += (old ^ new).bit_count()
-                self._dirty.add(page)
-                self._bits.pop(page, None)
-                if new:
-                    self._state[page] = PageState.PARTIAL
-                    self._bits[page] = new
-                else:
-                    self._state[page] = PageState.EMPTY
+                self._shrink(page, new)
             unit = page * UNITS_PER_PAGE + hi
         self._local -= removed
         return removed
@@ -161,13 +155,17 @@ class ExtentMap:
             if new == old:
                 continue
             self._local -= (old ^ new).bit_count()
-            self._dirty.add(page)
-            self._bits.pop(page, None)
-            if new:
-                self._state[page] = PageState.PARTIAL
-                self._bits[page] = new
-            else:
-                self._state[page] = PageState.EMPTY
+            self._shrink(page, new)
+
+    def _shrink(self, page: int, new: int) -> None:
+        """Give a page the bits ``new``, fewer than it had (so never FULL): it must be rewritten."""
+        self._dirty.add(page)
+        self._bits.pop(page, None)
+        if new:
+            self._state[page] = PageState.PARTIAL
+            self._bits[page] = new
+        else:
+            self._state[page] = PageState.EMPTY
 
     # -- persistence -----------------------------------------------------------------------
 
