@@ -621,7 +621,10 @@ class LazyDisk:
         (the final bitmap does not change once the VM has stopped).
         """
         if self._phase is Phase.POST_COPY:
-            raise CutoverRefused(f"{self.path}: already cut over (phase {self._phase.value})")
+            if self._sb.dirty_at_cutover is None:
+                raise CutoverRefused(f"{self.path}: not a live volume (its source is frozen): "
+                                     "there is nothing to cut over")
+            raise CutoverRefused(f"{self.path}: already cut over")
         if self._cutting:
             raise CutoverRefused(f"{self.path}: a cutover is already running")
         source = self._fetcher.source

@@ -151,11 +151,19 @@ def test_precopy_with_a_qemu_dirty_bitmap(tmp_path: Path) -> None:
         assert status("vm1")["phase"] == "pre-copy" and write_refused(url)
         qsd.write(9 * MiB, 3 * 64 * 1024, 0x33)  # the VM's last writes
         final = source_bytes(qsd.vm_url, tmp_path / "final.raw")
+        assert cli("pause", "vm1").returncode == 0  # post-copy waits for the restart below
         r = cli("cutover", "vm1")
         assert r.returncode == 0, r.stderr
         vol = status("vm1")
-        assert vol["phase"] in ("post-copy", "complete") and vol["dirty_at_cutover_bytes"] == 5 * 64 * 1024
+        assert vol["phase"] == "post-copy" and vol["dirty_at_cutover_bytes"] == 5 * 64 * 1024
         assert vol["not_reached_bytes"] == 0, vol
+        # a restart in post-copy opens the source as a frozen one: its sampled identity is the
+        # one pinned at the cutover, so the volume resumes (not "unopened")
+        serve.stop()
+        serve.start()
+        vol = status("vm1")
+        assert vol["phase"] == "post-copy" and vol["state"] == "paused", vol
+        assert cli("resume", "vm1").returncode == 0
         assert qemu_io(url, "write -P 0x5a 2M 128k").returncode == 0
         wait_until(lambda: status("vm1")["phase"] == "complete", "the post-copy")
         expected = bytearray(final)
