@@ -217,3 +217,39 @@ def test_cutover_refused_when_the_bitmap_is_gone(tmp_path: Path) -> None:
     finally:
         serve.stop()
         qsd.stop()
+
+
+def test_cutover_before_the_precopy_finished(tmp_path: Path) -> None:
+    """Acceptance 3 with both terms: the copy is slowed so that the cutover comes while most of
+    the disk is still at the source; what post-copy fetches is at most the final dirty set plus
+    what the copy had not reached, and the LUN ends as the source's final state."""
+    from tests.integration.peers import BITMAP, start_dirty_bitmap_source
+
+    image = tmp_path / "src.img"
+    make_image(image, 16 * MiB, seed=10)
+    qsd = start_dirty_bitmap_source(image, tmp_path)
+    serve = Serve(free_port(), tmp_path / "serve.log")
+    serve.start()
+    url = lun_url(serve.port, "vm4")
+    try:
+        r = cli("volume", "create", "vm4", "--source", qsd.lazy_url, "--live", "--dirty-bitmap", BITMAP,
+                "--rate", "2M")
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: status("vm4")["local_bytes"] >= 3 * MiB, "part of the pre-copy")
+        qsd.write(0, 128 * 1024, 0x44)  # copied already
+        qsd.write(12 * MiB, 128 * 1024, 0x55)  # not reached yet
+        final = source_bytes(qsd.vm_url, tmp_path / "final.raw")
+        wait_until(lambda: status("vm4")["dirty_bytes"] == 256 * 1024, "the poll to see the writes")
+        assert cli("cutover", "vm4").returncode == 0
+        assert cli("rate", "vm4", "0").returncode == 0
+        wait_until(lambda: status("vm4")["phase"] == "complete", "the post-copy")
+        assert read_lun(url, tmp_path / "lun.raw") == final
+        vol = status("vm4")
+        fetched, dirty, not_reached = (vol["fetched_after_cutover_bytes"], vol["dirty_at_cutover_bytes"],
+                                       vol["not_reached_bytes"])
+        print(f"\nafter cutover: fetched {fetched} <= dirty {dirty} + not reached {not_reached}")
+        assert dirty == 256 * 1024 and not_reached > 4 * MiB
+        assert fetched <= dirty + not_reached
+    finally:
+        serve.stop()
+        qsd.stop()
