@@ -174,7 +174,7 @@ def test_a_bitmap_needs_an_nbd_source(url: str) -> None:
         open_source(url, dirty_bitmap=BITMAP)
 
 
-@pytest.mark.parametrize("name", ["", "a\nb", "x" * 1024])
+@pytest.mark.parametrize("name", ["", "a\nb", "x" * 1024, "\u00e9" * 512])
 def test_a_bad_bitmap_name_is_a_config_error(name: str) -> None:
     with pytest.raises(SourceConfigError, match="dirty bitmap name"):
         open_source("nbd://127.0.0.1:9/x", dirty_bitmap=name, timeout=1)
