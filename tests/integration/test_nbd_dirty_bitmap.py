@@ -9,6 +9,7 @@ import itertools
 import random
 import struct
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -388,4 +389,27 @@ def test_bitmap_polls_never_delay_a_guest_read(scripted: Callable[..., ScriptedN
         assert poll.get(timeout=30) == [DirtyRun(0, 1 << 20, True)]
     finally:
         slow.set()
+        src.close()
+
+
+def test_a_poll_the_server_never_answers_is_resent_after_the_deadline(
+        scripted: Callable[..., ScriptedNbd]) -> None:
+    """The request deadline holds for bitmap polls as for reads: a connection silent past it is
+    dropped, redialled, and the poll sent again (NBD_CMD_BLOCK_STATUS is idempotent)."""
+    released = threading.Event()
+
+    def answer(offset: int, length: int) -> list[bytes]:
+        if server.status_requests == 1:
+            released.wait(60)  # the first poll is never answered while the client waits
+        return [struct.pack(">III", 1, length, 0), struct.pack(">III", 2, length, 1)]
+
+    server = scripted(answer)
+    src = open_source(server.url, dirty_bitmap=BITMAP, live=True, timeout=5, deadline=1.0)
+    try:
+        t0 = time.monotonic()
+        with gevent.Timeout(30):
+            assert src.dirty_runs(0, 1 << 20) == [DirtyRun(0, 1 << 20, True)]
+        assert server.status_requests == 2 and time.monotonic() - t0 >= 1.0
+    finally:
+        released.set()
         src.close()
