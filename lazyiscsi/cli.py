@@ -29,7 +29,7 @@ from lazyiscsi.source import SourceError, deadline_for, open_source, redact
 from lazyiscsi.store.errors import StoreError
 from lazyiscsi.store.hydrator import DEFAULT_RUN, Hydrator, JobState
 from lazyiscsi.store.lazydisk import DEFAULT_IO_TIMEOUT, DEFAULT_UNIT, LazyDisk
-from lazyiscsi.store.superblock import needs_source
+from lazyiscsi.store.superblock import needs_source, opens_live
 
 if TYPE_CHECKING:
     from lazyiscsi.daemon import VolumeManager
@@ -261,6 +261,9 @@ def open_volume(args: argparse.Namespace, url: str) -> LazyDisk:
     one-line CliError. A complete cache opens without its source (open by state)."""
     source = None
     try:
+        if opens_live(args.cache, False):
+            raise CliError(f"{args.cache}: a live volume's cache before its cutover; `lazyiscsi serve` "
+                           "it with its source, and run `lazyiscsi cutover` once the source VM stopped")
         if needs_source(args.cache):
             source = open_source(url, timeout=args.connect_timeout, source_id=args.source_id,
                                  deadline=deadline_for(args.io_timeout))

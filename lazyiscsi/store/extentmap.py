@@ -133,10 +133,6 @@ class ExtentMap:
         self._local -= removed
         return removed
 
-    def local_runs(self, start: int, end: int) -> Iterator[tuple[int, int]]:
-        """Maximal runs ``[a, b)`` of local units within ``[start, end)``, in order."""
-        return _merged(_scan(self.n_units, start, end, self._raw))
-
     def intersect(self, other: ExtentMap) -> None:
         """Keep only the units also local in ``other``; pages that changed become dirty, so
         ``take_dirty`` hands out exactly what must be rewritten.

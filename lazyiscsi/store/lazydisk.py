@@ -48,6 +48,9 @@ invalidates every local unit it marks dirty, so what a copy or a read cached bef
 last write is fetched again; flights still in the air then are of an older epoch
 (``fetch.Fetcher.epoch``) and ``_fill`` drops their bytes for invalidated units. The bitmap
 must exist before the volume is created: a unit changed before the bitmap began is not in it.
+Re-fetching dirty units during pre-copy (xNBD-style iterations) would need the bitmap cleared
+after each pass, which NBD cannot do; with a cumulative bitmap a re-fetch before the VM stops
+is always wasted, so the only pre-copy work worth doing is the clean units, once.
 """
 
 from __future__ import annotations
@@ -627,7 +630,10 @@ class LazyDisk:
         (the final bitmap does not change once the VM has stopped).
         """
         if self._phase is Phase.POST_COPY:
-            raise CutoverRefused(f"{self.path}: already cut over (phase {self._phase.value})")
+            if self._sb.dirty_at_cutover is None:
+                raise CutoverRefused(f"{self.path}: not a live volume (its source is frozen): "
+                                     "there is nothing to cut over")
+            raise CutoverRefused(f"{self.path}: already cut over")
         if self._cutting:
             raise CutoverRefused(f"{self.path}: a cutover is already running")
         source = self._fetcher.source
@@ -946,7 +952,9 @@ class LazyDisk:
         self._save_fetched_after_cutover()
         stats = self.stats()
         log.info("hydration_completed", path=self.path, size=self.size,
-                 fetched_bytes=stats.fetched_foreground + stats.fetched_background, misses=stats.misses)
+                 fetched_bytes=stats.fetched_foreground + stats.fetched_background, misses=stats.misses,
+                 fetched_after_cutover_bytes=stats.fetched_after_cutover,
+                 dirty_at_cutover_bytes=stats.dirty_at_cutover, not_reached_bytes=stats.not_reached)
         self._drop_source()
         if self._committer is not None:
             self._committer.kill(block=False)

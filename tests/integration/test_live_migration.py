@@ -113,3 +113,143 @@ def test_refused_cutover_leaves_the_volume_as_it_was(tmp_path: Path, nbdkit: lis
         assert json.loads(r.stdout)[0]["phase"] == "pre-copy"
     finally:
         serve.stop()
+
+
+def source_bytes(url: str, out: Path) -> bytes:
+    """What the source holds now, read through an NBD export with qemu-img."""
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(out)], check=True, timeout=300)
+    return out.read_bytes()
+
+
+def test_precopy_with_a_qemu_dirty_bitmap(tmp_path: Path) -> None:
+    """The pre-copy path against a real qemu-storage-daemon (the source VM writes through its own
+    export, the daemon's bitmap records it): the copy runs before the cutover and skips what is
+    dirty; a restart in pre-copy stays live; after the cutover the LUN is the source's final
+    state plus the destination's writes, the source holds none of those, and (acceptance 3)
+    the bytes fetched after the cutover are at most the final dirty set plus what the copy had
+    not reached."""
+    from tests.integration.peers import BITMAP, start_dirty_bitmap_source
+
+    image = tmp_path / "src.img"
+    make_image(image, 16 * MiB, seed=8)
+    qsd = start_dirty_bitmap_source(image, tmp_path)
+    serve = Serve(free_port(), tmp_path / "serve.log")
+    serve.start()
+    url = lun_url(serve.port, "vm1")
+    try:
+        r = cli("volume", "create", "vm1", "--source", qsd.lazy_url, "--live", "--dirty-bitmap", BITMAP)
+        assert r.returncode == 0, r.stderr
+        qsd.write(MiB, 64 * 1024, 0x11)  # dirty before the copy reaches it, or after: either way
+        wait_until(lambda: status("vm1")["local_bytes"] >= 16 * MiB - 64 * 1024, "the pre-copy")
+        vol = status("vm1")
+        assert vol["phase"] == "pre-copy" and vol["dirty_bytes"] == 64 * 1024, vol
+        assert write_refused(url)
+        qsd.write(5 * MiB + 4096, 4096, 0x22)  # copied already: invalidated at the cutover
+        wait_until(lambda: status("vm1")["dirty_bytes"] == 2 * 64 * 1024, "the poll to see the write")
+        serve.stop()
+        serve.start()
+        assert status("vm1")["phase"] == "pre-copy" and write_refused(url)
+        qsd.write(9 * MiB, 3 * 64 * 1024, 0x33)  # the VM's last writes
+        final = source_bytes(qsd.vm_url, tmp_path / "final.raw")
+        assert cli("pause", "vm1").returncode == 0  # post-copy waits for the restart below
+        r = cli("cutover", "vm1")
+        assert r.returncode == 0, r.stderr
+        vol = status("vm1")
+        assert vol["phase"] == "post-copy" and vol["dirty_at_cutover_bytes"] == 5 * 64 * 1024
+        assert vol["not_reached_bytes"] == 0, vol
+        # a restart in post-copy opens the source as a frozen one: its sampled identity is the
+        # one pinned at the cutover, so the volume resumes (not "unopened")
+        serve.stop()
+        serve.start()
+        vol = status("vm1")
+        assert vol["phase"] == "post-copy" and vol["state"] == "paused", vol
+        assert cli("resume", "vm1").returncode == 0
+        assert qemu_io(url, "write -P 0x5a 2M 128k").returncode == 0
+        wait_until(lambda: status("vm1")["phase"] == "complete", "the post-copy")
+        expected = bytearray(final)
+        expected[2 * MiB:2 * MiB + 128 * 1024] = b"\x5a" * 128 * 1024
+        assert read_lun(url, tmp_path / "lun.raw") == bytes(expected)
+        after = source_bytes(qsd.vm_url, tmp_path / "after.raw")
+        assert after == final, "a destination write reached the source"
+        vol = status("vm1")
+        fetched, dirty, not_reached = (vol["fetched_after_cutover_bytes"], vol["dirty_at_cutover_bytes"],
+                                       vol["not_reached_bytes"])
+        print(f"\nafter cutover: fetched {fetched} <= dirty {dirty} + not reached {not_reached}")
+        assert 0 < fetched <= dirty + not_reached
+        log = (tmp_path / "serve.log").read_text()
+        assert "cutover_completed" in log and "not_reached_bytes" in log
+    finally:
+        serve.stop()
+        qsd.stop()
+
+
+def test_cutover_refused_when_the_bitmap_is_gone(tmp_path: Path) -> None:
+    """The source site restarted its export without the bitmap: the cutover cannot know what
+    changed, and refuses, changing nothing; with the bitmap back it succeeds."""
+    from tests.integration.peers import BITMAP, start_dirty_bitmap_source
+
+    image = tmp_path / "src.img"
+    make_image(image, 4 * MiB, seed=9)
+    qsd = start_dirty_bitmap_source(image, tmp_path)
+    serve = Serve(free_port(), tmp_path / "serve.log")
+    serve.start()
+    url = lun_url(serve.port, "vm3")
+    try:
+        r = cli("volume", "create", "vm3", "--source", qsd.lazy_url, "--live", "--dirty-bitmap", BITMAP)
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: status("vm3")["local_bytes"] == 4 * MiB, "the pre-copy")
+        meta = Path(tmp_path / "state" / "vm3.cache.meta").read_bytes()
+        qsd.qmp.execute("block-export-del", id="lazy", mode="hard")
+        qsd.qmp.execute("block-export-add", type="nbd", id="lazy-plain", name="lazy", writable=True,
+                        **{"node-name": "disk"})
+        r = cli("cutover", "vm3")
+        assert r.returncode == 1 and "nothing changed" in r.stderr and BITMAP in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+        vol = status("vm3")
+        assert vol["phase"] == "pre-copy" and vol["local_bytes"] == 4 * MiB
+        assert Path(tmp_path / "state" / "vm3.cache.meta").read_bytes() == meta
+        assert write_refused(url)
+        qsd.qmp.execute("block-export-del", id="lazy-plain", mode="hard")
+        qsd.qmp.execute("block-export-add", type="nbd", id="lazy-again", name="lazy", writable=True,
+                        bitmaps=[BITMAP], **{"node-name": "disk"})
+        r = cli("cutover", "vm3")
+        assert r.returncode == 0, r.stderr
+    finally:
+        serve.stop()
+        qsd.stop()
+
+
+def test_cutover_before_the_precopy_finished(tmp_path: Path) -> None:
+    """Acceptance 3 with both terms: the copy is slowed so that the cutover comes while most of
+    the disk is still at the source; what post-copy fetches is at most the final dirty set plus
+    what the copy had not reached, and the LUN ends as the source's final state."""
+    from tests.integration.peers import BITMAP, start_dirty_bitmap_source
+
+    image = tmp_path / "src.img"
+    make_image(image, 16 * MiB, seed=10)
+    qsd = start_dirty_bitmap_source(image, tmp_path)
+    serve = Serve(free_port(), tmp_path / "serve.log")
+    serve.start()
+    url = lun_url(serve.port, "vm4")
+    try:
+        r = cli("volume", "create", "vm4", "--source", qsd.lazy_url, "--live", "--dirty-bitmap", BITMAP,
+                "--rate", "1M")
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: status("vm4")["local_bytes"] >= 2 * MiB, "part of the pre-copy")
+        qsd.write(0, 128 * 1024, 0x44)  # copied already
+        qsd.write(15 * MiB, 128 * 1024, 0x55)  # not reached yet (the copy goes in order)
+        final = source_bytes(qsd.vm_url, tmp_path / "final.raw")
+        wait_until(lambda: status("vm4")["dirty_bytes"] == 256 * 1024, "the poll to see the writes")
+        assert cli("cutover", "vm4").returncode == 0
+        assert cli("rate", "vm4", "0").returncode == 0
+        wait_until(lambda: status("vm4")["phase"] == "complete", "the post-copy")
+        assert read_lun(url, tmp_path / "lun.raw") == final
+        vol = status("vm4")
+        fetched, dirty, not_reached = (vol["fetched_after_cutover_bytes"], vol["dirty_at_cutover_bytes"],
+                                       vol["not_reached_bytes"])
+        print(f"\nafter cutover: fetched {fetched} <= dirty {dirty} + not reached {not_reached}")
+        assert dirty == 256 * 1024 and not_reached > 0
+        assert fetched <= dirty + not_reached
+    finally:
+        serve.stop()
+        qsd.stop()

@@ -16,7 +16,7 @@ from lazyiscsi.source import (
     content_fingerprint,
     open_source,
 )
-from tests.integration.peers import BITMAP, MiB, ScriptedNbd, make_image, start_dirty_bitmap_source
+from tests.integration.peers import BITMAP, MiB, ScriptedNbd, free_port, make_image, start_dirty_bitmap_source
 
 
 def _honest(offset: int, length: int) -> list[bytes]:
@@ -50,9 +50,10 @@ def test_a_live_nbd_open_reads_nothing() -> None:
 def test_a_live_nbd_identity_survives_the_vm_writing_and_is_pinned_at_cutover(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     make_image(image, 8 * MiB)
-    peer = start_dirty_bitmap_source(image, tmp_path)
+    peer = start_dirty_bitmap_source(image, tmp_path, port=free_port())  # the TCP form
     try:
         url = peer.lazy_url
+        assert url.startswith("nbd://127.0.0.1:")
         before = open_source(url, live=True, source_id="vm-1", dirty_bitmap=BITMAP)
         frozen_before = identity(url)
         peer.write(0, 4096, 0x5A)  # the first sample's place

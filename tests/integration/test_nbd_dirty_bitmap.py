@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import random
 import struct
+import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -173,7 +175,7 @@ def test_a_bitmap_needs_an_nbd_source(url: str) -> None:
         open_source(url, dirty_bitmap=BITMAP)
 
 
-@pytest.mark.parametrize("name", ["", "a\nb", "x" * 1024])
+@pytest.mark.parametrize("name", ["", "a\nb", "x" * 1024, "\u00e9" * 512])
 def test_a_bad_bitmap_name_is_a_config_error(name: str) -> None:
     with pytest.raises(SourceConfigError, match="dirty bitmap name"):
         open_source("nbd://127.0.0.1:9/x", dirty_bitmap=name, timeout=1)
@@ -361,3 +363,53 @@ def test_nbdkit_offers_no_dirty_bitmap(nbdkit: list[Nbdkit]) -> None:
     src = open_source(server.url, live=True, timeout=5)  # the same export without a bitmap opens
     assert src.extents(0, 16 * MiB) == [Extent(0, 16 * MiB, True)]
     src.close()
+
+
+def test_bitmap_polls_never_delay_a_guest_read(scripted: Callable[..., ScriptedNbd]) -> None:
+    """``dirty_runs`` defaults to BACKGROUND priority: the copier's polls go on the background
+    connection, so a guest's read is answered while the server is still busy with a slow poll
+    (this server answers each connection in order, as a single-threaded server would)."""
+    slow = threading.Event()  # the server runs in an OS thread
+
+    def answer(offset: int, length: int) -> list[bytes]:
+        slow.wait(60)  # released once the read below has been answered
+        return [struct.pack(">III", 1, length, 0), struct.pack(">III", 2, length, 1)]
+
+    server = scripted(answer)
+    src = open_source(server.url, dirty_bitmap=BITMAP, live=True, timeout=5)
+    try:
+        poll = gevent.spawn(src.dirty_runs, 0, 1 << 20)
+        with gevent.Timeout(30):  # gevent's sleep: the poll greenlet must run meanwhile
+            while server.status_requests < 1:
+                gevent.sleep(0.01)
+        with gevent.Timeout(10):
+            assert src.read(0, 4096, Priority.FOREGROUND) == bytes(4096)
+        assert not poll.ready()
+        slow.set()
+        assert poll.get(timeout=30) == [DirtyRun(0, 1 << 20, True)]
+    finally:
+        slow.set()
+        src.close()
+
+
+def test_a_poll_the_server_never_answers_is_resent_after_the_deadline(
+        scripted: Callable[..., ScriptedNbd]) -> None:
+    """The request deadline holds for bitmap polls as for reads: a connection silent past it is
+    dropped, redialled, and the poll sent again (NBD_CMD_BLOCK_STATUS is idempotent)."""
+    released = threading.Event()
+
+    def answer(offset: int, length: int) -> list[bytes]:
+        if server.status_requests == 1:
+            released.wait(60)  # the first poll is never answered while the client waits
+        return [struct.pack(">III", 1, length, 0), struct.pack(">III", 2, length, 1)]
+
+    server = scripted(answer)
+    src = open_source(server.url, dirty_bitmap=BITMAP, live=True, timeout=5, deadline=1.0)
+    try:
+        t0 = time.monotonic()
+        with gevent.Timeout(30):
+            assert src.dirty_runs(0, 1 << 20) == [DirtyRun(0, 1 << 20, True)]
+        assert server.status_requests == 2 and time.monotonic() - t0 >= 1.0
+    finally:
+        released.set()
+        src.close()

@@ -162,3 +162,22 @@ def test_live_option_refusals(argv: list[str], reason: str, tmp_path: Path,
     assert main([*argv, "--control", str(tmp_path / "none.sock")]) == 2
     err = capsys.readouterr().err
     assert reason in err and err.count("\n") == 1
+
+
+@pytest.mark.usefixtures("logs_reset")
+def test_hydrate_refuses_a_live_cache_before_its_cutover(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 11: a pre-copy cache belongs to `serve` and its cutover; hydrate would copy a source
+    still in use. One line, exit 1, the cache untouched."""
+    from lazyiscsi.store.lazydisk import LazyDisk
+    from tests.unit.store_fakes import LiveSource
+
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(1 << 20))
+    cache = tmp_path / "cache"
+    LazyDisk.open(str(cache), LiveSource(bytes(1 << 20), bitmap=None), autocommit_s=None, live=True).close()
+    meta = (tmp_path / "cache.meta").read_bytes()
+    assert main(["hydrate", "--source", str(src), "--cache", str(cache)]) == 1
+    err = capsys.readouterr().err
+    assert "before its cutover" in err and err.count("\n") == 1
+    assert (tmp_path / "cache.meta").read_bytes() == meta

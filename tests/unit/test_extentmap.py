@@ -94,3 +94,26 @@ def test_scans_and_intersection_match_reference(n: int, data: st.DataObject) -> 
     dirty = a.take_dirty()
     assert set(dirty) == {p for p in range(a.n_pages) if a.page_bytes(p) != before[p]}
     assert all(dirty[p] == a.page_bytes(p) for p in dirty)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=SIZES, data=st.data())
+def test_clear_matches_reference(n: int, data: st.DataObject) -> None:
+    """Cutover invalidation (issue 11): bits go back to 0, pages change state and become dirty."""
+    emap, ref = ExtentMap(n), [False] * n
+    for _ in range(6):
+        a = data.draw(st.integers(0, n - 1))
+        b = data.draw(st.integers(a, n))
+        if data.draw(st.booleans()):
+            emap.set_local(a, b)
+            ref[a:b] = [True] * (b - a)
+        else:
+            emap.take_dirty()
+            was = sum(ref[a:b])
+            assert emap.clear(a, b) == was
+            ref[a:b] = [False] * (b - a)
+            if was:
+                assert emap.take_dirty()
+        assert emap.local_units == sum(ref)
+        assert list(emap.missing_runs(0, n)) == _runs(ref, 0, n)
+

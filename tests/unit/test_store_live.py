@@ -101,6 +101,27 @@ def test_precopy_skips_dirty_units_and_cutover_invalidates_stale_copies(tmp_path
     assert sb.fetched_after_cutover == 4 * UNIT
 
 
+def test_dirty_bytes_and_rate_from_the_polls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lazydisk, "DIRTY_POLL_INTERVAL", 0.05)
+    src = LiveSource(_data())
+    disk = _open(tmp_path, src)
+    _wait(lambda: src.bitmap_queries > 0)
+    assert disk.stats().dirty_bytes == 0
+    src.vm_write(0, b"d" * 4 * UNIT)
+    _wait(lambda: disk.stats().dirty_bytes == 4 * UNIT)
+    rate = disk.stats().dirty_rate_bps
+    assert rate is not None and rate > 0
+    disk.close()
+
+
+def test_a_frozen_volume_has_nothing_to_cut_over(tmp_path: Path) -> None:
+    disk = LazyDisk.open(str(tmp_path / "cache"), LiveSource(_data()), unit=UNIT, autocommit_s=None)
+    assert disk.writable and disk.stats().dirty_bytes is None
+    with pytest.raises(CutoverRefused, match="not a live volume"):
+        disk.cutover(content_identity)
+    disk.close()
+
+
 def test_restart_in_precopy_stays_live(tmp_path: Path) -> None:
     src = LiveSource(_data())
     disk = _open(tmp_path, src)

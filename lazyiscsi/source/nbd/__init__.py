@@ -81,9 +81,11 @@ log = structlog.get_logger("lazyiscsi.source.nbd")
 DEFAULT_PORT = 10809
 #: block status asks at most this much per request (the length field is 32 bits)
 _MAX_STATUS = 1 << 31
-#: what a bitmap name may be: QEMU's limit (BDRV_BITMAP_MAX_NAME_SIZE, 1023 bytes), no control
-#: characters (it is shown in errors and logs)
-_BITMAP_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,1023}")
+#: what a bitmap name may be: no control characters (it is shown in errors and logs), at most
+#: QEMU's limit in UTF-8 bytes (BDRV_BITMAP_MAX_NAME_SIZE), which also keeps the context name
+#: within the NBD document's 4096-byte strings
+_BITMAP_NAME = re.compile(r"[^\x00-\x1f\x7f]+")
+_MAX_BITMAP_NAME = 1023
 
 
 def parse_nbd_url(url: str) -> tuple[Dialer, str]:
@@ -346,8 +348,9 @@ def open_nbd(url: str, *, timeout: float = 30.0, deadline: float = DEFAULT_REQUE
     """Connect and negotiate, retrying a refused or unreachable server until ``timeout``. With
     ``dirty_bitmap`` the source is an ``NbdBitmapSource``, or ``SourceNotFound`` when the export
     does not offer that bitmap; ``live``: see the module docstring."""
-    if dirty_bitmap is not None and not _BITMAP_NAME.fullmatch(dirty_bitmap):
-        raise SourceConfigError(f"dirty bitmap name {dirty_bitmap[:40]!r}: use 1-1023 characters, "
+    if dirty_bitmap is not None and not (_BITMAP_NAME.fullmatch(dirty_bitmap)
+                                         and len(dirty_bitmap.encode()) <= _MAX_BITMAP_NAME):
+        raise SourceConfigError(f"dirty bitmap name {dirty_bitmap[:40]!r}: use 1-{_MAX_BITMAP_NAME} bytes, "
                                 "no control characters (QEMU's bitmap name)")
     dial, export = parse_nbd_url(url)
     give_up = time.monotonic() + timeout
