@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import statistics
@@ -54,10 +55,19 @@ def start_lazyiscsi(image: Path, work: Path) -> tuple[subprocess.Popen[bytes], s
 
 
 def start_tgtd(image: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    port, ctl = free_port(), "31"
+    # tgtd's control "port" names its socket (/var/run/tgtd/socket.N): one of our own, not a
+    # fixed one another run on the machine may hold
+    port = free_port()
+    ctl = str(1000 + os.getpid() % 60000)
     proc = subprocess.Popen(["tgtd", "-f", "-C", ctl, "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", "--mode", "sys", "--op", "show"],
+                         capture_output=True).returncode:  # until tgtd answers (slow on a loaded machine)
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("tgtd did not start")
+        time.sleep(0.2)
     iqn = "iqn.2024-01.test:tgtperf"
     for args in (["--mode", "target", "--op", "new", "--tid", "1", "--targetname", iqn],
                  ["--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1",
