@@ -60,6 +60,12 @@ log = structlog.get_logger("lazyiscsi.iscsi")
 _COALESCE = 256 * 1024
 #: and no more buffers than one sendmsg takes (IOV_MAX is 1024 on Linux)
 _MAX_IOV = 512
+#: while framing the PDUs of one receive, the reader lets the writer send what is ready every this
+#: many PDUs: the initiator gets its first responses (and sends its next commands) while the rest
+#: are still being run. Without it, 16 commands that came in one receive are answered in one send
+#: at the end, the two sides take turns and each waits idle while the other works (on a loaded
+#: 2-vCPU machine that ran 4 KiB random reads at QD16 at a quarter of the rate of every 4 PDUs)
+_YIELD_EVERY = 4
 #: How long a connection may take to reach full feature (login done). A login is a handful of
 #: round trips; one left half-way (a half-sent header, a data segment announced and never sent,
 #: a CHAP exchange never finished) would otherwise hold its socket, greenlets and buffers for
@@ -222,9 +228,13 @@ class _Session:
                     break
                 self.last_heard = time.monotonic()
                 framer.receive_data(data)
+                taken = 0
                 while not self.closing and (pdu := framer.next_pdu()) is not None:
                     if not room.is_set():
                         self._wait_for_room()
+                    taken += 1
+                    if not taken % _YIELD_EVERY and self.out:
+                        gevent.sleep(0)  # the writer sends what is ready (see _YIELD_EVERY)
                     if conn.state is State.LOGIN:
                         actions = conn.receive(pdu)
                         if conn.state is State.FULL_FEATURE:
@@ -385,11 +395,11 @@ class _Session:
         many small responses (4 KiB reads at QD16) then cost one system call, not one each, and
         Data-In payloads go to the socket straight from the read buffer."""
         while True:
-            self.wake_writer.wait()
-            self.wake_writer.clear()
-            if not self.out:
+            if not self.out:  # checked before waiting: a wake-up for what is queued is never lost
                 if self.writer_done:
                     return
+                self.wake_writer.wait()
+                self.wake_writer.clear()
                 continue
             batch = self.out
             self.out, self.out_bytes = [], 0
