@@ -1,16 +1,22 @@
-"""A fully local 1 GiB LUN through lazyiscsi's embedded portal against tgtd on the same file, in
-the same run, with libiscsi's iscsi-perf at QD16: 1 MiB sequential reads and 4 KiB random reads.
+"""A fully local 1 GiB LUN through lazyiscsi's embedded portal against tgtd on the same data, in
+the same run, at QD16: 1 MiB sequential reads and 4 KiB random reads with libiscsi's iscsi-perf,
+4 KiB writes with QEMU's iSCSI driver (``qemu-img bench -w``: iscsi-perf only reads).
 
-    python bench/iscsi_perf.py [--count N] [--seconds S]
+    python bench/iscsi_perf.py [--count N] [--seconds S] [--cases seq-1MiB,rand-4KiB,write-4KiB]
 
-Targets (issue 3): sequential >= 1.0x tgtd, random >= 0.5x tgtd.
+Targets: sequential >= 1.0x tgtd (issue 3), random reads >= 0.8x tgtd (issue 15); writes are
+reported, with no target. Runs alternate tgtd, lazyiscsi, tgtd, lazyiscsi... and each is
+preceded by a read of both backing files: on a machine whose page cache is reclaimed in the
+background (DAMON), a file gone cold would measure the disk, not the target.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -22,11 +28,26 @@ from wan import OUT, ROOT, GiB, free_port, random_image
 
 LAZYISCSI = str(ROOT.parent / ".venv" / "bin" / "lazyiscsi")
 INITIATOR = "iqn.2024-01.test:perf"
-CASES = {"seq-1MiB": ["-b", "2048"], "rand-4KiB": ["-b", "8", "-r"]}
+CASES = {"seq-1MiB": ["-b", "2048"], "rand-4KiB": ["-b", "8", "-r"], "write-4KiB": []}
+#: qemu-img bench has no random mode: each write is this far past the last, modulo the LUN (a prime
+#: number of 4 KiB blocks, about 390 MiB), so no two writes in a row touch the same or adjacent units
+WRITE_STEP = 4096 * 100003
+#: writes per qemu-img bench run
+WRITE_COUNT = 20000
 
 
 def perf(url: str, case: str, seconds: int) -> float:
-    """Average IOPS iscsi-perf reports over ``seconds`` at 16 commands in flight."""
+    """Average IOPS at 16 commands in flight: iscsi-perf's for ``seconds`` (reads), or
+    qemu-img bench's count over its time (writes)."""
+    if case == "write-4KiB":
+        count = WRITE_COUNT if seconds > 2 else WRITE_COUNT // 10
+        w = subprocess.run(["qemu-img", "bench", "-f", "raw", "-w", "-d", "16", "-s", "4096",
+                            "-c", str(count), "-S", str(WRITE_STEP), url],
+                           capture_output=True, text=True, timeout=600)
+        t = re.findall(r"Run completed in ([\d.]+) seconds", w.stdout)
+        if not t:
+            raise RuntimeError(w.stdout[-300:] + w.stderr[-300:])
+        return count / float(t[-1])
     r = subprocess.run(["iscsi-perf", "-i", INITIATOR, "-m", "16", "-t", str(seconds), *CASES[case], url],
                        capture_output=True, text=True, timeout=seconds + 60)
     m = re.findall(r"iops average (\d+)", r.stdout)
@@ -54,10 +75,19 @@ def start_lazyiscsi(image: Path, work: Path) -> tuple[subprocess.Popen[bytes], s
 
 
 def start_tgtd(image: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    port, ctl = free_port(), "31"
+    # tgtd's control "port" names its socket (/var/run/tgtd/socket.N): one of our own, not a
+    # fixed one another run on the machine may hold
+    port = free_port()
+    ctl = str(1000 + os.getpid() % 60000)
     proc = subprocess.Popen(["tgtd", "-f", "-C", ctl, "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", "--mode", "sys", "--op", "show"],
+                         capture_output=True).returncode:  # until tgtd answers (slow on a loaded machine)
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("tgtd did not start")
+        time.sleep(0.2)
     iqn = "iqn.2024-01.test:tgtperf"
     for args in (["--mode", "target", "--op", "new", "--tid", "1", "--targetname", iqn],
                  ["--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1",
@@ -67,25 +97,45 @@ def start_tgtd(image: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     return proc, f"iscsi://127.0.0.1:{port}/{iqn}/1", ctl
 
 
+def warm(*paths: Path) -> None:
+    """Read files whole, so that their pages are in the page cache for the next run."""
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(8 << 20):
+                pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated, of: " + ", ".join(CASES))
     args = ap.parse_args()
+    cases = args.cases.split(",")
+    if unknown := set(cases) - set(CASES):
+        ap.error(f"unknown case(s): {', '.join(sorted(unknown))}")
     image = random_image(GiB)
-    results: dict[str, dict[str, list[float]]] = {c: {"lazyiscsi": [], "tgtd": []} for c in CASES}
+    results: dict[str, dict[str, list[float]]] = {c: {"lazyiscsi": [], "tgtd": []} for c in cases}
+    loads: list[float] = []
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        tgt_image = Path(d) / "tgtd.img"  # a copy: the write case must not change the shared image
+        shutil.copyfile(image, tgt_image)
         lazy, lazy_url = start_lazyiscsi(image, Path(d))
-        tgt, tgt_url, ctl = start_tgtd(image)
+        tgt, tgt_url, ctl = start_tgtd(tgt_image)
+        files = (tgt_image, Path(d) / "cache.img")
         try:
-            for case in CASES:
-                perf(lazy_url, case, 2)  # warm-up, discarded
-                perf(tgt_url, case, 2)
+            for case in cases:
+                warm(*files)
+                perf(tgt_url, case, 2)  # warm-up, discarded
+                perf(lazy_url, case, 2)
                 for i in range(args.count):
-                    for env, url in (("lazyiscsi", lazy_url), ("tgtd", tgt_url)):
+                    for env, url in (("tgtd", tgt_url), ("lazyiscsi", lazy_url)):
+                        warm(*files)
                         iops = perf(url, case, args.seconds)
+                        loads.append(os.getloadavg()[0])
                         results[case][env].append(iops)
-                        print(f"  {case} {env} run {i + 1}: {iops:.0f} IOPS", flush=True)
+                        print(f"  {case} {env} run {i + 1}: {iops:.0f} IOPS (load average {loads[-1]:.1f})",
+                              flush=True)
         finally:
             lazy.send_signal(signal.SIGTERM)
             lazy.wait(30)
@@ -98,6 +148,8 @@ def main() -> None:
         lz, tg = statistics.median(cells["lazyiscsi"]), statistics.median(cells["tgtd"])
         spread = {k: f"{statistics.median(v):.0f} [{min(v):.0f}-{max(v):.0f}]" for k, v in cells.items()}
         print(f"{case:<12} {spread['lazyiscsi']:<26} {spread['tgtd']:<26} {lz / tg:>9.2f}")
+    print(f"load average (1 min) after each run: median {statistics.median(loads):.1f} "
+          f"[{min(loads):.1f}-{max(loads):.1f}]")
     OUT.mkdir(exist_ok=True)
     (OUT / "iscsi_perf.json").write_text(json.dumps(results, indent=1))
 

@@ -83,7 +83,7 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     """One SCSI command in flight (compared by identity: two commands are never the same one)."""
 
@@ -123,31 +123,31 @@ class _PendingTmf:
     waiting: set[int]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Send:
     """One PDU, as the buffers that make it up (header, data, padding, digests)."""
 
     parts: list[bytes | bytearray | memoryview]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Execute:
     task: Task
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Close:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Fault:
     """Something the initiator did wrong that does not end the connection: for the log."""
 
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reset:
     """A LUN RESET (``lun``) or TARGET WARM RESET (``lun`` None) for the SCSI layer to apply."""
 
@@ -155,6 +155,8 @@ class Reset:
 
 
 Action = Send | Execute | Close | Reset | Fault
+# (actions and tasks are slotted, not frozen, dataclasses: one of each per command, and a frozen
+# one costs four times as much to build)
 
 
 #: what a discovery session may send once logged in: SendTargets, NOP-Out and Logout
@@ -192,11 +194,18 @@ class Connection:
         self._pending_tmfs: list[_PendingTmf] = []
         self.ping_outstanding: int | None = None  # Target Transfer Tag of an unanswered ping
         self._ttt = 1
+        self._nexus = ""
 
     @property
     def nexus(self) -> str:
-        """The initiator port name (RFC 7143 13.1): what SCSI calls this I_T nexus."""
-        return f"{self.initiator},i,0x{self.login.isid.hex()}"
+        """The initiator port name (RFC 7143 13.1): what SCSI calls this I_T nexus. It is fixed
+        once the login is done (kept then: it is asked for every command)."""
+        if self._nexus:
+            return self._nexus
+        nexus = f"{self.initiator},i,0x{self.login.isid.hex()}"
+        if self.state is State.FULL_FEATURE:
+            self._nexus = nexus
+        return nexus
 
     # what the login settled: the session's target, initiator and negotiated values
     @property
@@ -254,28 +263,36 @@ class Connection:
         if self.state is State.CLOSED:
             return []
         out = self._tmf_progress(task.itt) if task.aborted else self._response(task, status, data_in, sense)
-        return out + self._admit_waiting()
+        return out + self._admit_waiting() if self._r2t_queue else out
 
-    def _response(self, task: Task, status: int, data_in: bytes | bytearray | None,
+    def _response(self, task: Task, status: int, data_in: bytes | bytearray | memoryview | None,
                   sense: bytes | None) -> list[Action]:
-        out: list[Action] = []
-        full = memoryview(data_in) if task.read and data_in else memoryview(b"")
-        data = full[:task.expected]  # slices of a memoryview: no copy until the PDU is encoded
+        moved = len(data_in) if task.read and data_in is not None else 0
+        n = min(moved, task.expected)
         # RFC 7143 11.4.5: residual = expected - what the command moves (negative: overflow)
-        residual = task.expected - (len(full) if task.read else task.cdb_out)
-        if data and sense is None:
-            # Data-In with status in the last PDU (phase collapse, RFC 7143 11.7.4)
+        residual = task.expected - (moved if task.read else task.cdb_out)
+        if n and sense is None:
+            # Data-In with status in the last PDU (phase collapse, RFC 7143 11.7.4); slices of a
+            # memoryview: the data is not copied until it goes into the socket
+            data = memoryview(data_in)  # type: ignore[arg-type]
+            max_send = self.login.max_send
+            if n <= max_send:  # one PDU (every 4 KiB read): no slicing, no loop
+                bhs = build_data_in(task.itt, task.lun, 0, 0, n, final=True, status=status,
+                                    statsn=self._next_statsn(), expcmdsn=self.expcmdsn,
+                                    maxcmdsn=self._maxcmdsn(), residual=residual)
+                return [Send(self._encode(bhs, data if n == len(data) else data[:n]))]
+            out: list[Action] = []
             pos = 0
             datasn = 0
-            while pos < len(data):
-                n = min(self.max_send, len(data) - pos)
-                last = pos + n == len(data)
+            while pos < n:
+                size = min(max_send, n - pos)
+                last = pos + size == n
                 statsn = self._next_statsn() if last else self.statsn
-                bhs = build_data_in(task.itt, task.lun, datasn, pos, n, final=last,
+                bhs = build_data_in(task.itt, task.lun, datasn, pos, size, final=last,
                                     status=status if last else None, statsn=statsn,
                                     expcmdsn=self.expcmdsn, maxcmdsn=self._maxcmdsn(), residual=residual)
-                out.append(Send(self._encode(bhs, data[pos:pos + n])))
-                pos += n
+                out.append(Send(self._encode(bhs, data[pos:pos + size])))
+                pos += size
                 datasn += 1
             return out
         bhs, payload = build_scsi_response(task.itt, status, self._next_statsn(), self.expcmdsn,
@@ -364,7 +381,7 @@ class Connection:
             self._in_window -= 1
         self._solicited -= task.admitted
         task.admitted = 0
-        if task in self._r2t_queue:
+        if self._r2t_queue and task in self._r2t_queue:
             self._r2t_queue.remove(task)
 
     def _admit(self, task: Task, *, queued: bool = False) -> bool:
@@ -400,7 +417,9 @@ class Connection:
         if cmd.data or not cmd.final:  # (most commands carry no unsolicited data: no lookups)
             self._check_unsolicited(cmd)
         lun = self.target.luns.get(cmd.lun)
-        cdb_out = self._data_out_length(cmd.cdb, lun) if lun is not None else 0
+        # a READ's residual is counted from the data it returns, not from its CDB (_response)
+        reads_only = cmd.read and not cmd.write
+        cdb_out = self._data_out_length(cmd.cdb, lun) if lun is not None and not reads_only else 0
         want = min(cdb_out, cmd.expected_length) if cmd.write else 0
         task = Task(cmd.itt, cmd.lun, cmd.cdb, cmd.read, cmd.expected_length, want, cdb_out,
                     immediate=cmd.immediate, unsolicited_open=not cmd.final, unsolicited=len(cmd.data))
@@ -707,6 +726,9 @@ class Connection:
         return s
 
     def _encode(self, bhs: bytearray, data: bytes | memoryview = b"") -> list[bytes | bytearray | memoryview]:
+        if not (data or self.header_digest):  # a bare header (SCSI Response, R2T, NOP-In)
+            bhs[5:8] = b"\0\0\0"
+            return [bhs]
         return encode_parts(bhs, data, header_digest=self.header_digest, data_digest=self.data_digest)
 
 

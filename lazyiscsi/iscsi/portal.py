@@ -1,8 +1,14 @@
 """The embedded portal: the only iSCSI module with sockets.
 
 One reader greenlet per connection feeds the framer and the connection state machine; every
-SCSI command runs in its own greenlet (a slow on-demand fetch never holds up another command);
-one writer greenlet sends PDUs in the order the state machine produced them.
+SCSI command that may wait runs in its own greenlet (a slow on-demand fetch never holds up
+another command), a READ of a fully local LUN runs inline in the reader; one writer greenlet
+sends PDUs in the order the state machine produced them.
+
+Per command cost is what bounds small random I/O (a 4 KiB READ is mostly bookkeeping): the
+reader frames every whole PDU a receive brought before it reads again, PDUs to send are
+appended to one list that the writer takes whole (one wake-up and one sendmsg for everything
+produced since it last ran, not a queue operation per PDU).
 
 The portal owns the clock and the bookkeeping across connections that the sans-I/O connection
 cannot: the login timeout (fed in as ``login_timed_out``), the connection caps, checked as a
@@ -26,7 +32,6 @@ from collections import Counter
 import gevent
 import gevent.event
 import gevent.pool
-import gevent.queue
 import structlog
 from gevent.server import StreamServer
 
@@ -50,10 +55,17 @@ from lazyiscsi.scsi.lun import MAX_TRANSFER_BYTES, Lun
 
 log = structlog.get_logger("lazyiscsi.iscsi")
 
-#: queued PDUs are gathered into one send up to about this many bytes
+#: queued PDUs go out in gathered writes of about this many bytes, each counted off what the
+#: connection owes as soon as it is out (so the reader resumes while the rest is still going)
 _COALESCE = 256 * 1024
 #: and no more buffers than one sendmsg takes (IOV_MAX is 1024 on Linux)
 _MAX_IOV = 512
+#: while framing the PDUs of one receive, the reader lets the writer send what is ready every this
+#: many PDUs: the initiator gets its first responses (and sends its next commands) while the rest
+#: are still being run. Without it, 16 commands that came in one receive are answered in one send
+#: at the end, the two sides take turns and each waits idle while the other works (on a loaded
+#: 2-vCPU machine that ran 4 KiB random reads at QD16 at a quarter of the rate of every 4 PDUs)
+_YIELD_EVERY = 4
 #: How long a connection may take to reach full feature (login done). A login is a handful of
 #: round trips; one left half-way (a half-sent header, a data segment announced and never sent,
 #: a CHAP exchange never finished) would otherwise hold its socket, greenlets and buffers for
@@ -76,8 +88,8 @@ REFUSAL_LOG_INTERVAL = 10.0
 #: flight, which keeps loopback and a 10 GbE link at 5 ms RTT busy while bounding the memory an
 #: initiator that never reads can hold (DESIGN: never hand a peer unbounded memory)
 MAX_OUTSTANDING_BYTES = 2 * MAX_TRANSFER_BYTES
-#: READ(6/10/12/16) opcodes, as CDB prefixes
-_INLINE_READS = frozenset(bytes([op]) for op in (Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16))
+#: READ(6/10/12/16) opcodes
+_INLINE_READS = frozenset(int(op) for op in (Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16))
 
 
 class Portal:
@@ -167,7 +179,11 @@ class _Session:
                                address=target_address(sock.getsockname()))
         self.key: tuple[str, bytes, str] | None = None  # in portal.sessions while live
         self.reinstated = False
-        self.out: gevent.queue.Queue = gevent.queue.Queue()
+        #: buffers to send, in order, and how many bytes they hold; the writer takes them whole
+        self.out: list[bytes | bytearray | memoryview] = []
+        self.out_bytes = 0
+        self.wake_writer = gevent.event.Event()
+        self.writer_done = False  # set once nothing more will be queued: the writer drains and ends
         self.workers: set[gevent.Greenlet] = set()
         self.closing = False
         self.owed = 0  # bytes queued to send plus the data-in reserved by running READs
@@ -199,23 +215,31 @@ class _Session:
         login_timer = gevent.spawn_later(self.portal.login_timeout, self._login_expired)
         framer = Framer(max_data=LOGIN_MAX_DATA)  # RFC 7143 13.12: the default, during login
         try:
+            conn, room, recv = self.conn, self.room, self.sock.recv
             while not self.closing:
                 self._wait_for_room()
-                data = self.sock.recv(262144)
+                data = recv(262144)
                 if not data:
                     break
                 self.last_heard = time.monotonic()
                 framer.receive_data(data)
+                taken = 0
                 while not self.closing and (pdu := framer.next_pdu()) is not None:
-                    self._wait_for_room()
-                    was_login = self.conn.state is State.LOGIN
-                    actions = self.conn.receive(pdu)
-                    if was_login and self.conn.state is State.FULL_FEATURE:
-                        login_timer.kill()
-                        framer.set_digests(self.conn.header_digest, self.conn.data_digest)
-                        framer.max_data = self.conn.max_recv
-                        self._started()  # before the last Login Response goes out
-                    self._perform(actions)
+                    if not room.is_set():
+                        self._wait_for_room()
+                    taken += 1
+                    if not taken % _YIELD_EVERY and self.out:
+                        gevent.sleep(0)  # the writer sends what is ready (see _YIELD_EVERY)
+                    if conn.state is State.LOGIN:
+                        actions = conn.receive(pdu)
+                        if conn.state is State.FULL_FEATURE:
+                            login_timer.kill()
+                            framer.set_digests(conn.header_digest, conn.data_digest)
+                            framer.max_data = conn.max_recv
+                            self._started()  # before the last Login Response goes out
+                        self._perform(actions)
+                    else:
+                        self._perform(conn.receive(pdu))
         except RemoteProtocolError as e:
             log.warning("connection_dropped", peer=self.peer, error=str(e))
         except OSError as e:
@@ -230,7 +254,8 @@ class _Session:
             gevent.joinall(list(self.workers), timeout=30)
             if not self.reinstated:  # else the nexus loss was reported when the new one came
                 self._nexus_lost()
-            self.out.put(None)
+            self.writer_done = True
+            self.wake_writer.set()
             writer.join(timeout=5)
             with contextlib.suppress(OSError):
                 self.sock.close()
@@ -280,29 +305,39 @@ class _Session:
 
     def _perform(self, actions: list[Action]) -> None:
         for action in actions:
-            if isinstance(action, Send):
-                self._owe(sum(map(len, action.parts)))
-                self.out.put(action.parts)
-            elif isinstance(action, Execute):
-                if self._never_blocks(action.task):
-                    self._execute(action.task)  # no greenlet to spawn or switch to
+            kind = type(action)
+            if kind is Send:
+                parts = action.parts  # type: ignore[union-attr]
+                n = 0
+                for part in parts:
+                    n += len(part)
+                self.out += parts
+                self.out_bytes += n
+                self._owe(n)
+                if not self.wake_writer.is_set():
+                    self.wake_writer.set()
+            elif kind is Execute:
+                task = action.task  # type: ignore[union-attr]
+                if self._never_blocks(task):
+                    self._execute(task)  # no greenlet to spawn or switch to
                     continue
                 # its data-in counts as owed from now on: READs running at once are bounded too
-                reserved = min(action.task.expected, MAX_TRANSFER_BYTES) if action.task.read else 0
+                reserved = min(task.expected, MAX_TRANSFER_BYTES) if task.read else 0
                 self._owe(reserved)
-                g = gevent.spawn(self._execute, action.task, reserved)
+                g = gevent.spawn(self._execute, task, reserved)
                 self.workers.add(g)
                 g.link(self.workers.discard)
-            elif isinstance(action, Fault):
+            elif kind is Fault:
                 log.warning("initiator_fault", peer=self.peer, initiator=self.conn.initiator,
-                            error=action.message)
-            elif isinstance(action, Reset):
-                for lun in self._luns(action.lun):
+                            error=action.message)  # type: ignore[union-attr]
+            elif kind is Reset:
+                lun_number = action.lun  # type: ignore[union-attr]
+                for lun in self._luns(lun_number):
                     lun.reservations.reset()
-                log.info("lun_reset" if action.lun is not None else "target_reset", peer=self.peer,
-                         initiator=self.conn.initiator, lun=action.lun)
-            elif isinstance(action, Close):
-                log.info("connection_closing", peer=self.peer, reason=action.reason)
+                log.info("lun_reset" if lun_number is not None else "target_reset", peer=self.peer,
+                         initiator=self.conn.initiator, lun=lun_number)
+            elif kind is Close:
+                log.info("connection_closing", peer=self.peer, reason=action.reason)  # type: ignore[union-attr]
                 self.closing = True
 
     def _luns(self, number: int | None) -> list[Lun]:
@@ -317,8 +352,10 @@ class _Session:
         """A READ of a fully local LUN is a pread from the page cache: run it in the reader. Every
         command that may wait (a fetch from the source, an fdatasync) gets its own greenlet, so
         that it never holds up the commands behind it."""
+        if task.cdb[0] not in _INLINE_READS:
+            return False
         lun = self._lun(task.lun)
-        return lun is not None and task.cdb[:1] in _INLINE_READS and lun.backend.complete
+        return lun is not None and lun.backend.complete
 
     def _execute(self, task: Task, reserved: int = 0) -> None:
         try:
@@ -331,7 +368,8 @@ class _Session:
                 result = dispatch.execute(lun, task.cdb, data, self.conn.nexus)
             self._perform(self.conn.task_done(task, result.status, result.data_in, result.sense))
         finally:
-            self._owe(-reserved)  # its PDUs, if any, are counted in the queue now
+            if reserved:
+                self._owe(-reserved)  # its PDUs, if any, are counted in the queue now
 
     def _ping_loop(self) -> None:
         """After ``nop_interval`` of silence, ping; after as long again without an answer (or
@@ -350,41 +388,45 @@ class _Session:
                 self._perform(self.conn.ping())
 
     def _write_loop(self) -> None:
-        """Send PDUs in order. Whatever has queued up meanwhile goes out in one gathered write:
+        """Send PDUs in order. Whatever has been queued meanwhile goes out in one gathered write:
         many small responses (4 KiB reads at QD16) then cost one system call, not one each, and
         Data-In payloads go to the socket straight from the read buffer."""
         while True:
-            item = self.out.get()
-            if item is None:
-                return
-            batch = list(item)
-            size = sum(map(len, batch))
-            while size < _COALESCE and len(batch) < _MAX_IOV and not self.out.empty():
-                nxt = self.out.peek()
-                if nxt is None:
-                    break
-                batch += self.out.get()
-                size += sum(map(len, nxt))
-            try:
-                _send_all(self.sock, batch)
-            except OSError:
-                self.closing = True
-                self.room.set()  # a reader waiting for room must see the connection is gone
-                return
-            self._owe(-size)
+            if not self.out:  # checked before waiting: a wake-up for what is queued is never lost
+                if self.writer_done:
+                    return
+                self.wake_writer.wait()
+                self.wake_writer.clear()
+                continue
+            batch = self.out
+            self.out, self.out_bytes = [], 0
+            start = 0
+            while start < len(batch):
+                end, size = start, 0
+                while end < len(batch) and size < _COALESCE and end - start < _MAX_IOV:
+                    size += len(batch[end])
+                    end += 1
+                try:
+                    _send_all(self.sock, batch[start:end])
+                except OSError:
+                    self.closing = True
+                    self.room.set()  # a reader waiting for room must see the connection is gone
+                    return
+                self._owe(-size)
+                start = end
 
 
 def _send_all(sock: socket.socket, buffers: list[bytes | bytearray | memoryview]) -> None:
-    """sendmsg until every byte is out, resuming mid-buffer after a short write."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    """sendmsg until every byte is out, resuming mid-buffer after a short write. Every buffer
+    is a byte buffer (bytes, bytearray or a memoryview of bytes): its len() is its size in bytes."""
     i = 0
-    while i < len(views):
-        sent = sock.sendmsg(views[i:i + _MAX_IOV])
-        while i < len(views) and sent >= len(views[i]):
-            sent -= len(views[i])
+    while i < len(buffers):
+        sent = sock.sendmsg(buffers[i:] if i else buffers)
+        while i < len(buffers) and sent >= len(buffers[i]):
+            sent -= len(buffers[i])
             i += 1
         if sent:
-            views[i] = views[i][sent:]
+            buffers[i] = memoryview(buffers[i])[sent:]
 
 
 def _data_out_length(cdb: bytes, lun: object) -> int:

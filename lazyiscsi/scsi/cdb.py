@@ -101,7 +101,7 @@ LAYOUTS: dict[Op, tuple[Layout, str]] = {
 _WRITE_AND_VERIFY = frozenset({Op.WRITE_AND_VERIFY_10, Op.WRITE_AND_VERIFY_12, Op.WRITE_AND_VERIFY_16})
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BlockCommand:
     """A decoded block command, range-checked against the LUN."""
 

@@ -30,7 +30,7 @@ from lazyiscsi.store.errors import StoreError
 log = structlog.get_logger("lazyiscsi.scsi")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Result:
     status: Status
     #: a memoryview only when it is the caller's own ``data_in_buffer``, already filled
@@ -41,9 +41,13 @@ class Result:
 Handler = Callable[[Lun, bytes, memoryview | None, str], "bytes | bytearray | None"]
 
 
+#: opcode byte -> Op, a dict lookup where ``Op(byte)`` is an Enum call (a few us, per command)
+_OPS: dict[int, Op] = {int(op): op for op in Op}
+
+
 def _block(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str, *,
            into: memoryview | None = None) -> bytes | bytearray | memoryview | None:
-    op = Op(cdb[0])
+    op = _OPS[cdb[0]]
     cmd = parse_block(cdb, op, lun.n_blocks, lun.max_write_same_blocks
                       if LAYOUTS[op][1] == "write_same" else lun.max_transfer_blocks)
     kind = cmd.kind
@@ -175,9 +179,9 @@ def data_out_length(cdb: bytes, block_size: int) -> int:
     """Bytes of data-out the command carries, from its CDB alone (0 if none or malformed:
     the command will then fail in ``execute`` with the right sense)."""
     try:
-        op = Op(cdb[0])
+        op = _OPS[cdb[0]]
         check_length(cdb)
-    except (ValueError, IndexError, SenseError):
+    except (KeyError, IndexError, SenseError):
         return 0
     length = _data_out_length(op, cdb, block_size)
     # more than any command takes: solicit nothing, and let the command fail on its CDB
@@ -242,11 +246,10 @@ def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | Non
     try:
         if not cdb:
             raise SenseError(Reason.INVALID_OPCODE)
-        try:
-            op = Op(cdb[0])
-            handler = HANDLERS[op]
-        except (ValueError, KeyError):
-            raise SenseError(Reason.INVALID_OPCODE) from None
+        op = _OPS.get(cdb[0])
+        handler = HANDLERS.get(op) if op is not None else None  # type: ignore[arg-type]
+        if handler is None:
+            raise SenseError(Reason.INVALID_OPCODE)
         check_length(cdb)
         writable = lun.note_writable(nexus)
         pending = lun.unit_attentions.get(nexus)
