@@ -22,7 +22,8 @@ setup(
         "structlog>=22.3",
     ],
     extras_require={
-        "test": ["pytest>=7.2", "pytest-timeout>=2.1", "hypothesis>=6.67", "ruff>=0.4"],
+        "test": ["pytest>=7.2", "pytest-timeout>=2.1", "hypothesis>=6.67", "ruff>=0.4",
+                 "wheel>=0.38"],  # tests/package/test_wheel.py builds the wheel pip installs
     },
     entry_points={"console_scripts": ["lazyiscsi = lazyiscsi.cli:main"]},
 )

@@ -8,8 +8,9 @@ does); without one and without a terminal it runs the command lines of its stand
 a script (configshell's interactive loop needs readline on a terminal).
 
 targetcli's tree needs LIO: ``RTSRoot()`` mounts configfs and reads the kernel's modules. Where
-that fails (a container, a host without target_core_mod) the shell says why in one line and
-offers ``/lazy`` alone, which needs only the daemon.
+that fails (a container, a host without target_core_mod) the shell offers ``/lazy`` alone, which
+needs only the daemon, and says why in the summary of ``/`` (``ls /``) and in the interactive
+banner; one-shot commands and scripts stay quiet about it (their output is for a program).
 """
 
 from __future__ import annotations
@@ -73,8 +74,12 @@ class UIStandaloneRoot(ConfigNode):  # type: ignore[misc]
         tree beside them.
         """
 
-    def __init__(self, shell: LazyShell) -> None:
+    def __init__(self, shell: LazyShell, note: str | None) -> None:
         super().__init__("/", shell=shell)
+        self.note = note
+
+    def summary(self) -> tuple[str, bool | None]:
+        return (self.note or "", None)
 
 
 @dataclass
@@ -111,10 +116,13 @@ def open_session(control: str, *, prefs_dir: str | None = None) -> Session:
         try:
             return Session(shell, _targetcli_root(shell, daemon), None, True)
         except (RTSLibError, OSError) as e:
-            note = f"targetcli's tree is not available here ({e}); showing /lazy only"
+            # rtslib meets the first obstacle (no configfs), then fails again in its fallback
+            # (modprobe reads /proc/modules): the first says why
+            first = e.__context__ if isinstance(e.__context__, RTSLibError) else e
+            note = f"targetcli's tree is not available here ({first}); showing /lazy only"
     else:
         shell = LazyShell(prefs_dir or LAZY_HOME)
-    root = UIStandaloneRoot(shell)
+    root = UIStandaloneRoot(shell, note)
     shell.lazy = UILazy(daemon, root)
     return Session(shell, root, note, False)
 
@@ -132,8 +140,6 @@ def _errors() -> tuple[type[BaseException], ...]:
 def run(control: str, line: list[str], *, prefs_dir: str | None = None) -> int:
     """``lazyiscsi shell [LINE...]``: the exit status."""
     session = open_session(control, prefs_dir=prefs_dir)
-    if session.note:
-        sys.stderr.write(f"lazyiscsi: {session.note}\n")
     if line:
         return _one_line(session.shell, " ".join(line))
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
@@ -167,6 +173,8 @@ def _script(shell: LazyShell, lines: TextIO) -> int:
 
 def _interactive(session: Session) -> int:
     shell = session.shell
+    if session.note:
+        shell.log.warning(session.note)
     shell.con.display("lazyiscsi shell: volumes under /lazy. For help on commands, type 'help'.\n")
     while not shell._exit:
         try:
