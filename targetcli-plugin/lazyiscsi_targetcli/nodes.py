@@ -18,7 +18,7 @@ from lazyiscsi.control import ControlError
 from lazyiscsi.progress import human_bytes, human_eta
 from lazyiscsi.sizes import parse_size
 from lazyiscsi.source.url import has_secret
-from lazyiscsi_targetcli.client import Daemon
+from lazyiscsi_targetcli.client import REQUEST_TIMEOUT, Daemon
 from lazyiscsi_targetcli.framework import ConfigNode, ExecutionError
 
 #: the colour ``ls`` gives a volume's state: True green (serving as it should), False red (the
@@ -201,7 +201,7 @@ class UIVolume(ConfigNode):  # type: ignore[misc]
         return tuple(c for c in super().list_commands()
                      if c not in _OPTIONAL_OPS or self.daemon.offers(_OPTIONAL_OPS[c]))
 
-    def _verb(self, op: str, done: str, timeout: float | None = 30.0, **args: Any) -> None:
+    def _verb(self, op: str, done: str, timeout: float | None = REQUEST_TIMEOUT, **args: Any) -> None:
         self.status = self.daemon.call(op, timeout=timeout, name=self.name, **args)
         self.shell.log.info(f"{done}: {summary_text(self.status)}")
 

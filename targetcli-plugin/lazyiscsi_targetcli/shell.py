@@ -7,8 +7,9 @@ configuration on exit when targetcli's ``auto_save_on_exit`` preference says so 
 does); without one and without a terminal it runs the command lines of its standard input as
 a script (configshell's interactive loop needs readline on a terminal).
 
-targetcli's tree needs LIO: ``RTSRoot()`` mounts configfs and reads the kernel's modules. Where
-that fails (a container, a host without target_core_mod) the shell offers ``/lazy`` alone, which
+targetcli's tree needs LIO (``RTSRoot()`` mounts configfs and reads the kernel's modules) and
+the system bus (its ``user:`` backstores are asked over D-Bus). Where either fails (a container,
+a host without target_core_mod, no dbus-daemon) the shell offers ``/lazy`` alone, which
 needs only the daemon, and says why in the summary of ``/`` (``ls /``) and in the interactive
 banner; one-shot commands and scripts stay quiet about it (their output is for a program).
 """
@@ -110,15 +111,14 @@ def open_session(control: str, *, prefs_dir: str | None = None) -> Session:
     daemon = Daemon(control)
     note = None
     if framework.UIRoot is not None:
-        from rtslib_fb.utils import RTSLibError  # targetcli's own dependency
-
         shell = TargetcliShell(prefs_dir or TARGETCLI_HOME)
         try:
             return Session(shell, _targetcli_root(shell, daemon), None, True)
-        except (RTSLibError, OSError) as e:
-            # rtslib meets the first obstacle (no configfs), then fails again in its fallback
-            # (modprobe reads /proc/modules): the first says why
-            first = e.__context__ if isinstance(e.__context__, RTSLibError) else e
+        except Exception as e:  # as targetcli's own main: its tree fails with
+            # whatever its environment lacks (rtslib: no configfs; GLib: no system bus for the
+            # user: backstores), and says why; the first failure is the reason (rtslib's
+            # fallback then fails again, reading /proc/modules)
+            first = e.__context__ if e.__context__ is not None else e
             note = f"targetcli's tree is not available here ({first}); showing /lazy only"
     else:
         shell = LazyShell(prefs_dir or LAZY_HOME)
