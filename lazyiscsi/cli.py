@@ -180,10 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "branch: each volume's state, progress, rate and ETA in `ls`, and the verbs create, "
                      "delete, pause, resume, rate, verify, detach, with help and tab completion. "
                      "It talks to the daemon at --control only."),
-        epilog="Exit status (with a COMMAND): 0 it worked; 1 it failed (one line on stderr).")
+        epilog=("Exit status (a COMMAND, or standard input's lines): 0 it worked; 1 a command failed "
+                "(one line on stderr; the lines after it do not run)."))
     sh.add_argument("line", nargs=argparse.REMAINDER, metavar="COMMAND",
                     help="run this one command line and exit, as targetcli does (e.g. /lazy ls); "
-                         "none: interactive")
+                         "none: interactive on a terminal, else the command lines of standard input")
     sh.set_defaults(func=cmd_shell)
     return parser
 
