@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ from lazyiscsi import log as logsetup
 from lazyiscsi.control import ControlError
 from lazyiscsi.frontend import Frontend
 from lazyiscsi.progress import ProgressDisplay, human_bytes
+from lazyiscsi.sizes import parse_size
 from lazyiscsi.source import SourceError, deadline_for, open_source, redact
 from lazyiscsi.store.errors import StoreError
 from lazyiscsi.store.hydrator import DEFAULT_RUN, Hydrator, JobState
@@ -43,22 +43,6 @@ EXIT_SOURCE_CHANGED = 4
 EXIT_INTERRUPTED = 130
 #: seconds between sd_notify STATUS= updates under systemd (what `systemctl status` shows)
 STATUS_INTERVAL = 5.0
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
-_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``4K``/``4KiB`` (binary), ``4KB`` (decimal). Raises ValueError with the reason."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a size (examples: 4096, 64K, 1MiB, 100MB)")
-    number, prefix, suffix = m.group(1), m.group(2).lower(), m.group(3).lower()
-    base = 1000 if suffix == "b" and prefix else 1024
-    value = float(number) * base ** _POWERS[prefix]
-    if value != int(value):
-        raise ValueError(f"{text!r} is not a whole number of bytes")
-    return int(value)
 
 
 def _size_arg(minimum: int = 0, power_of_two: bool = False):  # type: ignore[no-untyped-def]
@@ -194,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(s)
     s.set_defaults(func=cmd_serve)
     commands.add_parsers(sub, _size_arg(), _seconds_arg, common)
+    sh = sub.add_parser(
+        "shell", parents=[common],
+        help="targetcli's shell with the volumes under /lazy (configshell-fb)",
+        description=("targetcli's tree (when targetcli-fb is installed and LIO is there) with a /lazy "
+                     "branch: each volume's state, progress, rate and ETA in `ls`, and the verbs create, "
+                     "delete, pause, resume, rate, verify, detach, with help and tab completion. "
+                     "It talks to the daemon at --control only."),
+        epilog=("Exit status (a COMMAND, or standard input's lines): 0 it worked; 1 a command failed "
+                "(one line on stderr; the lines after it do not run)."))
+    sh.add_argument("line", nargs=argparse.REMAINDER, metavar="COMMAND",
+                    help="run this one command line and exit, as targetcli does (e.g. /lazy ls); "
+                         "none: interactive on a terminal, else the command lines of standard input")
+    sh.set_defaults(func=cmd_shell)
     return parser
 
 
@@ -464,6 +461,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     frontend.stop()
     manager.close()
     return EXIT_OK
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    """The targetcli plugin is imported here only: lazyiscsi runs without configshell-fb."""
+    try:
+        from lazyiscsi_targetcli.shell import run
+    except ModuleNotFoundError as e:
+        if e.name is not None and e.name.startswith("lazyiscsi_targetcli"):
+            raise CliError("shell: the targetcli plugin (lazyiscsi_targetcli) is not installed") from None
+        raise CliError(f"shell: needs configshell-fb ({e.name} cannot be imported): "
+                       "apt install python3-configshell-fb, or pip install configshell-fb") from None
+    return run(args.control, args.line)
 
 
 def _host_port(host: str, port: int) -> str:
