@@ -28,16 +28,19 @@ _HEALTHY: dict[str, bool | None] = {
     "paused": None, "created": None, "cancelled": None,
     "failed": False, "unopened": False,
 }
-#: control ops a daemon may not have (another release); hidden from help and completion there
-_OPTIONAL_OPS = {"cutover": "cutover"}
+#: verbs that mean something only for a live volume before its cutover; hidden elsewhere
+_BEFORE_CUTOVER_VERBS = ("cutover",)
 _BOOLS = ("true", "false")
+
+#: phases worth a word in ``ls``: every volume not live is in post-copy from the start
+_TELLING_PHASES = ("pre-copy", "cutover")
 
 
 def summary_text(v: dict[str, Any]) -> str:
-    """One volume as ``ls`` shows it: phase (when the daemon reports one), state, how much is
-    local, rate, ETA and the rate limit."""
+    """One volume as ``ls`` shows it: phase (while a live volume is before its cutover, the one
+    time it says more than the state), state, how much is local, rate, ETA and the rate limit."""
     phase = v.get("phase")
-    head = f"{phase} {v['state']}" if phase and phase != v["state"] else v["state"]
+    head = f"{phase} {v['state']}" if phase in _TELLING_PHASES else v["state"]
     text = (f"{head} {v['percent']:.1f}% {human_bytes(v['local_bytes'])}/{human_bytes(v['size'])} "
             f"{human_bytes(v['rate_bps'])}/s eta {human_eta(v['eta_s'])}")
     if v.get("rate_limit_bps"):
@@ -196,10 +199,10 @@ class UIVolume(ConfigNode):  # type: ignore[misc]
         return summary_text(self.status), healthy
 
     def list_commands(self) -> tuple[str, ...]:
-        """configshell's list, less the verbs this daemon does not have (help, completion and
-        execution all read it)."""
-        return tuple(c for c in super().list_commands()
-                     if c not in _OPTIONAL_OPS or self.daemon.offers(_OPTIONAL_OPS[c]))
+        """configshell's list, less ``cutover`` unless this is a live volume before its cutover
+        (help, completion and execution all read it): elsewhere it could only be refused."""
+        before = self.status.get("live") and self.status.get("phase") in _TELLING_PHASES
+        return tuple(c for c in super().list_commands() if before or c not in _BEFORE_CUTOVER_VERBS)
 
     def _verb(self, op: str, done: str, timeout: float | None = REQUEST_TIMEOUT, **args: Any) -> None:
         self.status = self.daemon.call(op, timeout=timeout, name=self.name, **args)

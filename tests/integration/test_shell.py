@@ -27,7 +27,6 @@ from typing import Any
 import pytest
 from lazyiscsi_targetcli import framework as configshell_framework
 from lazyiscsi_targetcli import shell as lazyshell
-from lazyiscsi_targetcli.client import Daemon
 
 from tests.integration.peers import MiB, make_image, wait_until
 
@@ -249,15 +248,18 @@ def test_help_lists_the_verbs_and_shows_their_docstrings(vm1: str, sh: Session) 
     assert "Changes the background copy's rate limit at once" in out, out
 
 
-def test_cutover_is_hidden_where_the_daemon_has_no_such_op(vm1: str, sh: Session) -> None:
-    """Asked of the daemon, not of a version: this daemon refuses `cutover` as an unknown op."""
-    daemon = Daemon(control_path())
-    assert not daemon.offers("cutover")
-    assert daemon.offers("pause")  # refused for its missing argument: the op exists
-    assert daemon.offers("status")  # answered
+def test_cutover_only_on_a_live_volume_before_its_cutover(vm1: str, sh: Session, source: Path) -> None:
+    """A frozen volume has no cutover to make: the verb is hidden there; a live one offers it until
+    it is done, and the shell's cutover is the daemon's (writes allowed, phase post-copy)."""
     assert "cutover" not in sh.run("/lazy/vm1 help")
     assert "Command not found cutover" in sh.refused("/lazy/vm1 cutover")
     assert status("vm1")["state"] == "running"
+    assert cli("volume", "create", "vm3", "--source", str(source), "--live").returncode == 0
+    assert status("vm3")["phase"] == "pre-copy"
+    assert "  - cutover" in sh.run("/lazy/vm3 help")
+    sh.run("/lazy/vm3 cutover")
+    assert status("vm3")["phase"] in ("post-copy", "complete")
+    assert "cutover" not in sh.run("/lazy/vm3 help")
 
 
 def test_completion_of_verbs_and_volume_names(vm1: str, sh: Session, source: Path,
