@@ -11,6 +11,7 @@ setup(
     install_requires=[
         "crc32c>=2.3",
         "gevent>=22.10",
+        "jeepney>=0.8",
         "rtslib-fb>=2.1.75",
         "structlog>=22.3",
     ],

@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # The peers the tests drive (nbdkit, qemu-img/qemu-io/qemu-nbd and QEMU's iSCSI driver, nginx,
 # libiscsi's tools and iscsi-test-cu, tgtd), the linters of what ships (mandoc, groff, systemd-analyze)
-# and the commands the tests call (openssl for TLS sources, pgrep).
+# and the commands the tests call (openssl for TLS sources, pgrep, dbus-daemon and dbus-send for
+# the D-Bus side targetcli talks to).
 PACKAGES=(nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common nginx-light libiscsi-bin tgt
-          mandoc groff-base systemd openssl procps)
+          mandoc groff-base systemd openssl procps dbus-daemon dbus-bin)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
