@@ -48,6 +48,9 @@ def add_parsers(sub: Any, size_arg: Callable[[str], int], seconds_arg: Callable[
                    help="tracking unit of the new cache: a power of two from 512 to 1M")
     c.add_argument("--rate", type=size_arg, default=0, metavar="BYTES_PER_S",
                    help="limit the background copy (0: none)")
+    c.add_argument("--backstore-only", action="store_true",
+                   help="LIO: make no target of our own; serve the user:lazy backstore the operator "
+                        "creates with targetcli (cfgstring=NAME)")
     c.add_argument("--json", action="store_true", help="print the new volume's status as JSON")
     c.set_defaults(func=_create)
     ls = verb(vs, "list", help="every volume, one line each")
@@ -116,7 +119,7 @@ def _create(args: argparse.Namespace) -> int:
         sys.stderr.write(f"lazyiscsi: error: {e}\n")
         return EXIT_USAGE
     result = _call(args, "volume.create", timeout=None, name=args.name, source=source, unit=args.unit,
-                   rate=args.rate)
+                   rate=args.rate, backstore_only=args.backstore_only or None)
     print(json.dumps(result) if args.json else f"created {_line(result)}")
     return EXIT_OK
 

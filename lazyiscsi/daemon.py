@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import gevent
 import structlog
 
-from lazyiscsi.config import MAX_UNIT, MIN_UNIT, VolumeConfig
+from lazyiscsi.config import MAX_UNIT, MIN_UNIT, VOLUME_NAME, VolumeConfig
 from lazyiscsi.frontend import Frontend, FrontendError
 from lazyiscsi.scsi.lun import Lun
 from lazyiscsi.source import deadline_for, open_source
@@ -34,7 +33,7 @@ from lazyiscsi.store.verify import verify
 
 log = structlog.get_logger("lazyiscsi.daemon")
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME = VOLUME_NAME
 STATE_FILE = "volumes.json"
 #: the files of a cache at PATH: PATH itself, then those the store keeps beside it
 CACHE_FILES = ("", ".meta", ".map", ".written", ".boot")
@@ -129,7 +128,8 @@ class VolumeManager:
 
     # -- verbs ------------------------------------------------------------------------------
 
-    def create(self, name: str, source: str, *, unit: int | None = None, rate: int = 0) -> dict[str, Any]:
+    def create(self, name: str, source: str, *, unit: int | None = None, rate: int = 0,
+               backstore_only: bool = False) -> dict[str, Any]:
         """Open, export and persist a new volume; or, refused or failed, leave nothing behind:
         no volume, no export, no cache file it made, no record, the cache's lock released."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -151,18 +151,21 @@ class VolumeManager:
             raise VolumeError(f"volume {name} exists")
         self._creating.add(name)
         try:
-            return self._create(name, source, unit, rate)
+            return self._create(name, source, unit, rate, backstore_only)
         finally:
             self._creating.discard(name)
 
-    def _create(self, name: str, source: str, unit: int | None, rate: int) -> dict[str, Any]:
+    def _create(self, name: str, source: str, unit: int | None, rate: int,
+                backstore_only: bool) -> dict[str, Any]:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise VolumeError(f"volume {name}: state directory {self.state_dir}: {e.strerror}") from None
         cache = str(self.state_dir / f"{name}.cache")
-        record = VolumeRecord(VolumeConfig(name=name, source=source, cache=cache,
-                                           target=f"{self.iqn_prefix}:{name}", unit=unit, rate=rate))
+        # a backstore_only volume's target is the operator's, made with targetcli
+        target = "" if backstore_only else f"{self.iqn_prefix}:{name}"
+        record = VolumeRecord(VolumeConfig(name=name, source=source, cache=cache, target=target, unit=unit,
+                                           rate=rate, backstore_only=backstore_only))
         made = [cache + suffix for suffix in CACHE_FILES if not os.path.lexists(cache + suffix)]
         try:
             vol = self._open(record)
@@ -177,8 +180,8 @@ class VolumeManager:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             raise
-        log.info("volume_created", volume=name, source=redact(source), target=record.volume.target,
-                 size=vol.disk.size)
+        log.info("volume_created", volume=name, source=redact(source), target=record.volume.target or None,
+                 size=vol.disk.size, backstore_only=backstore_only)
         return self._status(vol)
 
     def delete(self, name: str) -> None:
@@ -406,7 +409,7 @@ class VolumeManager:
             "misses": p.misses, "miss_p50_ms": p.miss_p50_ms, "miss_p99_ms": p.miss_p99_ms,
             "source_health": "detached" if vol.record.detached else (
                 f"error: {p.error}" if p.error else "ok"),
-            "static": vol.record.static,
+            "static": vol.record.static, "backstore_only": cfg.backstore_only,
         }
 
 
@@ -420,5 +423,5 @@ def _unopened_status(record: VolumeRecord) -> dict[str, Any]:
         "state": "unopened", "size": 0, "local_bytes": 0, "percent": 0.0, "rate_bps": 0, "eta_s": None,
         "rate_limit_bps": cfg.rate or None, "fetched_bytes": 0, "misses": 0, "miss_p50_ms": None,
         "miss_p99_ms": None, "source_health": "not opened at start (see volume_restore_failed)",
-        "static": False,
+        "static": False, "backstore_only": cfg.backstore_only,
     }
