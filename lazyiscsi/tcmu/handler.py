@@ -216,7 +216,7 @@ class Handler:
     def _rescan(self) -> None:
         for volume, (minor, name) in uio.find().items():
             if volume in self.luns and volume not in self.served:
-                self._attach(volume, minor, name)
+                self._attach(volume, minor, name, fresh=not uio.configured(name))
 
     def _on_event(self, event: DeviceEvent) -> None:
         name = uio.UioName.parse(event.device)
