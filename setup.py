@@ -18,6 +18,7 @@ setup(
         "configshell-fb>=1.1.28",
         "crc32c>=2.3",
         "gevent>=22.10",
+        "jeepney>=0.8",
         "rtslib-fb>=2.1.75",
         "structlog>=22.3",
     ],

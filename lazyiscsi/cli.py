@@ -439,13 +439,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = _host_port({"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host), port)
     for vol in manager.volumes.values():
         r = vol.record.volume
+        if r.backstore_only:  # targetcli makes its target: only the backstore line is ours
+            size = vol.lun.n_blocks * vol.lun.block_size
+            sys.stdout.write(f"holding {redact(r.source)} for targetcli: /backstores/user:lazy create "
+                             f"name={r.name} size={size} cfgstring={r.name}\n")
+            continue
         sys.stdout.write(f"serving {redact(r.source)} as {r.target} LUN {r.lun} on {_host_port(host, port)} "
                          f"({frontend.name})\n"
                          f"  QEMU:     iscsi://{shown}/{r.target}/{r.lun}\n")
     sys.stdout.write(f"  iscsiadm: iscsiadm -m discovery -t sendtargets -p {shown}\n")
-    if manager.volumes:
-        first = next(iter(manager.volumes.values())).record.volume.target
-        sys.stdout.write(f"            iscsiadm -m node -T {first} -p {shown} --login\n")
+    targets = [v.record.volume.target for v in manager.volumes.values() if v.record.volume.target]
+    if targets:
+        sys.stdout.write(f"            iscsiadm -m node -T {targets[0]} -p {shown} --login\n")
     sys.stdout.write(f"  control:  {args.control}\n")
     sys.stdout.flush()
     logsetup.notify_ready()

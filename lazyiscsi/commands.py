@@ -64,6 +64,9 @@ def add_parsers(sub: Any, size_arg: Callable[[str], int], seconds_arg: Callable[
     c.add_argument("--rate", type=size_arg, default=0, metavar="BYTES_PER_S",
                    help="limit the background copy (0: none)")
     add_live_options(c)
+    c.add_argument("--backstore-only", action="store_true",
+                   help="LIO: make no target of our own; serve the user:lazy backstore the operator "
+                        "creates with targetcli (cfgstring=NAME)")
     c.add_argument("--json", action="store_true", help="print the new volume's status as JSON")
     c.set_defaults(func=_create)
     ls = verb(vs, "list", help="every volume, one line each")
@@ -147,7 +150,8 @@ def _create(args: argparse.Namespace) -> int:
         sys.stderr.write(f"lazyiscsi: error: {problem}\n")
         return EXIT_USAGE
     result = _call(args, "volume.create", timeout=None, name=args.name, source=source, unit=args.unit,
-                   rate=args.rate, live=args.live or None, dirty_bitmap=args.dirty_bitmap)
+                   rate=args.rate, live=args.live or None, dirty_bitmap=args.dirty_bitmap,
+                   backstore_only=args.backstore_only or None)
     print(json.dumps(result) if args.json else f"created {_line(result)}")
     return EXIT_OK
 

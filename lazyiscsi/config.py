@@ -48,6 +48,10 @@ LIVE_SCHEMES = ("nbd", "nbd+unix", "file")
 NBD_SCHEMES = ("nbd", "nbd+unix")
 
 
+#: a volume's name: it is also the LIO backstore's name and cfgstring, and a file name
+VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 class ConfigError(Exception):
     """A bad configuration value; ``str()`` names the file and the field."""
 
@@ -67,6 +71,9 @@ class VolumeConfig:
     source_id: str | None = None  # the operator's name for the source disk (its identity)
     live: bool = False  # the source is in use: pre-copy until ``lazyiscsi cutover`` (issue 11)
     dirty_bitmap: str | None = None  # with live: the source's dirty bitmap (NBD only)
+    #: the operator makes the LIO objects with targetcli (``user:lazy``, cfgstring = name); we
+    #: only serve the device once it appears (no target, LUN or ACL of ours)
+    backstore_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,9 @@ class Config:
 
 
 _VOLUME_KEYS = {"name", "source", "cache", "target", "lun", "unit", "block_size", "rate",
-                "allowed_initiators", "chap", "source_id", "live", "dirty_bitmap"}
+                "allowed_initiators", "chap", "source_id", "live", "dirty_bitmap", "backstore_only"}
+#: what targetcli owns for a backstore_only volume: we do not make them, so they may not be set
+_TARGETCLI_KEYS = ("target", "lun", "allowed_initiators", "chap")
 _CHAP_KEYS = {"user", "secret", "mutual_user", "mutual_secret"}
 
 
@@ -185,14 +194,23 @@ def _volume(v: object, where: str) -> VolumeConfig:
     unknown = set(v) - _VOLUME_KEYS
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
-    for key in ("name", "source", "cache", "target"):
+    backstore_only = v.get("backstore_only", False)
+    if not isinstance(backstore_only, bool):
+        raise ConfigError(f"{where}.backstore_only: true or false")
+    if backstore_only:
+        for key in _TARGETCLI_KEYS:
+            if key in v:
+                raise ConfigError(f"{where}.{key}: with backstore_only = true, targetcli makes the "
+                                  "target, LUN and ACLs: leave it out")
+        v = {**v, "target": ""}
+    for key in ("name", "source", "cache", *(() if backstore_only else ("target",))):
         if not isinstance(v.get(key), str) or not v[key]:
             raise ConfigError(f"{where}.{key}: required, a non-empty string")
     try:
         check_url(v["source"])
     except ValueError as e:
         raise ConfigError(f"{where}.source: {e}") from None
-    if not is_iscsi_name(v["target"]):
+    if not backstore_only and not is_iscsi_name(v["target"]):
         raise ConfigError(f"{where}.target: {v['target']!r} is not an iSCSI name (iqn., eui. or naa.)")
     lun = _int(v, "lun", 0, 0, 16383, where)
     unit = v.get("unit")
@@ -220,7 +238,8 @@ def _volume(v: object, where: str) -> VolumeConfig:
     if problem is not None:
         raise ConfigError(f"{where}: {problem}")
     return VolumeConfig(v["name"], v["source"], v["cache"], v["target"], lun, unit, block_size, rate,
-                        tuple(acl), _chap(v.get("chap"), f"{where}.chap"), source_id, live, bitmap)
+                        tuple(acl), _chap(v.get("chap"), f"{where}.chap"), source_id, live, bitmap,
+                        backstore_only)
 
 
 def _int(v: dict, key: str, default: int, low: int, high: int, where: str) -> int:  # type: ignore[type-arg]
@@ -259,12 +278,14 @@ def _check_consistency(volumes: tuple[VolumeConfig, ...], path: str) -> None:
             raise ConfigError(f"{where}.name: {vol.name!r} is used twice")
         if vol.cache in caches:
             raise ConfigError(f"{where}.cache: {vol.cache!r} is used by another volume")
+        names.add(vol.name)
+        caches.add(vol.cache)
+        if vol.backstore_only:
+            continue
         if (vol.target, vol.lun) in luns:
             raise ConfigError(f"{where}.lun: LUN {vol.lun} of {vol.target} is used twice")
         first = by_target.setdefault(vol.target, vol)
         if first.allowed_initiators != vol.allowed_initiators or first.chap != vol.chap:
             raise ConfigError(f"{where}: volumes of target {vol.target} must share its "
                               "allowed_initiators and chap")
-        names.add(vol.name)
-        caches.add(vol.cache)
         luns.add((vol.target, vol.lun))

@@ -54,7 +54,7 @@ class _BadArgument(Exception):
 _ARG_TYPES: dict[str, tuple[type, str]] = {
     "name": (str, "a string"), "source": (str, "a string"), "unit": (int, "an integer"),
     "rate": (int, "an integer"), "force": (bool, "true or false"), "live": (bool, "true or false"),
-    "dirty_bitmap": (str, "a string"),
+    "dirty_bitmap": (str, "a string"), "backstore_only": (bool, "true or false"),
 }
 
 
@@ -67,7 +67,8 @@ class _Op:
 
 def _ops(m: VolumeManager) -> dict[str, _Op]:
     return {
-        "volume.create": _Op(m.create, ("name", "source"), ("unit", "rate", "live", "dirty_bitmap")),
+        "volume.create": _Op(m.create, ("name", "source"),
+                             ("unit", "rate", "live", "dirty_bitmap", "backstore_only")),
         "volume.list": _Op(m.list),
         "volume.delete": _Op(m.delete, ("name",)),
         "status": _Op(m.status, (), ("name",)),

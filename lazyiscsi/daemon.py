@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import gevent
 import structlog
 
-from lazyiscsi.config import MAX_UNIT, MIN_UNIT, VolumeConfig, live_problem
+from lazyiscsi.config import MAX_UNIT, MIN_UNIT, VOLUME_NAME, VolumeConfig, live_problem
 from lazyiscsi.frontend import Frontend, FrontendError
 from lazyiscsi.scsi.lun import Lun
 from lazyiscsi.source import content_fingerprint, deadline_for, open_source
@@ -34,7 +33,7 @@ from lazyiscsi.store.verify import verify
 
 log = structlog.get_logger("lazyiscsi.daemon")
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME = VOLUME_NAME
 STATE_FILE = "volumes.json"
 #: the files of a cache at PATH: PATH itself, then those the store keeps beside it
 CACHE_FILES = ("", ".meta", ".map", ".written", ".boot")
@@ -130,7 +129,7 @@ class VolumeManager:
     # -- verbs ------------------------------------------------------------------------------
 
     def create(self, name: str, source: str, *, unit: int | None = None, rate: int = 0, live: bool = False,
-               dirty_bitmap: str | None = None) -> dict[str, Any]:
+               dirty_bitmap: str | None = None, backstore_only: bool = False) -> dict[str, Any]:
         """Open, export and persist a new volume; or, refused or failed, leave nothing behind:
         no volume, no export, no cache file it made, no record, the cache's lock released."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -155,20 +154,22 @@ class VolumeManager:
             raise VolumeError(f"volume {name} exists")
         self._creating.add(name)
         try:
-            return self._create(name, source, unit, rate, live, dirty_bitmap)
+            return self._create(name, source, unit, rate, live, dirty_bitmap, backstore_only)
         finally:
             self._creating.discard(name)
 
     def _create(self, name: str, source: str, unit: int | None, rate: int, live: bool,
-                dirty_bitmap: str | None) -> dict[str, Any]:
+                dirty_bitmap: str | None, backstore_only: bool) -> dict[str, Any]:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise VolumeError(f"volume {name}: state directory {self.state_dir}: {e.strerror}") from None
         cache = str(self.state_dir / f"{name}.cache")
-        record = VolumeRecord(VolumeConfig(name=name, source=source, cache=cache,
-                                           target=f"{self.iqn_prefix}:{name}", unit=unit, rate=rate,
-                                           live=live, dirty_bitmap=dirty_bitmap))
+        # a backstore_only volume's target is the operator's, made with targetcli
+        target = "" if backstore_only else f"{self.iqn_prefix}:{name}"
+        record = VolumeRecord(VolumeConfig(name=name, source=source, cache=cache, target=target, unit=unit,
+                                           rate=rate, live=live, dirty_bitmap=dirty_bitmap,
+                                           backstore_only=backstore_only))
         made = [cache + suffix for suffix in CACHE_FILES if not os.path.lexists(cache + suffix)]
         try:
             vol = self._open(record)
@@ -183,8 +184,9 @@ class VolumeManager:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             raise
-        log.info("volume_created", volume=name, source=redact(source), target=record.volume.target,
-                 size=vol.disk.size, phase=vol.disk.phase.value, dirty_bitmap=dirty_bitmap)
+        log.info("volume_created", volume=name, source=redact(source), target=record.volume.target or None,
+                 size=vol.disk.size, phase=vol.disk.phase.value, dirty_bitmap=dirty_bitmap,
+                 backstore_only=backstore_only)
         return self._status(vol)
 
     def delete(self, name: str) -> None:
@@ -435,7 +437,7 @@ class VolumeManager:
             "rate_limit_bps": cfg.rate or None, "fetched_bytes": p.fetched,
             "inflight_runs": p.inflight_runs, "misses": p.misses, "miss_p50_ms": p.miss_p50_ms,
             "miss_p99_ms": p.miss_p99_ms, "source_health": _source_health(vol, p.error),
-            "static": vol.record.static,
+            "static": vol.record.static, "backstore_only": cfg.backstore_only,
             # issue 11: where a live migration stands, and the figures of its acceptance 3
             "phase": "complete" if vol.disk.complete else st.phase.value,
             "live": cfg.live, "dirty_bitmap": cfg.dirty_bitmap,
@@ -463,9 +465,10 @@ def _unopened_status(record: VolumeRecord) -> dict[str, Any]:
         "volume": cfg.name, "source": redact(cfg.source), "target": cfg.target, "lun": cfg.lun,
         "state": "unopened", "size": 0, "local_bytes": 0, "percent": 0.0, "rate_bps": 0, "eta_s": None,
         "rate_limit_bps": cfg.rate or None, "fetched_bytes": 0, "inflight_runs": 0, "misses": 0,
-        "miss_p50_ms": None,
-        "miss_p99_ms": None, "source_health": "not opened at start (see volume_restore_failed)",
-        "static": False, "phase": None, "live": cfg.live, "dirty_bitmap": cfg.dirty_bitmap,
+        "miss_p50_ms": None, "miss_p99_ms": None,
+        "source_health": "not opened at start (see volume_restore_failed)",
+        "static": False, "backstore_only": cfg.backstore_only, "phase": None, "live": cfg.live,
+        "dirty_bitmap": cfg.dirty_bitmap,
         "dirty_bytes": None, "dirty_rate_bps": None, "fetched_after_cutover_bytes": None,
         "dirty_at_cutover_bytes": None, "not_reached_bytes": None,
     }

@@ -64,6 +64,9 @@ class PortalFrontend:
         self.portal.stop()
 
     def export(self, volume: VolumeConfig, lun: Lun) -> None:
+        if volume.backstore_only:
+            raise FrontendError(f"volume {volume.name}: backstore_only needs the LIO frontend (targetcli "
+                                "creates the backstore there); this daemon serves the embedded portal")
         target = self.portal.target(volume.target)
         if target is None:
             target = Target(volume.target, {}, frozenset(volume.allowed_initiators), volume.chap)
@@ -73,6 +76,8 @@ class PortalFrontend:
             other.target_luns = sorted(target.luns)
 
     def unexport(self, volume: VolumeConfig) -> None:
+        if volume.backstore_only:
+            return
         target = self.portal.target(volume.target)
         if target is not None:
             target.luns.pop(volume.lun, None)

@@ -17,12 +17,18 @@ A new target's TPG is enabled only once our handler serves its backstore: until 
 a login to it "Service Unavailable" (RFC 7143 11.13.5, status 0x0301), which initiators retry,
 never "Target not found".
 
+A ``backstore_only`` volume gets none of that: the operator creates ``user:lazy`` with
+cfgstring NAME, its target, LUN and ACLs in targetcli, which finds our handler over D-Bus
+(``lazyiscsi.dbus.tcmuservice``); we serve the device once it appears. ``volume delete`` then
+refuses while that device exists: deleting it is the operator's, in targetcli.
+
 Works with Debian 12's rtslib-fb 2.1.75 and PyPI's 2.2.x (2.2.4 renamed ``RTSLibNotInCFS`` to
 ``RTSLibNotInCFSError``; every other name used here is unchanged).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from typing import Any
@@ -30,6 +36,7 @@ from typing import Any
 import structlog
 
 from lazyiscsi.config import VolumeConfig
+from lazyiscsi.dbus.tcmuservice import SYSTEM_BUS, TcmuService
 from lazyiscsi.frontend import FrontendError
 from lazyiscsi.scsi.lun import Lun
 from lazyiscsi.tcmu import uio
@@ -39,6 +46,10 @@ from lazyiscsi.tcmu.netlink import tcmu_available
 log = structlog.get_logger("lazyiscsi.lio")
 
 TPG_TAG = 1
+#: what targetcli's ``help create`` prints under CFGSTRING FORMAT for user:lazy
+CONFIG_DESC = ("cfgstring=NAME, the name of a volume the lazyiscsi daemon holds and no device serves "
+               "yet: lazyiscsi volume create NAME --source URL --backstore-only. size= must be the "
+               "volume's size (lazyiscsi status NAME --json: size).")
 MODULES = ("target_core_user", "iscsi_target_mod")
 
 
@@ -77,6 +88,9 @@ class LioFrontend:
         self.not_in_cfs = not_in_cfs(rtslib_fb)
         self.address = listen
         self.handler = Handler()
+        self.dbus = TcmuService(uio.SUBTYPE, CONFIG_DESC, self.handler.check_config,
+                                address=os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS,
+                                on_runner=lambda: self.handler.kernel_replies(False))
         self._fabric: rtslib_fb.FabricModule | None = None
 
     def start(self) -> None:
@@ -85,17 +99,25 @@ class LioFrontend:
             self.handler.start()
         except (self.rts.RTSLibError, OSError) as e:
             raise FrontendError(f"LIO: {e}") from None
+        self.dbus.start()
         log.info("lio_started", listen=f"{self.address[0]}:{self.address[1]}")
 
     def listen(self) -> None:
         """Nothing to do: each target's TPG is enabled by ``export``, once its LUN is served."""
 
     def stop(self) -> None:
+        self.dbus.stop()
         self.handler.stop()
 
     # -- volumes ----------------------------------------------------------------------------------
 
     def export(self, volume: VolumeConfig, lun: Lun) -> None:
+        if volume.backstore_only:
+            self.handler.serve(volume.name, lun)
+            log.info("lio_backstore_awaited", volume=volume.name, size=lun.n_blocks * lun.block_size,
+                     targetcli=f"/backstores/user:{uio.SUBTYPE} create name={volume.name} "
+                               f"size={lun.n_blocks * lun.block_size} cfgstring={volume.name}")
+            return
         if volume.chap is not None and not volume.allowed_initiators:
             raise FrontendError(f"volume {volume.name}: with LIO, CHAP needs allowed_initiators "
                                 "(LIO keeps CHAP secrets per initiator ACL)")
@@ -117,6 +139,13 @@ class LioFrontend:
                  backstore=f"user/{volume.name}")
 
     def unexport(self, volume: VolumeConfig) -> None:
+        if volume.backstore_only:
+            present = uio.find().get(volume.name)
+            if present is not None:
+                raise FrontendError(f"volume {volume.name}: LIO device {present[1].device} still exists: "
+                                    "delete it in targetcli first (it would stall its initiators)")
+            self.handler.withdraw(volume.name)
+            return
         self.handler.withdraw(volume.name)
         try:
             target = self.rts.Target(self._fabric, volume.target, mode="lookup")
@@ -145,7 +174,7 @@ class LioFrontend:
             so = self.rts.UserBackedStorageObject(volume.name)
         except self.not_in_cfs:
             return self.rts.UserBackedStorageObject(
-                volume.name, config=config, size=size, hw_max_sectors=lun.max_transfer_blocks,
+                volume.name, config=config, size=size, hw_max_sectors=lun.max_transfer_blocks, wwn=lun.serial,
                 control=f"nl_reply_supported=-1,hw_block_size={lun.block_size}")
         if so.config != config or so.size != size:
             raise FrontendError(f"volume {volume.name}: LIO already has a user backstore of that name "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,6 +65,10 @@ class Lun:
     #: nexuses that sent a command while the backend refused writes: each is owed one UNIT
     #: ATTENTION, MODE PARAMETERS CHANGED once it accepts them (``note_writable``)
     read_only_seen: set[str] = field(default_factory=set)
+    #: where the target's configuration keeps the unit serial number (LIO's
+    #: ``wwn/vpd_unit_serial``, which targetcli shows and may set after the device exists): read
+    #: at each INQUIRY, so targetcli and the initiator agree; None or "" there: our own serial
+    unit_serial: Callable[[], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.block_size not in (512, 4096):
@@ -104,12 +109,23 @@ class Lun:
 
     @property
     def serial(self) -> str:
+        return (self.unit_serial() if self.unit_serial else None) or self.default_serial
+
+    @property
+    def default_serial(self) -> str:
         return hashlib.sha256(self.name.encode()).hexdigest()[:20]
 
     @property
     def naa(self) -> bytes:
         """NAA 6 (IEEE Registered Extended) designator, 16 bytes: the 24-bit OUI field holds a
-        locally administered value and the rest comes from the name's hash (SPC-4 7.8.6.6.4)."""
+        locally administered value and the rest comes from the name's hash (SPC-4 7.8.6.6.4).
+        With a unit serial from LIO, the designator LIO itself forms from it: OUI 00-14-05 and
+        the serial's hex digits as the vendor specific identifier (target_core_spc.c,
+        spc_gen_naa_6h_vendor_specific), so ``naa.6001405...`` matches what targetcli shows."""
+        serial = self.serial
+        if serial != self.default_serial:
+            digits = "".join(c for c in serial.lower() if c in "0123456789abcdef")
+            return bytes.fromhex(("6001405" + digits + "0" * 32)[:32])
         digest = hashlib.sha256(b"lazyiscsi-naa\0" + self.name.encode()).digest()
         oui = 0x000000  # no registered OUI: zero, as LIO does for its default designator
         value = (0x6 << 124) | (oui << 100) | (int.from_bytes(digest[:13], "big") >> 4)

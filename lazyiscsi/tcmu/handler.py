@@ -13,6 +13,21 @@ Devices we create carry ``nl_reply_supported=-1``: the kernel then expects no *_
 keeps us from racing tcmu-runner (which answers every device, refusing the subtypes it lacks). For
 a device created without it the kernel may wait for a reply; we give one when its
 ``attrib/nl_reply_supported`` asks.
+
+Devices the operator creates with targetcli (``backstore_only`` volumes) or that ``targetctl
+restore`` recreates carry no such control: rtslib drops ``nl_reply_supported`` from what
+``saveconfig`` keeps. Once tcmu-runner runs it has switched the kernel's module-wide reply flag on
+(SET_FEATURES at its start), the kernel waits for the first ADDED_DEVICE reply, and tcmu-runner's
+"could not find handler" (-ENOENT) wins the race against ours every time: the backstore is never
+created (tcmu-runner issue #678). So whenever tcmu-runner takes its D-Bus name (``kernel_replies``,
+called by the D-Bus side) we switch the flag off again. The cost, weighed: tcmu-runner's own
+devices created afterwards no longer report a failed open synchronously to targetcli, which is how
+tcmu-runner works on kernels before 4.14 (its "degraded mode"); its devices still open and serve.
+The alternatives lose: answering faster than tcmu-runner is a race, and asking operators to type
+``control=nl_reply_supported=-1`` is undone by every ``saveconfig``/``restore``.
+
+An ADDED_DEVICE is checked before we serve it: the device's size (``attrib/dev_size``) and block
+size must be the volume's, else the device is refused (one event, -EINVAL when the kernel waits).
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import gevent
 import gevent.socket
 import structlog
 
+from lazyiscsi.config import VOLUME_NAME
 from lazyiscsi.scsi.lun import Lun
 from lazyiscsi.tcmu import netlink, uio
 from lazyiscsi.tcmu.device import Device
@@ -55,6 +71,37 @@ class Handler:
         self._family: netlink.Family | None = None
         self._listener: gevent.Greenlet | None = None
 
+    def check_config(self, config: str) -> str | None:
+        """Why ``config`` (``lazy/<volume>``, what targetcli's CheckConfig passes) cannot name a
+        new device, or None when it can: a volume the daemon holds and no device serves yet."""
+        subtype, sep, volume = config.partition("/")
+        if subtype != uio.SUBTYPE or not sep or not volume or not VOLUME_NAME.fullmatch(volume):
+            return (f"{config!r}: expected {uio.SUBTYPE}/<volume>, a volume name of 1-64 of "
+                    "A-Z a-z 0-9 _ . - (cfgstring=<volume> in targetcli)")
+        if volume not in self.luns:
+            return (f"lazyiscsi serves no volume {volume!r}: create it first "
+                    f"(lazyiscsi volume create {volume} --source URL --backstore-only)")
+        served = self.served.get(volume)
+        if served is not None:
+            return f"volume {volume!r} is already served by LIO device {served.dev.name.device}"
+        present = uio.find().get(volume)
+        if present is not None:
+            return f"volume {volume!r} already has an LIO device, {present[1].device}"
+        return None
+
+    def kernel_replies(self, enabled: bool) -> None:
+        """Set the kernel's module-wide netlink reply flag (SET_FEATURES); see the module doc."""
+        if self._replies is None or self._family is None:
+            return
+        try:
+            self._replies.request(netlink.set_features(self._family.id, self._replies.next_seq(),
+                                                       kernel_replies=enabled))
+        except (NetlinkError, OSError) as e:
+            log.warning("tcmu_set_features_failed", kernel_replies=enabled, error=str(e))
+            return
+        log.info("tcmu_kernel_replies", enabled=enabled,
+                 reason="tcmu-runner appeared: it would refuse our devices first")
+
     def start(self) -> None:
         """Listen for device events: raises NetlinkError (NoFamily without target_core_user)."""
         self._replies = GenlSocket()
@@ -81,7 +128,9 @@ class Handler:
         self.luns[volume] = lun
         present = uio.find().get(volume)
         if present is not None and volume not in self.served:
-            self._attach(volume, *present)
+            minor, name = present
+            # not configured yet: just created, its ADDED_DEVICE came before we knew the volume
+            self._attach(volume, minor, name, fresh=not uio.configured(name))
 
     def withdraw(self, volume: str) -> None:
         """Stop serving ``volume`` (its device is about to be deleted)."""
@@ -91,17 +140,19 @@ class Handler:
 
     # -- devices ----------------------------------------------------------------------------------
 
-    def _attach(self, volume: str, minor: int, name: uio.UioName) -> None:
+    def _attach(self, volume: str, minor: int, name: uio.UioName, *, fresh: bool = False) -> None:
         try:
-            dev = uio.UioDevice(minor, name)
+            dev = uio.UioDevice(minor, name, fresh=fresh)
         except (uio.UioError, RingError) as e:
             log.error("tcmu_attach_failed", volume=volume, device=name.device, error=str(e))
             return
-        served = _Served(dev, Device(dev.ring, self.luns[volume], dev.notify, name=name.device))
+        lun = self.luns[volume]
+        lun.unit_serial = lambda: uio.unit_serial(name)  # INQUIRY 0x80/0x83 say what targetcli shows
+        served = _Served(dev, Device(dev.ring, lun, dev.notify, name=name.device))
         self.served[volume] = served
         served.loop = gevent.spawn(self._run, volume, served)
         log.info("tcmu_attached", volume=volume, device=name.device, uio=f"uio{minor}",
-                 ooo=dev.ring.ooo, ring_bytes=dev.ring.cmdr_size)
+                 ooo=dev.ring.ooo, ring_bytes=dev.ring.cmdr_size, fresh=fresh)
 
     def _run(self, volume: str, served: _Served) -> None:
         try:
@@ -165,7 +216,7 @@ class Handler:
     def _rescan(self) -> None:
         for volume, (minor, name) in uio.find().items():
             if volume in self.luns and volume not in self.served:
-                self._attach(volume, minor, name)
+                self._attach(volume, minor, name, fresh=not uio.configured(name))
 
     def _on_event(self, event: DeviceEvent) -> None:
         name = uio.UioName.parse(event.device)
@@ -178,8 +229,14 @@ class Handler:
             if volume not in self.luns:
                 log.warning("tcmu_unknown_volume", volume=volume, device=name.device)
                 status = -errno.ENOENT
-            elif volume not in self.served:
-                self._attach(volume, event.minor, name)
+            elif volume in self.served:
+                log.warning("tcmu_second_device", volume=volume, device=name.device,
+                            served_by=self.served[volume].dev.name.device)
+                status = -errno.EEXIST
+            else:
+                status = self._check_device(volume, name)
+                if not status:
+                    self._attach(volume, event.minor, name, fresh=True)
         elif event.cmd == TcmuCmd.REMOVED_DEVICE:
             if volume in self.served:
                 self.served[volume].stopping = True
@@ -188,6 +245,24 @@ class Handler:
             status = self._reconfig(volume, event)
         if self._wants_reply(name):
             self._reply(event, status)
+
+    def _check_device(self, volume: str, name: uio.UioName) -> int:
+        """0 when the new device is the volume's size and block size; else one event, -EINVAL."""
+        lun = self.luns[volume]
+        want = {"dev_size": lun.n_blocks * lun.block_size, "hw_block_size": lun.block_size}
+        for attribute, wanted in want.items():
+            text = uio.read_attribute(name, "attrib", attribute)
+            if text is None or not text.isdigit():
+                continue  # an older kernel without the attribute: nothing to compare
+            if int(text) != wanted:
+                log.error("tcmu_device_refused", volume=volume, device=name.device, attribute=attribute,
+                          device_value=int(text), volume_value=wanted,
+                          error=f"the device's {attribute} is {text}, the volume's {wanted} (as its "
+                                f"source): delete it and create it with size={wanted}"
+                                if attribute == "dev_size" else
+                                f"the device's {attribute} is {text}, the volume's {wanted}")
+                return -errno.EINVAL
+        return 0
 
     def _reconfig(self, volume: str, event: DeviceEvent) -> int:
         lun = self.luns.get(volume)

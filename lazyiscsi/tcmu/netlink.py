@@ -179,6 +179,13 @@ def done_reply(family: int, seq: int, event: DeviceEvent, status: int) -> bytes:
     return encode(family, NLM_F_REQUEST | NLM_F_ACK, seq, DONE[event.cmd], TCMU_VERSION, attrs)
 
 
+def set_features(family: int, seq: int, *, kernel_replies: bool) -> bytes:
+    """SET_FEATURES: whether the kernel waits for *_DONE replies to the devices it configures
+    from now on (module-wide; tcmu-runner turns it on at its start)."""
+    attrs = attr(TcmuAttr.SUPP_KERN_CMD_REPLY, bytes([int(kernel_replies)]))
+    return encode(family, NLM_F_REQUEST | NLM_F_ACK, seq, TcmuCmd.SET_FEATURES, TCMU_VERSION, attrs)
+
+
 # -- the socket -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ previous process left unanswered is failed with BUSY, which initiators retry; he
 back to 0), map it, and unblock. A command that a killed daemon had executed but not answered
 therefore runs again: every SCSI command we serve is idempotent when repeated whole, so nothing
 acknowledged is lost and nothing unacknowledged is half-done in a way a retry would not repair.
+A *fresh* device (just announced by ADDED_DEVICE, or not yet ``configured``) is mapped without
+block and reset, as libtcmu's ``device_add`` does for a new one: nothing can have been queued, and
+the kernel refuses ``block_dev`` ("Device is not configured") until LIO has finished setting it up.
 """
 
 from __future__ import annotations
@@ -78,6 +81,29 @@ def find(subtype: str = SUBTYPE, root: Path = SYS_UIO) -> dict[str, tuple[int, U
     return found
 
 
+def configured(name: UioName) -> bool:
+    """Whether LIO has finished configuring the device (its ``enable`` reads 1). The kernel
+    announces ADDED_DEVICE before that, and refuses ``block_dev`` until then."""
+    try:
+        return (name.configfs / "enable").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def read_attribute(name: UioName, *path: str) -> str | None:
+    """A configfs file of the device, stripped; None when it cannot be read."""
+    try:
+        return name.configfs.joinpath(*path).read_text().strip()
+    except OSError:
+        return None
+
+
+def unit_serial(name: UioName) -> str | None:
+    """The serial LIO keeps for the device (``T10 VPD Unit Serial Number: <serial>``), or None."""
+    text = read_attribute(name, "wwn", "vpd_unit_serial")
+    return text.partition(":")[2].strip() or None if text else None
+
+
 def _action(name: UioName, action: str, value: int) -> None:
     path = name.configfs / "action" / action
     try:
@@ -90,7 +116,7 @@ class UioDevice:
     """One opened and mapped device. ``wait`` blocks the calling greenlet until the kernel rings;
     ``notify`` rings back after responses were written."""
 
-    def __init__(self, minor: int, name: UioName) -> None:
+    def __init__(self, minor: int, name: UioName, *, fresh: bool = False) -> None:
         self.minor, self.name = minor, name
         sysdir = SYS_UIO / f"uio{minor}"
         try:
@@ -104,17 +130,15 @@ class UioDevice:
             why = "held by another process" if e.errno == errno.EBUSY else e.strerror
             raise UioError(f"device {name.device}: /dev/uio{minor}: {why}") from None
         try:
-            _action(name, "block_dev", 1)
-            try:
-                _action(name, "reset_ring", RESET_RING_BUSY)
-                self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if fresh:  # nothing was ever queued: no one to fail, and block_dev is refused yet
+                self._map(size)
+            else:
+                _action(name, "block_dev", 1)
                 try:
-                    self.ring = Ring(memoryview(self.map))
-                except RingError:
-                    self.map.close()
-                    raise
-            finally:
-                _action(name, "block_dev", 0)
+                    _action(name, "reset_ring", RESET_RING_BUSY)
+                    self._map(size)
+                finally:
+                    _action(name, "block_dev", 0)
         except OSError as e:
             os.close(self.fd)
             raise UioError(f"device {name.device}: mmap of {size} bytes: {e.strerror}") from None
@@ -122,6 +146,14 @@ class UioDevice:
             os.close(self.fd)
             raise
         self._watcher = gevent.get_hub().loop.io(self.fd, 1)
+
+    def _map(self, size: int) -> None:
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            self.ring = Ring(memoryview(self.map))
+        except RingError:
+            self.map.close()
+            raise
 
     def wait(self) -> bool:
         """Until the kernel has queued something (True) or the device is gone (False)."""

@@ -147,3 +147,21 @@ def test_hydrate_and_serve_refuse_a_unit_above_the_run_size(tmp_path: Path) -> N
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def test_backstore_only_on_the_portal_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    """Issue 12: --backstore-only waits for targetcli's user:lazy, which only LIO has."""
+    port = free_port()
+    proc = subprocess.Popen([*LAZYISCSI, "serve", "--frontend", "portal", "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("w"), text=True)
+    try:
+        wait_listening(port, proc)  # type: ignore[arg-type]
+        image = tmp_path / "src.img"
+        make_image(image, 4 * MiB)
+        r = cli("volume", "create", "vm1", "--source", str(image), "--backstore-only")
+        assert r.returncode == 1 and "backstore_only needs the LIO frontend" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+        assert cache_files(Path(os.environ["LAZYISCSI_STATE_DIR"])) == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

@@ -29,13 +29,16 @@ ALL = ("tests/kernel/inguest",)
 # (exports, ACLs and CHAP, configfs changes, backstores made and deleted), a hydrating LUN read
 # through LIO, and the portal's CRC32C digests (crc32c); not the crash tests, which exercise the
 # kernel and our store alike on either.
+# test_targetcli.py: the daemon's D-Bus side on PyPI's jeepney and rtslib-fb 2.2.x under Debian's
+# targetcli-fb, tcmu-runner and dbus (targetcli needs PyGObject, which PyPI offers as source only)
 PYPI_SELECTION = ("tests/kernel/inguest/test_lio_access.py", "tests/kernel/inguest/test_portal_initiator.py",
+                  "tests/kernel/inguest/test_targetcli.py",
                   "tests/kernel/inguest/test_lio.py::test_lazy_reads_through_the_kernel_target_equal_the_source",
                   "tests/kernel/inguest/test_lio.py::test_volume_delete_removes_the_lio_objects_and_the_device")
 # printed before the suite: which lazyiscsi and which dependencies the code under test imports
 WHICH = """import importlib, importlib.metadata as md
 for dist, name in (("lazyiscsi", "lazyiscsi"), ("rtslib-fb", "rtslib_fb"), ("gevent", "gevent"),
-                   ("structlog", "structlog"), ("crc32c", "crc32c")):
+                   ("structlog", "structlog"), ("crc32c", "crc32c"), ("jeepney", "jeepney")):
     try:
         version = md.version(dist)
     except md.PackageNotFoundError:
@@ -81,7 +84,7 @@ def run_in_guest(command: str, selection: tuple[str, ...], *files: Path) -> dict
     assert summary and int(summary.group(1)) == expected, f"expected {expected} in-guest tests to pass"
     which = {m.group(1): (m.group(2), m.group(3))
              for m in re.finditer(r"^which: (\S+) (\S+) (\S+)$", r.stdout, re.M)}
-    assert len(which) == 5, r.stdout[:4000]
+    assert len(which) == 6, r.stdout[:4000]
     return which
 
 
@@ -103,6 +106,6 @@ def test_kernel_tier_on_the_pypi_versions(guest: None) -> None:
                f" && LAZYISCSI_COMMAND={shlex.quote(PYPI_VENV_PYTHON + ' -m lazyiscsi.cli')}")
     which = run_in_guest(command, PYPI_SELECTION)
     assert which["lazyiscsi"][1] == "/project/lazyiscsi/__init__.py", which
-    for dist in ("rtslib-fb", "gevent", "structlog", "crc32c"):
+    for dist in ("rtslib-fb", "gevent", "structlog", "crc32c", "jeepney"):
         assert which[dist][1].startswith("/opt/lazyiscsi/pypi/"), which
     assert which["rtslib-fb"][0].startswith("2.2."), which

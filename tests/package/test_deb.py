@@ -21,8 +21,8 @@ from tests.integration.peers import Lines, MiB, free_port, make_image, wait_list
 INSTALL_TIMEOUT_S = 900
 pytestmark = pytest.mark.timeout(DEB_BUILD_TIMEOUT_S + INSTALL_TIMEOUT_S)
 UNIT = Path("/lib/systemd/system/lazyiscsi.service")
-DEBIAN_DEPENDS = ("python3-configshell-fb", "python3-crc32c", "python3-gevent", "python3-rtslib-fb",
-                  "python3-structlog")
+DEBIAN_DEPENDS = ("python3-configshell-fb", "python3-crc32c", "python3-gevent", "python3-jeepney",
+                  "python3-rtslib-fb", "python3-structlog")
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = Path("/usr/lib/python3/dist-packages/lazyiscsi_targetcli")
 DBUS_POLICY_DIR = Path("/usr/share/dbus-1/system.d")
@@ -54,12 +54,13 @@ def test_depends_on_debian_python3_packages(installed: Path) -> None:
         assert name in depends, depends
     # and they are Debian's, where the package's code imports them from
     r = subprocess.run(["/usr/bin/python3", "-I", "-c",
-                        "import crc32c, gevent, lazyiscsi, rtslib_fb, structlog\n"
-                        "for m in (crc32c, gevent, lazyiscsi, rtslib_fb, structlog): print(m.__file__)"],
+                        "import crc32c, gevent, jeepney, lazyiscsi, rtslib_fb, structlog\n"
+                        "for m in (crc32c, gevent, jeepney, lazyiscsi, rtslib_fb, structlog):\n"
+                        "    print(m.__file__)"],
                        capture_output=True, text=True, cwd="/", env=installed_env(), timeout=60)
     assert r.returncode == 0, r.stderr
     paths = r.stdout.split()
-    assert len(paths) == 5 and all(p.startswith("/usr/lib/python3/dist-packages/") for p in paths), paths
+    assert len(paths) == 6 and all(p.startswith("/usr/lib/python3/dist-packages/") for p in paths), paths
 
 
 def test_installs_command_unit_man_pages_and_configuration(installed: Path) -> None:

@@ -83,3 +83,14 @@ def test_live_volume_with_bitmap() -> None:
     assert v.live and v.dirty_bitmap == "mig"
     (v,) = parse({"volume": [{**GOOD, "live": True, "source": "/dev/vg/disk"}]}).volumes
     assert v.live and v.dirty_bitmap is None
+
+
+def test_backstore_only_volumes_leave_target_and_acls_to_targetcli() -> None:
+    bare = {"name": "vm1", "source": "nbd://h/e", "cache": "/c1", "backstore_only": True}
+    cfg = parse({"volume": [bare, {**bare, "name": "vm2", "cache": "/c2"}]})
+    assert [(v.backstore_only, v.target) for v in cfg.volumes] == [(True, ""), (True, "")]
+    for key, value in (("target", "iqn.2026-11.t:a"), ("lun", 1), ("allowed_initiators", ["iqn.x"])):
+        with pytest.raises(ConfigError, match=rf"volume\[0\]\.{key}: with backstore_only = true, targetcli"):
+            parse({"volume": [{**bare, key: value}]})
+    with pytest.raises(ConfigError, match=r"volume\[0\]\.backstore_only: true or false"):
+        parse({"volume": [{**bare, "backstore_only": "yes"}]})

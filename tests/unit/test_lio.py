@@ -107,7 +107,7 @@ def test_a_target_is_enabled_only_once_its_backstore_is_served() -> None:
     recorder = _Recorder()
     frontend = LioFrontend(("127.0.0.1", 3260))
     frontend.rts, frontend.not_in_cfs, frontend.handler = recorder.rts, RuntimeError, recorder.handler
-    lun = types.SimpleNamespace(n_blocks=8, block_size=512, max_transfer_blocks=8)
+    lun = types.SimpleNamespace(n_blocks=8, block_size=512, max_transfer_blocks=8, serial="0123")
     frontend.export(volume(), lun)  # type: ignore[arg-type]
     events = recorder.events
     assert events.index("serve vm1") < events.index("enable True") == len(events) - 1, events

@@ -21,7 +21,8 @@ t=ast.parse(open("setup.py").read())
 for n in ast.walk(t):
     if isinstance(n, ast.keyword) and n.arg == "install_requires":
         print(" ".join(e.value for e in n.value.elts))')
-GUEST_PACKAGES=python3,python3-gevent,python3-structlog,python3-crc32c,python3-rtslib-fb,python3-pytest,python3-pytest-timeout,open-iscsi,nbdkit,kmod,procps,iproute2,util-linux,e2fsprogs,sg3-utils,fio
+# dbus (the system bus), targetcli-fb and tcmu-runner: the operator's tools the targetcli tests drive
+GUEST_PACKAGES=python3,python3-gevent,python3-structlog,python3-crc32c,python3-rtslib-fb,python3-jeepney,dbus,targetcli-fb,tcmu-runner,python3-pytest,python3-pytest-timeout,open-iscsi,nbdkit,kmod,procps,iproute2,util-linux,e2fsprogs,sg3-utils,fio
 GUEST_MODULES="configfs uio target_core_mod target_core_user target_core_file target_core_iblock
   target_core_pscsi iscsi_target_mod iscsi_tcp sd_mod sg crc32c_generic crct10dif_generic ext4"  # rtslib loads all backstores
 BOOT_MODULES="virtio_pci 9pnet_virtio 9p overlay"

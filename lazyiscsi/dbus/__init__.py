@@ -1,0 +1,1 @@
+"""D-Bus: how stock targetcli (and tcmu-runner) find our ``lazy`` TCMU handler."""
