@@ -141,6 +141,8 @@ def test_precopy_with_a_qemu_dirty_bitmap(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         qsd.write(MiB, 64 * 1024, 0x11)  # dirty before the copy reaches it, or after: either way
         wait_until(lambda: status("vm1")["local_bytes"] >= 16 * MiB - 64 * 1024, "the pre-copy")
+        # the copy may be through before the next bitmap poll (every DIRTY_POLL_INTERVAL) saw the write
+        wait_until(lambda: status("vm1")["dirty_bytes"], "the poll to see the first write")
         vol = status("vm1")
         assert vol["phase"] == "pre-copy" and vol["dirty_bytes"] == 64 * 1024, vol
         assert write_refused(url)
