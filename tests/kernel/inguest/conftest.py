@@ -190,3 +190,21 @@ def kernel_errors() -> list[str]:
     r = run("dmesg", check=False)
     return [line for line in r.stdout.splitlines()
             if re.search(r"I/O error|Buffer I/O|EXT4-fs error|critical medium error", line)]
+
+
+_REMOVE_LIO_OBJECTS = """import sys, rtslib_fb
+root = rtslib_fb.RTSRoot()
+for target in list(root.targets):
+    if target.wwn == sys.argv[1]:
+        target.delete()
+for so in list(root.storage_objects):
+    if so.plugin == "user" and so.name == sys.argv[2]:
+        so.delete()
+"""
+
+
+def remove_lio_objects(iqn: str, backstore: str) -> None:
+    """Delete what a stopped daemon left in LIO for a ``serve --source`` volume (its target and
+    user backstore stay for its restart): the next test's ``vol0`` of another size starts clean
+    instead of being refused as a mismatch."""
+    run("python3", "-c", _REMOVE_LIO_OBJECTS, iqn, backstore)

@@ -19,6 +19,7 @@ from tests.kernel.inguest.conftest import (
     login,
     logout,
     read_direct,
+    remove_lio_objects,
     run,
     serve_argv,
     source_bytes,
@@ -38,6 +39,7 @@ def daemon(source: Path) -> Iterator[Daemon]:
     logout(IQN)
     if d.proc is not None and d.proc.poll() is None:
         d.stop()
+    remove_lio_objects(IQN, "vol0")
     print((WORK / "ktl.log").read_text()[-4000:])
 
 

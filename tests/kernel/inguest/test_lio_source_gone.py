@@ -20,6 +20,7 @@ from tests.kernel.inguest.conftest import (
     login,
     logout,
     read_direct,
+    remove_lio_objects,
     run,
     serve_argv,
     source_bytes,
@@ -71,6 +72,7 @@ def test_a_complete_cache_serves_through_lio_with_its_source_unreachable(kernel:
         logout(IQN)
         with contextlib.suppress(AssertionError):
             daemon.stop()
+        remove_lio_objects(IQN, "vol0")
     text = log.read_text()
     # opened by state: no connection to the source was even tried
     for event in ("source_connected", "source_reconnect", "volume_restore_failed", "Traceback"):
