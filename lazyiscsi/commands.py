@@ -231,6 +231,8 @@ def _line(v: dict[str, Any]) -> str:
         phase += (f" after_cutover={human_bytes(v['fetched_after_cutover_bytes'])}"
                   f" (dirty {human_bytes(v['dirty_at_cutover_bytes'])}"
                   f" + not reached {human_bytes(v['not_reached_bytes'])})")
+    if v.get("verify_offset") is not None and v["size"]:
+        phase += f" verifying={100.0 * v['verify_offset'] / v['size']:.1f}%"
     return (f"{v['volume']} {v['state']}{phase} {v['percent']:.1f}% {human_bytes(v['local_bytes'])}/"
             f"{human_bytes(v['size'])} {human_bytes(v['rate_bps'])}/s eta={human_eta(v['eta_s'])}{limit}"
             f" misses={v['misses']}{miss} source={v['source_health']} target={v['target']} lun={v['lun']}")

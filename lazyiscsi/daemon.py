@@ -75,6 +75,9 @@ class Volume:
     job: Hydrator
     lun: Lun
     verifying: bool = False
+    #: how far a running verify has compared (bytes, in LUN order), from the moment its source is
+    #: open; None: no verify is comparing
+    verify_offset: int | None = None
 
 
 class VolumeManager:
@@ -293,18 +296,27 @@ class VolumeManager:
         self._refuse_before_cutover(vol, "verify")
         if vol.verifying:
             raise VolumeError(f"volume {name}: a verify is already running")
+        cfg = vol.record.volume
+        vol.verifying = True  # before the open yields: a second verify is refused meanwhile
         try:
-            source = open_source(vol.record.volume.source, timeout=self.connect_timeout)
+            source = open_source(cfg.source, timeout=self.connect_timeout, source_id=cfg.source_id,
+                                 deadline=deadline_for(self.io_timeout))
         except SourceError as e:
+            vol.verifying = False
             raise VolumeError(f"volume {name}: source: {e}") from None
-        vol.verifying = True
         log.info("verify_started", volume=name)
+        vol.verify_offset = 0
+
+        def progress(done: int, _total: int) -> None:
+            vol.verify_offset = done
+
         try:
-            report = verify(vol.disk, source)
+            report = verify(vol.disk, source, progress=progress)
         except (SourceError, StoreError) as e:
+            log.warning("verify_stopped", volume=name, offset=vol.verify_offset, error=str(e))
             raise VolumeError(f"volume {name}: verify stopped: {e}") from None
         finally:
-            vol.verifying = False
+            vol.verifying, vol.verify_offset = False, None
             source.close()
         result = {"volume": name, "compared_bytes": report.compared,
                   "skipped_written_bytes": report.skipped_written,
@@ -445,6 +457,7 @@ class VolumeManager:
             "dirty_rate_bps": None if st.dirty_rate_bps is None else round(st.dirty_rate_bps),
             "fetched_after_cutover_bytes": st.fetched_after_cutover,
             "dirty_at_cutover_bytes": st.dirty_at_cutover, "not_reached_bytes": st.not_reached,
+            "verify_offset": vol.verify_offset,
         }
 
 
@@ -470,5 +483,5 @@ def _unopened_status(record: VolumeRecord) -> dict[str, Any]:
         "static": False, "backstore_only": cfg.backstore_only, "phase": None, "live": cfg.live,
         "dirty_bitmap": cfg.dirty_bitmap,
         "dirty_bytes": None, "dirty_rate_bps": None, "fetched_after_cutover_bytes": None,
-        "dirty_at_cutover_bytes": None, "not_reached_bytes": None,
+        "dirty_at_cutover_bytes": None, "not_reached_bytes": None, "verify_offset": None,
     }

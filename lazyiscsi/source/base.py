@@ -131,8 +131,9 @@ DEADLINES_PER_IO_TIMEOUT = 3
 #: How many request deadlines a read keeps resending for, per priority, before it raises
 #: ``SourceUnreachable``. A guest's read gives up after two (one on the connection that went
 #: silent, one on a redialled one), inside the store's I/O timeout, so the guest learns
-#: NOT READY from the source's own reason. The background copier (and ``verify``) waits for the
-#: source to come back, however long: it then resumes within one redial (``None``: for ever).
+#: NOT READY from the source's own reason (``verify`` reads the same way, on its own source). The
+#: background copier waits for the source to come back, however long: it then resumes within one
+#: redial (``None``: for ever).
 PATIENCE: dict[Priority, int | None] = {Priority.FOREGROUND: 2, Priority.BACKGROUND: None}
 
 #: TCP keepalive on every source socket (tcp(7)): probes start after this many deadlines of

@@ -1,6 +1,11 @@
 """Proof that the copy is right: every local unit the guest has not written must equal the
-source. ``verify`` reads both sides in chunks at background priority and reports the ranges that
-differ; it changes nothing (repairing would need to know which side is wrong).
+source. ``verify`` reads both sides in chunks and reports the ranges that differ; it changes
+nothing (repairing would need to know which side is wrong).
+
+Its source reads go at foreground priority, on a source opened for the verify alone: they take
+nothing from the guests' connection, and a source that stops answering fails the verify after
+two request deadlines (``base.PATIENCE``) with the source's reason. At background priority
+they would wait for the source for ever, and the operator's command with them.
 
 The maps are walked one map page of units at a time (a span), never one unit at a time: the
 runs to compare and the units still missing come from word-level scans (see extentmap), so a
@@ -88,7 +93,7 @@ def _read(source: Source, offset: int, length: int) -> bytes | Exception:
     """A source read that returns its error rather than dying with it (a greenlet that dies
     with an exception prints a traceback)."""
     try:
-        return source.read(offset, length, Priority.BACKGROUND)
+        return source.read(offset, length, Priority.FOREGROUND)
     except Exception as e:
         return e
 

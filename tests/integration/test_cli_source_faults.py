@@ -241,3 +241,47 @@ def test_a_complete_runtime_volume_comes_back_with_its_source_gone(
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
     assert "volume_restore_failed" not in err and "Traceback" not in err, err
+
+
+def test_verify_through_a_path_that_goes_silent_stops_with_the_reason_and_runs_again(
+        slow_source: tuple[str, FaultProxy, bytes, str], tmp_path: Path) -> None:
+    """`lazyiscsi verify` while its source goes silent mid-compare: it stops within two request
+    deadlines with the source's reason, `status` shows no verify running any more, and the same
+    verify runs to the end once the path is back. Before, its reads waited for the source for
+    ever at background priority: the command never returned and every later verify of the
+    volume was refused as "already running"."""
+    url, proxy, _image, _ = slow_source
+    control = tmp_path / "ctl.sock"
+    serve = Serve(url, tmp_path / "cache.img", "--io-timeout", str(IO_TIMEOUT), "--control", str(control))
+    cli = [*LAZYISCSI, "--control", str(control)]
+
+    def status() -> dict:  # type: ignore[type-arg]
+        out = subprocess.run([*cli, "status", "--json"], capture_output=True, text=True, timeout=30,
+                             check=True)
+        (vol,) = json.loads(out.stdout)
+        return vol
+
+    try:
+        wait_until(lambda: status()["local_bytes"] >= 4 * MiB, "4 MiB local to compare")
+        subprocess.run([*cli, "pause", "vol0"], check=True, timeout=30)
+        proxy.set_mode(Mode.SLOW, 64_000)  # >= 4 MiB to compare at 64 KB/s: a minute of reads
+        verify = subprocess.Popen([*cli, "verify", "vol0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        # its source open, its first reads in flight (1 MiB each: 16 s at this rate)
+        wait_until(lambda: status()["verify_offset"] is not None, "verify comparing", proc=verify)
+        proxy.set_mode(Mode.SILENT)
+        proxy.lose()
+        t0 = time.monotonic()
+        _out, err = verify.communicate(timeout=6 * IO_TIMEOUT)
+        took = time.monotonic() - t0
+        assert verify.returncode == 1, err
+        assert err.startswith("lazyiscsi: error: volume vol0: verify stopped: "), err
+        assert "Traceback" not in err, err
+        assert took <= IO_TIMEOUT + 5, f"verify stopped {took:.1f} s after the path went silent"
+        assert status()["verify_offset"] is None
+        proxy.set_mode(Mode.PASS)
+        again = subprocess.run([*cli, "verify", "vol0"], capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.endswith("0 mismatching range(s)\n"), again.stdout
+    finally:
+        serve.stop()

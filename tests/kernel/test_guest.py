@@ -28,21 +28,23 @@ GUEST_RUN_TIMEOUT_S = 2700
 # that a guest that overruns is stopped and its console shown rather than our wait timing out
 GUEST_TIMEOUT_S = GUEST_RUN_TIMEOUT_S - 120
 PYPI_VENV_PYTHON = "/opt/lazyiscsi/pypi/bin/python"
+#: how much of the in-guest failure sections an assertion message quotes
+MAX_FAILURE_REPORT = 30000
 PYTEST = "LAZYISCSI_IN_GUEST=1 python3 -m pytest -v -p no:cacheprovider --color=no -rA --durations=8"
-# test_targetcli.py is left out until its setup error after the other files is understood (alone, or
-# after the LIO tests, it passes: issue 12, in the session note)
 ALL = tuple(f"tests/kernel/inguest/{f.name}"
-            for f in sorted((Path(__file__).parent / "inguest").glob("test_*.py"))
-            if f.name != "test_targetcli.py")
+            for f in sorted((Path(__file__).parent / "inguest").glob("test_*.py")))
 # The second run is there for the libraries, not for the kernel: every test that drives rtslib
 # (exports, ACLs and CHAP, configfs changes, backstores made and deleted), a hydrating LUN read
 # through LIO, and the portal's CRC32C digests (crc32c); not the crash tests, which exercise the
 # kernel and our store alike on either.
-# test_targetcli.py is not in it yet: on PyPI's jeepney and rtslib-fb 2.2.x its test without
-# tcmu-runner failed once on a fresh root for a reason its output did not keep (issue 12)
+# From test_targetcli.py, the daemon's own D-Bus service (jeepney) and its LIO attach (rtslib-fb
+# 2.2.x) under stock targetcli: its test with tcmu-runner (ten restores, 130 s under TCG) adds the
+# same libraries' HandlerManager1 call, passes there by hand, and would take CI past 30 minutes.
 PYPI_SELECTION = ("tests/kernel/inguest/test_lio_access.py", "tests/kernel/inguest/test_portal_initiator.py",
                   "tests/kernel/inguest/test_lio.py::test_lazy_reads_through_the_kernel_target_equal_the_source",
-                  "tests/kernel/inguest/test_lio.py::test_volume_delete_removes_the_lio_objects_and_the_device")
+                  "tests/kernel/inguest/test_lio.py::test_volume_delete_removes_the_lio_objects_and_the_device",
+                  "tests/kernel/inguest/test_targetcli.py::"
+                  "test_targetcli_without_tcmu_runner_creates_and_exports_user_lazy")
 # printed before the suite: which lazyiscsi and which dependencies the code under test imports
 WHICH = """import importlib, importlib.metadata as md
 for dist, name in (("lazyiscsi", "lazyiscsi"), ("rtslib-fb", "rtslib_fb"), ("gevent", "gevent"),
@@ -76,6 +78,14 @@ def count_tests(selection: tuple[str, ...]) -> int:
     return n
 
 
+def failures(output: str) -> str:
+    """pytest's ERRORS and FAILURES sections of the in-guest run: with -rA every passed test's
+    captured output follows them, and the tail alone can miss why a test failed."""
+    m = re.search(r"^=+ (ERRORS|FAILURES) =+$.*?(?=^=+ (warnings summary|PASSES|short test summary))",
+                  output, re.M | re.S)
+    return m.group(0)[:MAX_FAILURE_REPORT] + "\n[...]\n" if m else ""
+
+
 def run_in_guest(command: str, selection: tuple[str, ...], *files: Path) -> dict[str, tuple[str, str]]:
     """Boots the guest and runs ``command`` there followed by the in-guest tests of
     ``selection``, which must all pass; what WHICH printed: {distribution: (version, file)}."""
@@ -86,7 +96,7 @@ def run_in_guest(command: str, selection: tuple[str, ...], *files: Path) -> dict
     r = subprocess.run([*argv, command], capture_output=True, text=True, timeout=GUEST_RUN_TIMEOUT_S,
                        stdin=subprocess.DEVNULL, env={**os.environ, "GUEST_TIMEOUT": str(GUEST_TIMEOUT_S)})
     print(r.stdout[-20000:])
-    assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
+    assert r.returncode == 0, failures(r.stdout) + r.stdout[-8000:] + r.stderr[-2000:]
     expected = count_tests(selection)
     summary = re.search(r"=+ (\d+) passed in [^=]*=+\s*$", r.stdout.split("guest: exit")[0], re.M)
     assert summary and int(summary.group(1)) == expected, f"expected {expected} in-guest tests to pass"

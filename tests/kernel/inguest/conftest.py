@@ -25,6 +25,10 @@ WORK = Path("/var/tmp/lazyiscsi-kernel-tier")
 #: the lazyiscsi under test: test_guest.py runs these tests once with the installed package's
 #: /usr/bin/lazyiscsi and once with the PyPI venv's python; by hand, this checkout's code
 LAZYISCSI = shlex.split(os.environ.get("LAZYISCSI_COMMAND", "")) or [sys.executable, "-m", "lazyiscsi.cli"]
+if "LAZYISCSI_COMMAND" not in os.environ:
+    # this checkout's targetcli plugin too (``lazyiscsi shell``), which an install puts beside it
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).parents[3] / "targetcli-plugin"), os.environ.get("PYTHONPATH")) if p)
 PORTAL = "127.0.0.1:3260"
 NBD_PORT = 10809
 SOURCE_SIZE = 64 << 20
@@ -208,3 +212,28 @@ def remove_lio_objects(iqn: str, backstore: str) -> None:
     user backstore stay for its restart): the next test's ``vol0`` of another size starts clean
     instead of being refused as a mismatch."""
     run("python3", "-c", _REMOVE_LIO_OBJECTS, iqn, backstore)
+
+
+SYSTEM_BUS_SOCKET = Path("/run/dbus/system_bus_socket")
+SYSTEM_BUS_PID = Path("/run/dbus/pid")
+
+
+@contextlib.contextmanager
+def system_bus() -> Iterator[None]:
+    """A system dbus-daemon for the tests that need one (targetcli lists ``user:`` backstores over
+    it), stopped afterwards with its pid file and socket removed: dbus-daemon refuses to start
+    while a pid file is left, so a bus left behind by one test file would fail the next one's."""
+    Path("/run/dbus").mkdir(parents=True, exist_ok=True)
+    for stale in (SYSTEM_BUS_PID, SYSTEM_BUS_SOCKET):
+        stale.unlink(missing_ok=True)
+    run("dbus-uuidgen", "--ensure")
+    pid = int(run("dbus-daemon", "--system", "--fork", "--print-pid").stdout.split()[0])
+    wait_for("the system bus", SYSTEM_BUS_SOCKET.exists, 60)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        wait_for("the system bus to stop", lambda: not Path(f"/proc/{pid}").exists(), 60)
+        for left in (SYSTEM_BUS_PID, SYSTEM_BUS_SOCKET):
+            left.unlink(missing_ok=True)

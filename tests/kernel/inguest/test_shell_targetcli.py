@@ -7,47 +7,45 @@ targetcli cannot build its tree without configfs, tests/integration/test_shell.p
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.kernel.inguest.conftest import LAZYISCSI, NBD_PORT, WORK, Daemon, run, serve_argv, wait_for
+from tests.kernel.inguest.conftest import (
+    LAZYISCSI,
+    NBD_PORT,
+    WORK,
+    Daemon,
+    remove_lio_objects,
+    serve_argv,
+    system_bus,
+)
 
 # targetcli-fb is in the guest whose recipe the D-Bus work extends (issue 12); not in older ones
 pytest.importorskip("targetcli", reason="this guest has no targetcli-fb")
 
 IQN = "iqn.2026-11.io.lazyiscsi:sh1"
-SYSTEM_BUS = Path("/run/dbus/system_bus_socket")
 
 
 @pytest.fixture(scope="module")
-def system_bus() -> Iterator[None]:
-    """targetcli lists its user: backstores over the system bus, and builds no tree without one:
-    the guest's own when it runs, else one of ours for this module."""
-    if SYSTEM_BUS.exists():
+def bus(kernel: None) -> Iterator[None]:
+    """targetcli lists its user: backstores over the system bus, and builds no tree without one."""
+    with system_bus():
         yield
-        return
-    Path("/run/dbus").mkdir(parents=True, exist_ok=True)
-    pid = int(run("dbus-daemon", "--system", "--fork", "--print-pid").stdout.split()[0])
-    wait_for("the system bus", SYSTEM_BUS.exists, 60)
-    yield
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
-def daemon(source: Path, system_bus: None) -> Iterator[Daemon]:
+def daemon(source: Path, bus: None) -> Iterator[Daemon]:
     d = Daemon(serve_argv("sh1", "--source", f"nbd://127.0.0.1:{NBD_PORT}", "--iqn", IQN, "--rate", "256K",
                           "--cache", str(WORK / "sh1.cache")), WORK / "sh1.log")
     d.start()
     yield d
     d.stop()
+    remove_lio_objects(IQN, "vol0")  # the next file's targetcli listing starts without them
 
 
 def shell(*line: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from tests.kernel.inguest.conftest import (
     run,
     serve_argv,
     source_bytes,
+    system_bus,
     wait_for,
     write_direct,
 )
@@ -92,31 +92,6 @@ def restore(with_targetctl: bool) -> None:
     assert not errors, errors
 
 
-class SystemBus:
-    """dbus-daemon --system, with our policy file where dbus looks for it (the package's place
-    when it is installed, else copied from the project). tcmu-runner's activation file is moved
-    aside: with it, the first targetcli would start tcmu-runner (as on an installed host), and
-    acceptance 1 is the host without tcmu-runner; acceptance 2 starts it by hand."""
-
-    def __init__(self) -> None:
-        if not any((d / POLICY.name).exists() for d in POLICY_DIRS):
-            shutil.copy(POLICY, POLICY_DIRS[1] / POLICY.name)
-        if ACTIVATION.exists():
-            ACTIVATION.rename(WORK / ACTIVATION.name)
-        run("dbus-uuidgen", "--ensure")
-        Path("/run/dbus").mkdir(parents=True, exist_ok=True)
-        run("dbus-daemon", "--system", "--fork")
-        wait_for("the system bus", lambda: Path("/run/dbus/system_bus_socket").exists(), 60)
-
-    def stop(self) -> None:
-        pid = Path("/run/dbus/pid")
-        if pid.exists():
-            os.kill(int(pid.read_text()), signal.SIGTERM)
-            pid.unlink()
-        if (WORK / ACTIVATION.name).exists():
-            (WORK / ACTIVATION.name).rename(ACTIVATION)
-
-
 class Runner:
     """Debian's tcmu-runner in the foreground, as its systemd unit runs it."""
 
@@ -134,10 +109,21 @@ class Runner:
 
 
 @pytest.fixture(scope="module")
-def bus(kernel: None) -> Iterator[SystemBus]:
-    b = SystemBus()
-    yield b
-    b.stop()
+def bus(kernel: None) -> Iterator[None]:
+    """The system bus (conftest's), with our policy file where dbus looks for it (the package's
+    place when it is installed, else copied from the project). tcmu-runner's activation file is
+    moved aside: with it, the first targetcli would start tcmu-runner (as on an installed host),
+    and acceptance 1 is the host without tcmu-runner; acceptance 2 starts it by hand."""
+    if not any((d / POLICY.name).exists() for d in POLICY_DIRS):
+        shutil.copy(POLICY, POLICY_DIRS[1] / POLICY.name)
+    if ACTIVATION.exists():
+        ACTIVATION.rename(WORK / ACTIVATION.name)
+    try:
+        with system_bus():
+            yield
+    finally:
+        if (WORK / ACTIVATION.name).exists():
+            (WORK / ACTIVATION.name).rename(ACTIVATION)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +134,7 @@ def runner() -> Iterator[Runner]:
 
 
 @pytest.fixture(scope="module")
-def daemon(source: Path, bus: SystemBus, runner: Runner) -> Iterator[Daemon]:
+def daemon(source: Path, bus: None, runner: Runner) -> Iterator[Daemon]:
     d = Daemon(serve_argv("tc1"), WORK / "tc1.log")
     d.start()
     yield d
