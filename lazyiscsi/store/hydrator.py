@@ -328,12 +328,16 @@ class Hydrator:
             self._apply(Verb.FAIL)
 
     def _checkpoint(self) -> None:
-        """The one pause/cancel/rate point of every iteration."""
+        """The one pause/cancel/rate point of every iteration. The pause is looked at again
+        after the rate limit's sleep: a pause that came during it must hold the run back (the
+        run is not in flight yet, and ``inflight_runs`` has told the operator so)."""
         self._resumed.wait()
         self._check_source()
         delay = self._bucket.delay(self.run_size)
         if delay > 0:
             gevent.sleep(delay)
+            self._resumed.wait()
+            self._check_source()
 
     def _check_source(self) -> None:
         """Stop at once when the source is no longer the cache's disk (not a transient error:

@@ -91,6 +91,26 @@ def test_pause_stops_and_resume_restarts(tmp_path) -> None:  # type: ignore[no-u
     disk.close()
 
 
+def test_pause_while_the_rate_limit_holds_a_run_back_sends_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A pause that lands while the copier sleeps for the rate limit: once the runs in flight
+    have landed, nothing more is sent. The run the sleep held back used to go out when the
+    sleep ended, after the pause was acknowledged (found on a fresh root: 1 MiB more landed)."""
+    data = _data(16 * MiB)
+    source = LinkSource(data, delay=0.001, rate=500 * MiB)
+    disk = _open(tmp_path, source)
+    job = Hydrator(disk, run_size=MiB, rate=4 * MiB)  # a run every 0.25 s: most time is that sleep
+    job.start()
+    _wait_for(lambda: disk.local_bytes >= 2 * MiB)
+    _wait_for(lambda: job.query().inflight_runs == 0)  # between runs: the copier is in its sleep
+    job.pause()
+    reads = source.reads
+    gevent.sleep(0.6)  # past the end of the sleep the pause interrupted
+    assert source.reads == reads and job.query().inflight_runs == 0
+    job.resume()
+    assert job.wait(10) and job.state is JobState.COMPLETED
+    disk.close()
+
+
 def test_rate_limit_holds_the_average(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = _data(6 * MiB)
     disk = _open(tmp_path, InstantSource(data))
