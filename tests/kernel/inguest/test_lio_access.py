@@ -19,6 +19,7 @@ from tests.kernel.inguest.conftest import (
     login,
     logout,
     read_direct,
+    remove_lio_objects,
     run,
     serve_argv,
     source_bytes,
@@ -58,6 +59,7 @@ chap = {{ user = "{USER}", secret = "{SECRET}" }}
     logout(IQN)
     if d.proc is not None and d.proc.poll() is None:
         d.stop()
+    remove_lio_objects(IQN, "kta")  # a configured volume's stay for its restart: not after this file
     print((WORK / "kta.log").read_text()[-6000:])
 
 
