@@ -80,8 +80,8 @@ class Tty(io.StringIO):
 
 
 PROGRESS = Progress(state=JobState.RUNNING, current=3 << 30, total=10 << 30, fetched=3 << 30, rate=52e6,
-                    eta_s=3600.0, inflight_window=8, inflight_runs=3, rate_limit=None, misses=12345,
-                    miss_p50_ms=20.5, miss_p99_ms=180.25, error=None)
+                    eta_s=3600.0, inflight_window=8, inflight_runs=3, hot_bytes=0, rate_limit=None,
+                    misses=12345, miss_p50_ms=20.5, miss_p99_ms=180.25, error=None)
 
 
 @pytest.mark.parametrize("columns", [20, 40, 80, 132, 300])

@@ -79,6 +79,12 @@ __all__ = ["NbdBitmapSource", "NbdSource", "open_nbd", "parse_nbd_url"]
 log = structlog.get_logger("lazyiscsi.source.nbd")
 
 DEFAULT_PORT = 10809
+#: A guest's read larger than this goes out as pieces of this size, all in flight at once on
+#: the foreground connection. The server may answer them in any order (NBD document,
+#: "Reordering"; nbdkit and qemu-nbd serve a connection's requests in parallel), so a small
+#: miss sent meanwhile waits on the wire behind at most a piece, not a whole 1 MiB reply:
+#: 256 KiB is 21 ms at 100 Mbit/s, about one WAN round trip.
+FOREGROUND_PIECE = 256 << 10
 #: block status asks at most this much per request (the length field is 32 bits)
 _MAX_STATUS = 1 << 31
 #: what a bitmap name may be: no control characters (it is shown in errors and logs), at most
@@ -185,13 +191,16 @@ class NbdSource:
         self._check(offset, length)
         channel = self._channels.get(priority) or self._background()
         patience = self._patience(priority)
-        if length <= self._max_payload:
+        piece = self._max_payload
+        if priority is Priority.FOREGROUND:
+            piece = min(piece, FOREGROUND_PIECE)
+        if length <= piece:
             buf = channel.call(Cmd.READ, offset, length, patience).buf
             assert buf is not None
             return buf  # type: ignore[return-value]  # a bytearray: bytes-like, and no copy
-        # larger than the server takes in one request: pieces in parallel on the same channel
-        pieces = [(o, min(self._max_payload, offset + length - o))
-                  for o in range(offset, offset + length, self._max_payload)]
+        # larger than the server takes in one request, or a guest's large read (see
+        # FOREGROUND_PIECE): pieces in parallel on the same channel
+        pieces = [(o, min(piece, offset + length - o)) for o in range(offset, offset + length, piece)]
         return b"".join(r.buf for r in _parallel([(channel.call, Cmd.READ, o, n, patience)
                                                    for o, n in pieces]))
 
