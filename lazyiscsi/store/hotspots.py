@@ -96,6 +96,8 @@ class Hotspots:
         self._streams: list[Stream] = []
         #: region index -> None, least recently missed first (an ordered set)
         self._regions: collections.OrderedDict[int, None] = collections.OrderedDict()
+        #: which kind of hot run goes first next time (``next_run``)
+        self._turn = Why.READAHEAD
 
     # -- what the disk tells -----------------------------------------------------------------
 
@@ -135,18 +137,32 @@ class Hotspots:
     # -- what the copier asks ----------------------------------------------------------------
 
     def next_run(self) -> HotRun | None:
-        """The next hot run to copy, or None when nothing is hot: read-ahead of the most recent
-        stream first (its reader needs it soonest), then the most recently missed region. A
-        run may already be local in part or whole: the copier copies only what is missing."""
+        """The next hot run to copy, or None when nothing is hot. Read-ahead (of the most
+        recently read stream first) and neighbourhoods (the most recently missed first) take
+        turns: a reader streaming a large file must not hold back the blocks around a file
+        another one just opened, nor the other way round. A run may already be local in part
+        or whole: the copier copies only what is missing."""
+        first, second = self._readahead, self._neighbourhood
+        if self._turn is Why.NEIGHBOURHOOD:
+            first, second = second, first
+        run = first() or second()
+        if run is not None:
+            self._turn = Why.NEIGHBOURHOOD if run.why is Why.READAHEAD else Why.READAHEAD
+        return run
+
+    def _readahead(self) -> HotRun | None:
         for s in reversed(self._streams):
             run = self._take_readahead(s)
             if run is not None:
                 return run
-        if self._regions:
-            region, _ = self._regions.popitem(last=True)
-            start = region * self._region
-            return HotRun(start, min(self.size, start + self._region) - start, Why.NEIGHBOURHOOD)
         return None
+
+    def _neighbourhood(self) -> HotRun | None:
+        if not self._regions:
+            return None
+        region, _ = self._regions.popitem(last=True)
+        start = region * self._region
+        return HotRun(start, min(self.size, start + self._region) - start, Why.NEIGHBOURHOOD)
 
     def _take_readahead(self, s: Stream) -> HotRun | None:
         if not s.sequential:

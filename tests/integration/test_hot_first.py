@@ -12,7 +12,8 @@ from pathlib import Path
 import gevent
 
 from lazyiscsi.source import open_source
-from lazyiscsi.source.nbd import FOREGROUND_PIECE
+from lazyiscsi.source.base import Priority
+from lazyiscsi.source.nbd import FOREGROUND_CONNECTIONS, FOREGROUND_PIECE
 from lazyiscsi.store.fetch import MAX_COALESCED
 from lazyiscsi.store.hotspots import NEIGHBOURHOOD
 from lazyiscsi.store.hydrator import Hydrator, JobState
@@ -71,7 +72,8 @@ def test_the_copier_fetches_around_a_burst_of_misses_before_lba_order(tmp_path: 
     # the server's own order: every read of the hot region before any LBA read past HOT/2
     reads = _reads(log)[before:]
     last_hot = max(i for i, (off, _) in enumerate(reads) if hot[0] <= off < hot[1])
-    lba_late = [i for i, (off, _) in enumerate(reads) if HOT // 2 <= off < hot[0]]
+    # (4 KiB reads are the identity samples a new connection is checked with, not the copy's)
+    lba_late = [i for i, (off, n) in enumerate(reads) if HOT // 2 <= off < hot[0] and n > 4096]
     assert not lba_late or last_hot < min(lba_late)
     # the rest in LBA order, every unit copied once
     job.set_rate(0)
@@ -110,3 +112,25 @@ def test_a_large_guest_read_goes_out_in_pieces(tmp_path: Path, nbdkit: list[Nbdk
     disk.populate(33 * MiB, MiB)
     assert [r for r in _reads(log) if 33 * MiB <= r[0] < 34 * MiB] == [(33 * MiB, MiB)]
     disk.close()
+
+
+_CONNECTION = re.compile(r"connection=(\d+) Read id=\d+ offset=0x([0-9a-f]+)")
+
+
+def test_a_burst_of_misses_spreads_over_a_bounded_number_of_connections(
+        tmp_path: Path, nbdkit: list[Nbdkit]) -> None:
+    """Guests' reads use up to FOREGROUND_CONNECTIONS connections (each read the least busy),
+    the copier its own; however many reads are in flight, no more are opened."""
+    server, data, log = _server(tmp_path, nbdkit)
+    src = open_source(server.url)
+    src.read(20 * MiB, 4096, Priority.BACKGROUND)  # the copier's connection
+    for _ in range(3):  # bursts of misses, far more than the connections
+        offsets = [21 * MiB + i * 128 * KiB for i in range(16)]
+        readers = [gevent.spawn(src.read, off, 4096) for off in offsets]
+        gevent.joinall(readers, raise_error=True)
+        assert [bytes(g.value) for g in readers] == [data[o:o + 4096] for o in offsets]
+    text = log.read_text()
+    assert text.count(" Connect ") == 1 + FOREGROUND_CONNECTIONS
+    burst = {int(c) for c, off in _CONNECTION.findall(text) if 21 * MiB <= int(off, 16) < 23 * MiB}
+    assert len(burst) == FOREGROUND_CONNECTIONS > 1, "the burst did not spread over the connections"
+    src.close()

@@ -146,3 +146,16 @@ def test_memory_is_bounded_against_a_guest_that_misses_everywhere() -> None:
     runs = drain(h)
     assert len(runs) <= MAX_REGIONS + MAX_STREAMS * (READAHEAD_MAX // NEIGHBOURHOOD + 1)
     assert all(0 < r.length <= NEIGHBOURHOOD and r.offset + r.length <= size for r in runs)
+
+
+def test_read_ahead_and_neighbourhoods_take_turns() -> None:
+    """A stream's read-ahead (many runs once grown) does not hold back a burst of misses
+    elsewhere: the copier gets one of each in turn while both have work."""
+    h = Hotspots(GiB, readahead_first=8 * MiB)
+    h.note_read(0, 64 * KiB, missed=True)
+    h.note_read(64 * KiB, 64 * KiB, missed=True)  # a stream with 8 MiB of read-ahead to hand out
+    for region in (500, 600, 700):
+        h.note_read(region * MiB, 4096, missed=True)
+    kinds = [r.why for r in drain(h)]
+    assert kinds[:7] == [Why.READAHEAD, Why.NEIGHBOURHOOD] * 3 + [Why.READAHEAD]
+    assert kinds.count(Why.NEIGHBOURHOOD) == 4  # the three, and the stream's own region 0
