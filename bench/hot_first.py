@@ -2,7 +2,7 @@
 following the guest (``hot``) against plain LBA order (``lba``: the same code with the
 hotspots never asked), over the same emulated WAN, in the same run.
 
-    python bench/hot_first.py [--links 100M 1G] [--count N]
+    python bench/hot_first.py [--links 100M 1G] [--count N] [--orders hot lba]
 
 Each run opens a fresh cache of a 1 GiB image behind nbdkit's delay and rate filters, starts the
 copier and, once it has copied for a second, plays a guest:
@@ -81,21 +81,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--links", nargs="+", default=["100M", "1G"], choices=sorted(LINKS))
     ap.add_argument("--count", type=int, default=3)
+    ap.add_argument("--orders", nargs="+", default=list(ORDERS), choices=ORDERS)
     args = ap.parse_args()
     logsetup.configure(level="warning")
     image = random_image(GiB)
     rows = []
     for name in args.links:
         link = LINKS[name]
-        results: dict[str, list[tuple[float, float, int]]] = {o: [] for o in ORDERS}
+        results: dict[str, list[tuple[float, float, int]]] = {o: [] for o in args.orders}
         with nbdkit_source(image, link) as url:
             for i in range(args.count):
-                for order in ORDERS:
+                for order in args.orders:
                     r = one_run(url, order)
                     results[order].append(r)
                     print(f"  {link.name} {order} run {i + 1}: burst {r[0]:.2f} s, stream {r[1]:.2f} s, "
                           f"{r[2]} of {STREAM // STREAM_READ} reads missed", flush=True)
-        for order in ORDERS:
+        for order in args.orders:
             burst = statistics.median(r[0] for r in results[order])
             stream = statistics.median(r[1] for r in results[order])
             missed = statistics.median(r[2] for r in results[order])

@@ -5,11 +5,13 @@ somewhere else, and every unit it misses costs a round trip. This module records
 reads while the disk is not yet complete and hands the copier *hot* runs before its cursor
 (issue 15, after the seed paper's "prefetches not-yet-cached blocks"):
 
-* **Neighbourhoods.** A miss marks its ``NEIGHBOURHOOD``-aligned region hot (spatial locality:
-  the blocks around a file the guest opened are the rest of that file, its inode table, its
-  directory). The copier fetches the whole region in one run when it has a slot free, so the
-  guest's next read there is local. The most recent miss goes first: it is the likeliest to be
-  followed by more.
+* **Neighbourhoods.** A miss that continues no stream marks its ``NEIGHBOURHOOD``-aligned
+  region hot (spatial locality: the blocks around a file the guest opened are the rest of that
+  file, its inode table, its directory). The copier fetches the whole region in one run when it
+  has a slot free, so the guest's next read there is local. The most recent miss goes first: it
+  is the likeliest to be followed by more. A miss that continues a stream adds none: the
+  stream's read-ahead covers what comes next, and a long stream's misses would otherwise push
+  every other region back.
 * **Sequential streams.** A read that starts where an earlier one of the same stream ended (or
   inside what was read ahead for it) continues that stream. Once a stream is seen to be
   sequential it gets a read-ahead of ``READAHEAD_FIRST`` past its last read, handed out in runs
@@ -113,11 +115,11 @@ class Hotspots:
                 s.marker = None
             self._streams.remove(s)
             self._streams.append(s)
-        elif missed:
+            return  # its read-ahead covers what comes next: no neighbourhood to guess
+        if missed:
             if len(self._streams) >= self._max_streams:
                 del self._streams[0]
             self._streams.append(Stream(start=offset, pos=end, window=self._first, ahead=end))
-        if missed:
             for region in range(offset // self._region, -(-end // self._region)):
                 self._regions[region] = None
                 self._regions.move_to_end(region)

@@ -159,3 +159,14 @@ def test_read_ahead_and_neighbourhoods_take_turns() -> None:
     kinds = [r.why for r in drain(h)]
     assert kinds[:7] == [Why.READAHEAD, Why.NEIGHBOURHOOD] * 3 + [Why.READAHEAD]
     assert kinds.count(Why.NEIGHBOURHOOD) == 4  # the three, and the stream's own region 0
+
+
+def test_a_streams_misses_do_not_push_other_regions_back() -> None:
+    """A sequential reader that keeps missing adds no neighbourhoods past its first miss (its
+    read-ahead is for that): the regions of a burst of misses elsewhere are not pushed back."""
+    h = Hotspots(GiB)
+    h.note_read(700 * MiB, 4096, missed=True)  # a burst elsewhere, first
+    for i in range(64):  # then a stream that misses all the way through 8 MiB
+        h.note_read(100 * MiB + i * 128 * KiB, 128 * KiB, missed=True)
+    regions = [r.offset for r in drain(h) if r.why is Why.NEIGHBOURHOOD]
+    assert regions == [100 * MiB, 700 * MiB]
