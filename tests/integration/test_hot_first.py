@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gevent
+from structlog.testing import capture_logs
 
 from lazyiscsi.source import open_source
 from lazyiscsi.source.base import Priority
@@ -134,3 +135,33 @@ def test_a_burst_of_misses_spreads_over_a_bounded_number_of_connections(
     burst = {int(c) for c, off in _CONNECTION.findall(text) if 21 * MiB <= int(off, 16) < 23 * MiB}
     assert len(burst) == FOREGROUND_CONNECTIONS > 1, "the burst did not spread over the connections"
     src.close()
+
+
+def test_a_server_with_no_client_slot_to_spare_is_asked_once(tmp_path: Path, nbdkit: list[Nbdkit]) -> None:
+    """qemu-nbd --shared=2: the guests' first connection and the copier's take both slots.
+    The dial of a second foreground connection gets no handshake: it is given up after a
+    deadline, said once, and never tried again; reads go on over the connections there are."""
+    image = tmp_path / "q.img"
+    data = make_image(image, 16 * MiB)
+    port = free_port()
+    server = Nbdkit(["-r", "-t", "-e", "2", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-x", "disk",
+                     str(image)], port, command=["qemu-nbd"]).start()
+    nbdkit.append(server)
+    with capture_logs() as events:
+        src = open_source(f"nbd://127.0.0.1:{port}/disk", deadline=1.0)
+        src.read(0, 4096, Priority.BACKGROUND)
+
+        def burst() -> None:
+            offsets = [MiB + i * 64 * KiB for i in range(16)]
+            readers = [gevent.spawn(src.read, off, 4096) for off in offsets]
+            gevent.joinall(readers, raise_error=True)
+            assert [bytes(g.value) for g in readers] == [data[o:o + 4096] for o in offsets]
+
+        burst()
+        refused = "source_foreground_connection_refused"
+        _wait(lambda: any(e["event"] == refused for e in events), "the refused dial said so")
+        for _ in range(3):
+            burst()
+        gevent.sleep(1.5)  # past another deadline: a second dial would have been given up too
+        src.close()
+    assert [e["event"] for e in events].count(refused) == 1

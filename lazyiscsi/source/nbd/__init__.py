@@ -248,6 +248,8 @@ class NbdSource:
                 raise
         except (OSError, SourceError) as e:
             self._refused = True
+            if self._closed:
+                return  # the dial met the close: nothing to say
             log.warning("source_foreground_connection_refused", url=self.url,
                         error=str(e) or type(e).__name__,
                         hint="guests' reads share the connections there are (qemu-nbd: a larger --shared)")
