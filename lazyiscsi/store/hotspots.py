@@ -24,7 +24,8 @@ Nothing here fetches: it only says *where*. The copier fetches through ``LazyDis
 at background priority, the one fill path (a unit already local or in flight is not read
 again; before a live cutover the dirty units are left out by ``LazyDisk.missing_runs``), and a
 guest's miss never waits behind it (its own foreground read, which never joins a background
-flight). Memory is bounded whatever the guest does: at most ``MAX_STREAMS`` streams and
+flight; the price: a miss of units a hot run is still fetching reads them a second time, see
+bench/REPORT.md). Memory is bounded whatever the guest does: at most ``MAX_STREAMS`` streams and
 ``MAX_REGIONS`` regions are remembered, the least recently used forgotten first; a forgotten
 region is still copied, later, in LBA order.
 
@@ -44,8 +45,8 @@ NEIGHBOURHOOD = 1 << 20
 #: file typically asks next (Linux starts at 128 KiB), so the first guess moves little.
 READAHEAD_FIRST = 256 << 10
 #: The largest read-ahead of one stream. A guest streaming a large file makes the copier hand
-#: out at most this much ahead of its last read, so a stream that stops wastes at most this
-#: much of the link's time before LBA order takes over again.
+#: out at most this much ahead of its last read, so a stream that stops has taken at most this
+#: much of the link out of LBA order for data nobody asked for yet.
 READAHEAD_MAX = 16 << 20
 #: How many sequential streams are remembered (a guest with more concurrent sequential readers
 #: loses read-ahead for the least recently read). A peer-controlled bound: each read walks them.
@@ -56,7 +57,7 @@ MAX_REGIONS = 64
 
 
 class Why(enum.Enum):
-    """Why a run is hot (the copier counts its bytes per reason)."""
+    """Why a run is hot: the two kinds take turns (``Hotspots.next_run``)."""
 
     READAHEAD = "readahead"
     NEIGHBOURHOOD = "neighbourhood"
@@ -67,7 +68,7 @@ class Stream:
     """One sequential reader: ``pos`` is where its last read ended, ``ahead`` how far its
     read-ahead has been handed out, ``marker`` the point whose reading grows the window."""
 
-    start: int  # where its most recent read began (a read a little behind it still continues)
+    start: int  # where its most recent read began: a read past it, up to ``ahead``, continues
     pos: int
     window: int = READAHEAD_FIRST
     ahead: int = 0
