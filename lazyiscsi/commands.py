@@ -218,6 +218,11 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if report["mismatches"] else EXIT_OK
 
 
+def _hot(v: dict[str, Any]) -> str:
+    """Bytes the copy fetched where the guest reads, out of LBA order (none: nothing shown)."""
+    return f" hot={human_bytes(v['hot_bytes'])}" if v.get("hot_bytes") else ""
+
+
 def _line(v: dict[str, Any]) -> str:
     limit = f" limit={human_bytes(v['rate_limit_bps'])}/s" if v.get("rate_limit_bps") else ""
     miss = ""
@@ -235,5 +240,6 @@ def _line(v: dict[str, Any]) -> str:
         phase += f" verifying={100.0 * v['verify_offset'] / v['size']:.1f}%"
     return (f"{v['volume']} {v['state']}{phase} {v['percent']:.1f}% {human_bytes(v['local_bytes'])}/"
             f"{human_bytes(v['size'])} {human_bytes(v['rate_bps'])}/s eta={human_eta(v['eta_s'])}{limit}"
-            f" misses={v['misses']}{miss} source={v['source_health']} target={v['target']} lun={v['lun']}")
+            f" misses={v['misses']}{_hot(v)}{miss} source={v['source_health']} target={v['target']}"
+            f" lun={v['lun']}")
 

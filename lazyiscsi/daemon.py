@@ -447,7 +447,8 @@ class VolumeManager:
             "percent": round(100.0 * p.current / p.total, 2) if p.total else 100.0,
             "rate_bps": round(p.rate), "eta_s": None if p.eta_s is None else round(p.eta_s, 1),
             "rate_limit_bps": cfg.rate or None, "fetched_bytes": p.fetched,
-            "inflight_runs": p.inflight_runs, "misses": p.misses, "miss_p50_ms": p.miss_p50_ms,
+            "inflight_runs": p.inflight_runs, "hot_bytes": p.hot_bytes, "misses": p.misses,
+            "miss_p50_ms": p.miss_p50_ms,
             "miss_p99_ms": p.miss_p99_ms, "source_health": _source_health(vol, p.error),
             "static": vol.record.static, "backstore_only": cfg.backstore_only,
             # issue 11: where a live migration stands, and the figures of its acceptance 3
@@ -477,7 +478,8 @@ def _unopened_status(record: VolumeRecord) -> dict[str, Any]:
     return {
         "volume": cfg.name, "source": redact(cfg.source), "target": cfg.target, "lun": cfg.lun,
         "state": "unopened", "size": 0, "local_bytes": 0, "percent": 0.0, "rate_bps": 0, "eta_s": None,
-        "rate_limit_bps": cfg.rate or None, "fetched_bytes": 0, "inflight_runs": 0, "misses": 0,
+        "rate_limit_bps": cfg.rate or None, "fetched_bytes": 0, "inflight_runs": 0, "hot_bytes": 0,
+        "misses": 0,
         "miss_p50_ms": None, "miss_p99_ms": None,
         "source_health": "not opened at start (see volume_restore_failed)",
         "static": False, "backstore_only": cfg.backstore_only, "phase": None, "live": cfg.live,

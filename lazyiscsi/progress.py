@@ -53,7 +53,7 @@ def human_eta(seconds: float | None) -> str:
 def describe(p: Progress) -> str:
     """One line: how far, how fast, how long still, and how on-demand reads fare."""
     pct = 100.0 * p.current / p.total if p.total else 100.0
-    miss = f" misses={p.misses}"
+    miss = f" misses={p.misses}" + (f" hot={human_bytes(p.hot_bytes)}" if p.hot_bytes else "")
     if p.miss_p99_ms is not None:
         miss += f" miss_p50={p.miss_p50_ms:.1f}ms miss_p99={p.miss_p99_ms:.1f}ms"
     limit = f" limit={human_bytes(p.rate_limit)}/s" if p.rate_limit else ""

@@ -10,6 +10,15 @@ Foreground first: before each new run the hydrator lets on-demand fetches finish
 sources use another connection, and the server sees less competing load), and every run goes
 through ``LazyDisk.populate``, the same single-flight fill path a guest read uses.
 
+Hot first (issue 15): each time a slot is free, the job first asks the disk's ``hotspots``
+for a run where the guest reads (around its recent misses, ahead of its sequential streams),
+and only then sends the next run of its LBA order. A hot run is a background run like any
+other: it passes the same pause/rate point, takes a slot of the same window (so the link is no
+fuller than before, and the copy no slower: a hot run replaces an LBA run, whose units the LBA
+pass then finds local and skips), and a guest's miss never waits behind it. Hot runs are not
+checked against block status first: that would cost them a round trip, and a hole read over
+NBD structured replies comes back as a hole chunk, not as bytes.
+
 Zero runs the source reports (NBD block status) are marked local without moving their bytes.
 The hydrator asks for them at background priority, like its reads: a status query over a
 large range can keep a server busy for seconds, and a guest's read must not queue behind it
@@ -101,6 +110,7 @@ class Progress:
     fetched: int  # bytes read from the source, background and on demand
     inflight_window: int
     inflight_runs: int  # runs issued and not finished: 0 once a paused job has settled
+    hot_bytes: int  # copied out of LBA order, where the guest reads (``hotspots``)
     rate_limit: int | None
     misses: int
     miss_p50_ms: float | None
@@ -214,6 +224,9 @@ class Hydrator:
         self._error: str | None = None
         self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         self._failed_runs = 0
+        #: pieces of the current hot run still to send (``_next_hot``)
+        self._hot: collections.deque[tuple[int, int]] = collections.deque()
+        self._hot_bytes = 0
 
     # -- verbs -----------------------------------------------------------------------------
 
@@ -274,7 +287,8 @@ class Hydrator:
         return Progress(
             state=self.state, current=st.local_bytes, total=st.size, rate=rate, eta_s=eta,
             fetched=st.fetched_foreground + st.fetched_background, inflight_window=self._tuner.window,
-            inflight_runs=len(self._active) + self._issuing, rate_limit=self._bucket.rate,
+            inflight_runs=len(self._active) + self._issuing, hot_bytes=self._hot_bytes,
+            rate_limit=self._bucket.rate,
             misses=st.misses, miss_p50_ms=st.miss_p50_ms,
             miss_p99_ms=st.miss_p99_ms, error=self._error)
 
@@ -294,6 +308,8 @@ class Hydrator:
                 self._check_source()
                 failed_before = self._failed_runs
                 for offset, length in self._plan():
+                    if not self._has_missing(offset, offset + length):
+                        continue  # copied hot-first (or written) since it was planned: no slot
                     self._checkpoint()
                     self._issue(offset, length)
                 self._drain()
@@ -347,21 +363,46 @@ class Hydrator:
             raise SourceChangedError(changed)
 
     def _issue(self, offset: int, length: int) -> None:
+        """Send the planned run, after every hot run waiting when a slot frees up (each
+        after its own checkpoint, as every run)."""
         # counted as in flight from here: a run waiting for a slot when the job is paused is
         # still sent (pause lets what was issued finish), so "settled" must wait for it too
         self._issuing = 1
         try:
-            while len(self._active) >= self._tuner.window:
-                self._slot.clear()
-                self._slot.wait()
-            # foreground first: checked last, just before sending, so that a guest miss that
-            # arrived while this run waited for a slot still goes out ahead of it
-            self.disk.wait_foreground_idle(self._fg_yield)
-            g = gevent.spawn(self._copy, offset, length)
-            self._active.add(g)
-            g.link(self._finished)
+            while True:
+                self._wait_slot()
+                hot = self._next_hot()
+                if hot is None:
+                    break
+                self._spawn(*hot, hot=True)
+                self._checkpoint()
+            self._spawn(offset, length, hot=False)
         finally:
             self._issuing = 0
+
+    def _wait_slot(self) -> None:
+        while len(self._active) >= self._tuner.window:
+            self._slot.clear()
+            self._slot.wait()
+        # foreground first: checked last, just before sending, so that a guest miss that
+        # arrived while this run waited for a slot still goes out ahead of it
+        self.disk.wait_foreground_idle(self._fg_yield)
+
+    def _spawn(self, offset: int, length: int, *, hot: bool) -> None:
+        g = gevent.spawn(self._copy, offset, length, hot)
+        self._active.add(g)
+        g.link(self._finished)
+
+    def _next_hot(self) -> tuple[int, int] | None:
+        """The next missing piece of a hot run (at most a run, aligned as the LBA runs are),
+        or None when nothing where the guest reads is still missing."""
+        while not self._hot:
+            run = self.disk.hotspots.next_run()
+            if run is None:
+                return None
+            for off, length in self.disk.missing_runs(run.offset, run.length):
+                self._hot.extend(_split(off, length, self.run_size))
+        return self._hot.popleft()
 
     def _finished(self, g: gevent.Greenlet) -> None:
         self._active.discard(g)
@@ -371,8 +412,11 @@ class Hydrator:
         self._tuner.note_starved()
         gevent.joinall(list(self._active))
 
-    def _copy(self, offset: int, length: int) -> None:
+    def _copy(self, offset: int, length: int, hot: bool) -> None:
         t0 = time.monotonic()
+        # what this run is to fetch (a guest write or miss may have filled some since it was
+        # planned): the hot figure counts bytes moved out of LBA order, not runs
+        todo = sum(n for _, n in self.disk.missing_runs(offset, length)) if hot else 0
         try:
             self.disk.populate(offset, length)
         except SourceChangedError:
@@ -382,6 +426,7 @@ class Hydrator:
             log.warning("hydration_run_failed", path=self.disk.path, offset=offset, bytes=length,
                         error=str(e))
             return
+        self._hot_bytes += todo
         self._tuner.on_complete(length, time.monotonic() - t0)
 
     def _plan(self) -> Iterator[tuple[int, int]]:

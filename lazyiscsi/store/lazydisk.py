@@ -3,7 +3,8 @@
 A copy-on-read filter in the manner of QEMU's copy-on-read driver: a read walks its range,
 serves local units from the cache file and fetches only the missing ones (``fetch.Fetcher``);
 a write lands in the cache and marks its units local. The background copier calls
-``populate``, the same fill path a read uses, never a second writer.
+``populate``, the same fill path a read uses, never a second writer; reads are noted in
+``hotspots`` so that it copies where the guest reads first.
 
 Files (all beside ``path``): ``path`` itself is the cache, a plain raw image (offset N of the
 LUN is offset N of the file), usable by any tool once complete; ``path.map`` is the bitmap
@@ -87,6 +88,7 @@ from lazyiscsi.store.errors import (
 )
 from lazyiscsi.store.extentmap import PAGE_BYTES, ExtentMap, only_in
 from lazyiscsi.store.fetch import Fetcher, RetryPolicy, store_error_class
+from lazyiscsi.store.hotspots import Hotspots
 from lazyiscsi.store.newcache import size_new_cache, undo_new_cache
 from lazyiscsi.store.superblock import CacheState, Phase, Superblock, read_superblock, write_superblock
 
@@ -215,6 +217,8 @@ class LazyDisk:
         self._closed = False
         self._misses = 0
         self._miss_ms: collections.deque[float] = collections.deque(maxlen=4096)
+        #: where the guest reads while the disk is not complete: the copier goes there first
+        self.hotspots = Hotspots(self.size)
         self._fetcher = Fetcher(source, emap, self.unit, self.size, self._fill,
                                 readahead_units=max(1, readahead // self.unit), retry=retry,
                                 label=path)
@@ -412,7 +416,9 @@ class LazyDisk:
             return self._passthrough(offset, length)
         if not self._complete:
             a, b = self._units(offset, length)
-            if next(self._map.missing_runs(a, b), None) is not None:
+            missed = next(self._map.missing_runs(a, b), None) is not None
+            self.hotspots.note_read(offset, length, missed)
+            if missed:
                 self._await(a, b)
         try:
             return self._cache.pread(length, offset)
@@ -427,7 +433,9 @@ class LazyDisk:
             return
         if not self._complete:
             a, b = self._units(offset, len(buf))
-            if next(self._map.missing_runs(a, b), None) is not None:
+            missed = next(self._map.missing_runs(a, b), None) is not None
+            self.hotspots.note_read(offset, len(buf), missed)
+            if missed:
                 self._await(a, b)
         try:
             self._cache.preadinto(buf, offset)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.http_servers import Nginx
-from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_listening
+from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_listening, wait_until
 
 #: large enough that the rate-limited phases below never finish the copy, even when a loaded
 #: host stretches each of them over seconds
@@ -111,6 +111,15 @@ def test_volume_lifecycle_through_the_cli(tmp_path: Path, nbdkit: list[Nbdkit]) 
         assert cli("resume", "vm1").returncode == 0
         g, h, _ = local_after("vm1", 1.0)
         assert h > g
+        # a guest read far ahead of the copy: its neighbourhood is copied before its turn, and
+        # status says how much was copied that way
+        url = f"iscsi://127.0.0.1:{serve.port}/iqn.2026-11.io.lazyiscsi:vm1/0"
+        read = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", f"read {SIZE - MiB} 4k", url],
+                              capture_output=True, text=True, timeout=120)
+        assert read.returncode == 0, read.stderr
+        wait_until(lambda: status("vm1")["hot_bytes"] > 0, "status shows hot bytes")
+        assert " hot=" in cli("status", "vm1").stdout
+        assert status("vm1")["local_bytes"] < SIZE - MiB  # the copy had not reached it yet
         assert cli("rate", "vm1", "0").returncode == 0
         r = cli("status", "vm1", "--watch", "--interval", "0.2")
         assert r.returncode == 0 and "complete" in r.stdout.splitlines()[-1], r.stdout[-500:] + r.stderr
@@ -135,7 +144,6 @@ def test_volume_lifecycle_through_the_cli(tmp_path: Path, nbdkit: list[Nbdkit]) 
         assert r.returncode == 0 and "detached" in r.stdout, r.stderr
         src.kill()
         out = tmp_path / "out.img"
-        url = f"iscsi://127.0.0.1:{serve.port}/iqn.2026-11.io.lazyiscsi:vm1/0"
         conv = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(out)],
                               capture_output=True, text=True, timeout=120)
         assert conv.returncode == 0, conv.stderr

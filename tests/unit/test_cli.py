@@ -5,6 +5,7 @@ where a source URL may come from (issue 14, finding 7)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import socket
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from structlog.testing import capture_logs
 
 from lazyiscsi import sourcearg
 from lazyiscsi.cli import build_parser, main
-from lazyiscsi.progress import MAX_BAR, MIN_BAR, ProgressDisplay, bar_line
+from lazyiscsi.progress import MAX_BAR, MIN_BAR, ProgressDisplay, bar_line, describe
 from lazyiscsi.store.hydrator import JobState, Progress
 
 
@@ -80,8 +81,8 @@ class Tty(io.StringIO):
 
 
 PROGRESS = Progress(state=JobState.RUNNING, current=3 << 30, total=10 << 30, fetched=3 << 30, rate=52e6,
-                    eta_s=3600.0, inflight_window=8, inflight_runs=3, rate_limit=None, misses=12345,
-                    miss_p50_ms=20.5, miss_p99_ms=180.25, error=None)
+                    eta_s=3600.0, inflight_window=8, inflight_runs=3, hot_bytes=0, rate_limit=None,
+                    misses=12345, miss_p50_ms=20.5, miss_p99_ms=180.25, error=None)
 
 
 @pytest.mark.parametrize("columns", [20, 40, 80, 132, 300])
@@ -94,6 +95,11 @@ def test_the_bar_fits_the_terminal(monkeypatch: pytest.MonkeyPatch, columns: int
     assert 0 < len(line) <= columns - 1, (columns, line)
     bar = line[1:line.index("]")]
     assert MIN_BAR <= len(bar) <= MAX_BAR and bar.count("#") == len(bar) * 3 // 10
+
+
+def test_the_progress_line_shows_hot_bytes_once_there_are_any() -> None:
+    assert " hot=" not in describe(PROGRESS)
+    assert " hot=3.0 MiB" in describe(dataclasses.replace(PROGRESS, hot_bytes=3 << 20))
 
 
 def test_bar_line_cuts_text_not_the_bar() -> None:

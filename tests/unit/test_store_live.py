@@ -10,8 +10,10 @@ from pathlib import Path
 import gevent
 import pytest
 
+from lazyiscsi.source.base import Priority
 from lazyiscsi.store import lazydisk
 from lazyiscsi.store.errors import CutoverRefused, WriteProtected
+from lazyiscsi.store.hotspots import NEIGHBOURHOOD
 from lazyiscsi.store.hydrator import Hydrator, JobState
 from lazyiscsi.store.lazydisk import LazyDisk
 from lazyiscsi.store.superblock import Phase, read_superblock
@@ -211,4 +213,40 @@ def test_fetch_in_flight_at_cutover_does_not_land_stale(tmp_path: Path) -> None:
         gate.release(0)
         settle()
     assert reader.get(timeout=5) == b"n" * UNIT
+    disk.close()
+
+
+class _LoggedLiveSource(LiveSource):
+    """Records every read that reaches the source: (offset, length, priority)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.log: list[tuple[int, int, str]] = []
+
+    def read(self, offset, length, priority=Priority.FOREGROUND):  # type: ignore[no-untyped-def]
+        self.log.append((offset, length, priority.value))
+        return super().read(offset, length, priority)
+
+
+def test_hot_first_copy_keeps_the_precopy_rules(tmp_path: Path) -> None:
+    """Issue 15: runs copied where the guest reads go through the one fill path, so pre-copy
+    still leaves out the units the bitmap reports dirty, and no unit is read twice."""
+    size = 1024 * UNIT
+    src = _LoggedLiveSource(random.Random(3).randbytes(size))
+    hot = 900 * UNIT
+    src.vm_write(hot + 40 * UNIT, b"d" * UNIT)  # dirty, in the neighbourhood of the miss below
+    disk = _open(tmp_path, src)
+    _wait(lambda: src.bitmap_queries > 0)
+    job = Hydrator(disk, run_size=64 * UNIT)
+    disk.read(hot, UNIT)  # a miss far from where LBA order starts
+    job.start()
+    _wait(lambda: disk.local_bytes == size - UNIT)  # every clean unit, not the dirty one
+    background = [o for o, _, p in src.log if p == "background"]
+    region = hot - hot % NEIGHBOURHOOD
+    assert region <= background[0] < region + NEIGHBOURHOOD, "the miss's neighbourhood was not first"
+    assert job.query().hot_bytes > 0
+    units = [u for o, n, _ in src.log for u in range(o // UNIT, (o + n) // UNIT)]
+    assert len(units) == len(set(units)), "a unit was read from the source twice"
+    assert hot // UNIT + 40 not in units  # dirty: left for after the cutover
+    job.cancel()
     disk.close()

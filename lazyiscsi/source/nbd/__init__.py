@@ -2,7 +2,11 @@
 
 Two channels, one per priority: a guest's on-demand read never waits behind background
 runs in the same TCP stream (nor in the server's per-connection queue). The background one
-connects on first use, so a source that is only read on demand costs one connection.
+connects on first use, so a source that is only read on demand costs one connection. Guests'
+reads may use up to ``FOREGROUND_CONNECTIONS`` connections, each read the least busy one: a
+second is dialled, in the background, when a read finds the first busy, and only once the
+background channel has a connection of its own (a server with few client slots, such as
+qemu-nbd's ``--shared``, gives them to the priorities first).
 
 Identity (what a cache is bound to, checked when a hydrating cache resumes): the export's size,
 nine 4 KiB samples spread over it, the export name, and the operator's ``source_id`` if one was
@@ -79,6 +83,17 @@ __all__ = ["NbdBitmapSource", "NbdSource", "open_nbd", "parse_nbd_url"]
 log = structlog.get_logger("lazyiscsi.source.nbd")
 
 DEFAULT_PORT = 10809
+#: A guest's read larger than this goes out as pieces of this size, all in flight at once on
+#: the foreground connection. The server may answer them in any order (NBD document,
+#: "Reordering"; nbdkit and qemu-nbd serve a connection's requests in parallel), so a small
+#: miss sent meanwhile waits on the wire behind at most a piece, not a whole 1 MiB reply:
+#: 256 KiB is 21 ms at 100 Mbit/s, about one WAN round trip.
+FOREGROUND_PIECE = 256 << 10
+#: How many connections carry guests' reads. A burst of misses spreads over them, so a small
+#: reply does not wait in one TCP stream behind a large one of another miss. Small: each is a
+#: socket and a client slot of the server, and on one bottleneck link more streams win the
+#: guest no more bandwidth.
+FOREGROUND_CONNECTIONS = 2
 #: block status asks at most this much per request (the length field is 32 bits)
 _MAX_STATUS = 1 << 31
 #: what a bitmap name may be: no control characters (it is shown in errors and logs), at most
@@ -132,6 +147,10 @@ class NbdSource:
         foreground = Channel(dial, export, f"{self.url} foreground", deadline=deadline, first=first,
                              bitmap=bitmap, check=self._same_export)
         self._channels = {Priority.FOREGROUND: foreground}
+        #: foreground channels past the first (``FOREGROUND_CONNECTIONS``)
+        self._more: list[Channel] = []
+        #: a dial for one more is under way, or the server refused one: no more are tried
+        self._dialling = self._refused = False
         self._bg_lock = gevent.lock.Semaphore()
         self._closed = False
         self._extra = f"export={export!r}" + (f":id={source_id}" if source_id else "")
@@ -183,17 +202,66 @@ class NbdSource:
 
     def read(self, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> bytes:
         self._check(offset, length)
-        channel = self._channels.get(priority) or self._background()
         patience = self._patience(priority)
-        if length <= self._max_payload:
-            buf = channel.call(Cmd.READ, offset, length, patience).buf
+        piece = self._max_payload
+        if priority is Priority.FOREGROUND:
+            piece = min(piece, FOREGROUND_PIECE)
+        if length <= piece:
+            buf = self._channel(priority).call(Cmd.READ, offset, length, patience).buf
             assert buf is not None
             return buf  # type: ignore[return-value]  # a bytearray: bytes-like, and no copy
-        # larger than the server takes in one request: pieces in parallel on the same channel
-        pieces = [(o, min(self._max_payload, offset + length - o))
-                  for o in range(offset, offset + length, self._max_payload)]
-        return b"".join(r.buf for r in _parallel([(channel.call, Cmd.READ, o, n, patience)
-                                                   for o, n in pieces]))
+        # larger than the server takes in one request, or a guest's large read (see
+        # FOREGROUND_PIECE): pieces in parallel, each on the least busy channel of its priority
+        pieces = [(o, min(piece, offset + length - o)) for o in range(offset, offset + length, piece)]
+        return b"".join(_parallel([(self._piece, priority, o, n, patience) for o, n in pieces]))
+
+    def _piece(self, priority: Priority, offset: int, length: int, patience: float | None) -> bytearray:
+        buf = self._channel(priority).call(Cmd.READ, offset, length, patience).buf
+        assert buf is not None
+        return buf
+
+    def _channel(self, priority: Priority) -> Channel:
+        """The channel a request of ``priority`` goes on: for a guest's, the least busy of the
+        foreground ones, dialling one more (not waiting for it) when all are busy."""
+        if priority is not Priority.FOREGROUND:
+            return self._background()
+        first = self._channels[Priority.FOREGROUND]
+        channel = min([first, *self._more], key=lambda c: c.pending_bytes)
+        if (channel.pending_bytes and not self._dialling and not self._refused and not self._closed
+                and 1 + len(self._more) < FOREGROUND_CONNECTIONS
+                and self._channels.get(Priority.BACKGROUND, first) is not first):
+            self._dialling = True
+            gevent.spawn(self._dial_foreground)
+        return channel
+
+    def _dial_foreground(self) -> None:
+        """One more foreground channel (``FOREGROUND_CONNECTIONS``). A server that does not take
+        it is asked no more: guests' reads keep sharing the connections there are."""
+        label = f"{self.url} foreground {2 + len(self._more)}"
+        try:
+            first = Connection.open(self._dial, self._export, self._deadline, label, self._deadline,
+                                    self._bitmap)
+            try:
+                self._same_export(first)
+            except BaseException:
+                first.kill("not the export it was")
+                raise
+        except (OSError, SourceError) as e:
+            self._refused = True
+            if self._closed:
+                return  # the dial met the close: nothing to say
+            log.warning("source_foreground_connection_refused", url=self.url,
+                        error=str(e) or type(e).__name__,
+                        hint="guests' reads share the connections there are (qemu-nbd: a larger --shared)")
+            return
+        finally:
+            self._dialling = False
+        channel = Channel(self._dial, self._export, label, deadline=self._deadline, first=first,
+                          bitmap=self._bitmap, check=self._same_export)
+        if self._closed:
+            channel.close()
+            return
+        self._more.append(channel)
 
     def _patience(self, priority: Priority) -> float | None:
         deadlines = PATIENCE[priority]
@@ -264,7 +332,7 @@ class NbdSource:
 
     def close(self) -> None:
         self._closed = True
-        for channel in set(self._channels.values()):
+        for channel in {*self._channels.values(), *self._more}:
             channel.close()
 
     def _check(self, offset: int, length: int) -> None:

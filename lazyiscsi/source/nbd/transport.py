@@ -356,20 +356,28 @@ class Channel:
         self._conn = first
         self._lock = gevent.lock.Semaphore()
         self._closed = False
+        #: bytes of reads sent and not yet answered: which of several channels is least busy
+        self.pending_bytes = 0
 
     def call(self, cmd: Cmd, offset: int, length: int, patience: float | None) -> _Request:
         """Send a request, resending it on a new connection as often as connections die, for
         at most ``patience`` seconds (None: until the channel is closed)."""
         give_up = None if patience is None else time.monotonic() + patience
-        while True:
-            conn = self._connection(give_up)
-            try:
-                return conn.call(cmd, offset, length)
-            except ConnectionLost as e:
-                if self._closed:
-                    raise SourceUnavailable("closed") from None
-                if give_up is not None and time.monotonic() >= give_up:
-                    raise SourceUnreachable(f"{self._label}: no answer within {patience:g} s ({e})") from None
+        weight = length if cmd is Cmd.READ else 0
+        self.pending_bytes += weight
+        try:
+            while True:
+                conn = self._connection(give_up)
+                try:
+                    return conn.call(cmd, offset, length)
+                except ConnectionLost as e:
+                    if self._closed:
+                        raise SourceUnavailable("closed") from None
+                    if give_up is not None and time.monotonic() >= give_up:
+                        raise SourceUnreachable(f"{self._label}: no answer within {patience:g} s ({e})") \
+                            from None
+        finally:
+            self.pending_bytes -= weight
 
     def _connection(self, give_up: float | None) -> Connection:
         conn = self._conn
