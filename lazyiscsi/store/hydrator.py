@@ -308,10 +308,12 @@ class Hydrator:
                 self._check_source()
                 failed_before = self._failed_runs
                 for offset, length in self._plan():
-                    if not self._has_missing(offset, offset + length):
-                        continue  # copied hot-first (or written) since it was planned: no slot
-                    self._checkpoint()
-                    self._issue(offset, length)
+                    # hot runs go first, each after its own checkpoint; the planned run once
+                    # none is left, unless they (or the guest's writes) made it local meanwhile
+                    while self._has_missing(offset, offset + length):
+                        self._checkpoint()
+                        if self._issue(offset, length):
+                            break
                 self._drain()
                 if self.disk.complete:
                     break
@@ -362,21 +364,21 @@ class Hydrator:
         if changed is not None:
             raise SourceChangedError(changed)
 
-    def _issue(self, offset: int, length: int) -> None:
-        """Send the planned run, after every hot run waiting when a slot frees up (each
-        after its own checkpoint, as every run)."""
+    def _issue(self, offset: int, length: int) -> bool:
+        """Send one run when a slot is free: a hot run if the guest's reads left one waiting
+        (False), else the planned one (True)."""
         # counted as in flight from here: a run waiting for a slot when the job is paused is
-        # still sent (pause lets what was issued finish), so "settled" must wait for it too
+        # still sent (pause lets what was issued finish), so "settled" must wait for it too.
+        # Never across a checkpoint: a paused job must settle at 0.
         self._issuing = 1
         try:
-            while True:
-                self._wait_slot()
-                hot = self._next_hot()
-                if hot is None:
-                    break
+            self._wait_slot()
+            hot = self._next_hot()
+            if hot is not None:
                 self._spawn(*hot, hot=True)
-                self._checkpoint()
+                return False
             self._spawn(offset, length, hot=False)
+            return True
         finally:
             self._issuing = 0
 

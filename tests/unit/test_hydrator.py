@@ -111,6 +111,28 @@ def test_pause_while_the_rate_limit_holds_a_run_back_sends_nothing(tmp_path) -> 
     disk.close()
 
 
+def test_a_paused_job_settles_while_hot_runs_wait(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Hot runs (around a guest's miss) are sent one per checkpoint like LBA runs: a pause
+    among them settles at 0 runs in flight and sends nothing more."""
+    data = _data(32 * MiB)
+    source = LinkSource(data, delay=0.001, rate=500 * MiB)
+    disk = _open(tmp_path, source)
+    job = Hydrator(disk, run_size=64 << 10, rate=2 * MiB)  # a run every 32 ms
+    job.start()
+    assert disk.read(24 * MiB, 4096) == data[24 * MiB:24 * MiB + 4096]  # its neighbourhood goes hot
+    _wait_for(lambda: job.query().hot_bytes > 0)
+    job.pause()
+    _wait_for(lambda: job.query().inflight_runs == 0, 5)
+    reads = source.reads
+    gevent.sleep(0.3)
+    assert source.reads == reads and job.query().inflight_runs == 0
+    job.set_rate(None)
+    job.resume()
+    assert job.wait(30) and job.state is JobState.COMPLETED
+    disk.close()
+    assert (tmp_path / "cache").read_bytes() == bytes(data)
+
+
 def test_rate_limit_holds_the_average(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = _data(6 * MiB)
     disk = _open(tmp_path, InstantSource(data))
