@@ -110,6 +110,24 @@ def test_a_paused_job_stays_paused_until_resumed(tmp_path) -> None:  # type: ign
         disk.close()
 
 
+def test_a_paused_job_does_not_copy_from_the_attached_source_until_resumed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = _data()
+    disk = _awaiting(_half_local(tmp_path, data))
+    try:
+        job = Hydrator(disk, run_size=64 * 1024)
+        job.start()
+        job.pause()
+        source = InstantSource(data)
+        disk.attach_source(source)
+        settle()
+        assert job.state is JobState.PAUSED and source.reads == 0
+        job.resume()
+        assert job.wait(10) and job.state is JobState.COMPLETED
+    finally:
+        disk.close()
+    assert (tmp_path / "cache").read_bytes() == data
+
+
 def test_refused_where_nothing_could_be_served_or_checked(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(CacheConfigError, match="no cache here yet"):
         LazyDisk.open(str(tmp_path / "new"), None, awaiting_source=WHY)
