@@ -151,6 +151,13 @@ def test_source_down_at_restart_serves_local_data_and_resumes(
         source.args = ["file", str(img)]  # at full speed once the path is back
         source.start()
         proxy.set_mode(Mode.SILENT)
+    else:
+        # the one-shot copy is unchanged: it exists to copy, so without its source it fails
+        r = subprocess.run([*LAZYISCSI, "hydrate", "--source", source.url, "--cache", str(cache)],
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith("lazyiscsi: error: ") and "refused" in last, r.stderr
+        assert "Traceback" not in r.stderr
     daemon.start()
     sock = login(daemon.port)  # the target is exported (before: "unopened", no such target)
     sock.settimeout(60)
