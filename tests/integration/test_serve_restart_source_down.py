@@ -24,7 +24,7 @@ import pytest
 from lazyiscsi.daemon import REATTACH_MAX_S
 from tests.integration.faultproxy import FaultProxy, Mode
 from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_listening, wait_until
-from tests.integration.test_cli_source_faults import LAZYISCSI, read10
+from tests.integration.test_cli_source_faults import LAZYISCSI, Serve, read10
 from tests.integration.test_portal_bad_input import IQN, login
 from tests.integration.test_source_changed import events
 from tests.integration.test_source_identity import local_units
@@ -235,3 +235,37 @@ def test_another_disk_at_restart_serves_local_data_as_source_changed(
     assert r.returncode == 0, r.stderr
     assert not cache.exists()
     daemon.stop()
+
+
+def test_a_configured_volume_is_served_with_its_source_down_too(tmp_path: Path, nbdkit: list[Nbdkit]) -> None:
+    """``serve --source --cache`` (a configured volume) at a restart: before, serve exited with
+    the source's error and the LUN was gone."""
+    img = tmp_path / "src.img"
+    image = make_image(img, SIZE)
+    source = Nbdkit(["--filter=rate", "file", str(img), "rate=2M"], free_port()).start()
+    nbdkit.append(source)
+    cache = tmp_path / "cache.img"
+    serve = Serve(source.url, cache)
+    sock = login(serve.port)
+    sock.settimeout(60)
+    try:
+        code, data, sense = read10(sock, 0, 8, itt=0)
+        assert code == 0 and data == image[:UNIT], (code, sense.hex())
+    finally:
+        sock.close()
+    serve.stop()
+    source.kill()
+    far = missing_block(cache)
+    serve = Serve(source.url, cache)  # asserts the "serving" line: it did not exit
+    sock = login(serve.port)
+    sock.settimeout(60)
+    try:
+        code, data, sense = read10(sock, 0, 8, itt=0)
+        assert code == 0 and data == image[:UNIT], (code, sense.hex())
+        code, _, sense = read10(sock, far, 8, itt=1)
+        assert code == CHECK_CONDITION, (code, sense.hex())
+        assert (sense[2] & 0x0F, sense[12], sense[13]) == (NOT_READY, 0x04, 0x00), sense.hex()
+    finally:
+        sock.close()
+    err = serve.stop()
+    assert len(events(err, "volume_source_unreachable")) == 1, err

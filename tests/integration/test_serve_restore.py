@@ -106,3 +106,23 @@ def test_a_volume_with_no_cache_yet_is_unopened(tmp_path: Path, nbdkit: list[Nbd
     finally:
         stop(proc)
     assert log.read_text().count('"volume_restore_failed"') == 1
+
+
+def test_a_live_volume_before_its_cutover_is_unopened_without_its_source(tmp_path: Path) -> None:
+    """Before its cutover every read of a live volume needs the source (daemon.py says why it is
+    not served from its cache): a restart without the source leaves it unopened, as before."""
+    image = tmp_path / "live.img"
+    make_image(image, 8 * MiB)
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = serve(port, log)
+    r = cli("volume", "create", "lv", "--source", str(image), "--live")
+    assert r.returncode == 0, r.stderr
+    stop(proc)
+    image.rename(tmp_path / "gone.img")
+    proc = serve(port, log, "--connect-timeout", str(CONNECT_TIMEOUT_S))
+    try:
+        assert states() == {"lv": "unopened"}
+    finally:
+        stop(proc)
+    assert log.read_text().count('"volume_restore_failed"') == 1
+    assert '"volume_source_unreachable"' not in log.read_text()
