@@ -153,7 +153,8 @@ def test_source_down_at_restart_serves_local_data_and_resumes(
         proxy.set_mode(Mode.SILENT)
     else:
         # the one-shot copy is unchanged: it exists to copy, so without its source it fails
-        r = subprocess.run([*LAZYISCSI, "hydrate", "--source", source.url, "--cache", str(cache)],
+        r = subprocess.run([*LAZYISCSI, "hydrate", "--source", source.url, "--cache", str(cache),
+                            "--connect-timeout", str(CONNECT_TIMEOUT_S)],
                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 1 and last.startswith("lazyiscsi: error: ") and "refused" in last, r.stderr
