@@ -4,6 +4,18 @@ Volumes created at runtime persist in the state directory (``volumes.json``, mod
 URLs may hold credentials) and come back when ``serve`` restarts; the copy resumes from the
 cache's own map. Volumes from ``--config`` are served the same way but belong to that file.
 Each runtime volume is a target of its own, ``<iqn prefix>:<name>``, LUN 0.
+
+A restart must not take a guest's disk away because the WAN is down: a hydrating volume whose
+source cannot be opened at start (refused, timed out, silent) is opened from its cache without it
+and exported (``LazyDisk.open(awaiting_source=...)``), as a running volume keeps serving through
+an outage: local units are read, missing ones fail NOT READY, ``status`` shows the reason.
+``_reattach`` opens the source again with capped exponential backoff and attaches it, under the
+store's identity rule; a source that comes back (or was at start) as another disk leaves the
+volume ``source_changed``, serving what is local, never mixing two disks. A live volume before
+its cutover is still left unopened, as before: every read it serves passes through to the source
+or is trusted only with the source's dirty bitmap, and its VM still runs at the source site, so
+an export that could only answer NOT READY would give nobody anything, and ``LazyDisk.open``
+could not check a reopened live source against anything local.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,13 +35,13 @@ from lazyiscsi.config import MAX_UNIT, MIN_UNIT, VOLUME_NAME, VolumeConfig, live
 from lazyiscsi.frontend import Frontend, FrontendError
 from lazyiscsi.scsi.lun import Lun
 from lazyiscsi.source import content_fingerprint, deadline_for, open_source
-from lazyiscsi.source.base import SourceError
+from lazyiscsi.source.base import Source, SourceError
 from lazyiscsi.source.url import check as check_url
 from lazyiscsi.source.url import redact
-from lazyiscsi.store.errors import StoreError
+from lazyiscsi.store.errors import SourceMismatch, StoreError
 from lazyiscsi.store.hydrator import DEFAULT_RUN, Hydrator, JobState, JobVerbError
 from lazyiscsi.store.lazydisk import DEFAULT_IO_TIMEOUT, LazyDisk
-from lazyiscsi.store.superblock import Phase, needs_source, opens_live
+from lazyiscsi.store.superblock import Phase, can_await_source, needs_source, opens_live
 from lazyiscsi.store.verify import verify
 
 log = structlog.get_logger("lazyiscsi.daemon")
@@ -39,6 +52,14 @@ STATE_FILE = "volumes.json"
 CACHE_FILES = ("", ".meta", ".map", ".written", ".boot")
 #: ``systemctl status`` shows one line: name this many volumes, count the rest
 STATUS_VOLUMES = 8
+#: The first retry of a source that could not be opened at start, after this many seconds;
+#: each failure doubles the wait. A source site that reboots is back within minutes, and the
+#: first retries should catch a short blip at once.
+REATTACH_FIRST_S = 0.5
+#: ... up to this: one connection attempt (at most the connect timeout) per half minute is
+#: nothing to a source that is down, and a source that returns waits at most this long (plus
+#: its open) before the copy resumes.
+REATTACH_MAX_S = 30.0
 
 
 class VolumeError(Exception):
@@ -78,6 +99,9 @@ class Volume:
     #: how far a running verify has compared (bytes, in LUN order), from the moment its source is
     #: open; None: no verify is comparing
     verify_offset: int | None = None
+    #: why the source is not attached (opened at start without it; ``_reattach`` retries), or None
+    source_error: str | None = None
+    reattach: gevent.Greenlet | None = None
 
 
 class VolumeManager:
@@ -114,14 +138,14 @@ class VolumeManager:
 
     def _restore(self, record: VolumeRecord) -> None:
         try:
-            self._open(record)
+            self._open(record, at_start=True)
         except VolumeError as e:
             # kept on record (saved again with the others) for the next start to retry
             self._unopened[record.volume.name] = record
             log.error("volume_restore_failed", volume=record.volume.name, error=str(e))
 
     def add_static(self, volume: VolumeConfig) -> Volume:
-        return self._open(VolumeRecord(volume, static=True))
+        return self._open(VolumeRecord(volume, static=True), at_start=True)
 
     def close(self) -> None:
         """At the daemon's stop, after the frontend's: the volumes stay exported where the
@@ -275,6 +299,7 @@ class VolumeManager:
         if missing and not force:
             raise VolumeError(f"volume {name}: {missing} bytes are still only at the source; detaching "
                               "would make them unreadable for good (--force to accept that)")
+        self._stop_reattach(vol)
         if vol.job.state in (JobState.RUNNING, JobState.PAUSED):
             vol.job.cancel()
         try:
@@ -349,9 +374,18 @@ class VolumeManager:
         except JobVerbError as e:
             raise VolumeError(f"volume {vol.record.volume.name}: {e}") from None
 
-    def _open(self, record: VolumeRecord) -> Volume:
+    def _open_source(self, cfg: VolumeConfig, live: bool) -> Source:
+        return open_source(cfg.source, timeout=self.connect_timeout, source_id=cfg.source_id,
+                           deadline=deadline_for(self.io_timeout), live=live,
+                           dirty_bitmap=cfg.dirty_bitmap if live else None)
+
+    def _open(self, record: VolumeRecord, *, at_start: bool = False) -> Volume:
         """Open, export and start a volume; on any failure, undo every step already taken (the
-        disk closed, which releases its lock and source; the export withdrawn)."""
+        disk closed, which releases its lock and source; the export withdrawn).
+
+        ``at_start`` (a restart: persisted and configured volumes): a hydrating cache that
+        ``can_await_source`` opens even when its source cannot be opened, or is another disk
+        (module docstring); a create still needs its source."""
         cfg = record.volume
         if cfg.name in self.volumes:  # a runtime volume named like one of the config file
             raise VolumeError(f"volume {cfg.name} exists")
@@ -360,22 +394,35 @@ class VolumeManager:
             wanted = not record.detached and needs_source(cfg.cache)
             # by phase: before its cutover a source is live, and only then its bitmap is read
             live = opens_live(cfg.cache, cfg.live)
+            may_wait = at_start and wanted and can_await_source(cfg.cache)
         except StoreError as e:
             raise VolumeError(f"volume {cfg.name}: {e}") from None
+        source, unreachable = None, None
         try:
-            source = open_source(cfg.source, timeout=self.connect_timeout, source_id=cfg.source_id,
-                                 deadline=deadline_for(self.io_timeout), live=live,
-                                 dirty_bitmap=cfg.dirty_bitmap if live else None) if wanted else None
+            source = self._open_source(cfg, live) if wanted else None
         except SourceError as e:
-            raise VolumeError(f"volume {cfg.name}: source: {e}") from None
+            if not may_wait:
+                raise VolumeError(f"volume {cfg.name}: source: {e}") from None
+            unreachable = str(e)
         try:
-            disk = LazyDisk.open(cfg.cache, source, unit=cfg.unit, io_timeout=self.io_timeout, live=cfg.live)
+            if may_wait:
+                # opened without the source, which is attached at once if it opened: its
+                # identity is then checked by ``attach_source``, which keeps a changed source's
+                # volume served (source_changed) instead of refusing it
+                disk = LazyDisk.open(cfg.cache, None, unit=cfg.unit, io_timeout=self.io_timeout,
+                                     awaiting_source=unreachable or "not attached yet")
+            else:
+                disk = LazyDisk.open(cfg.cache, source, unit=cfg.unit, io_timeout=self.io_timeout,
+                                     live=cfg.live)
         except BaseException as e:
             if source is not None:
                 source.close()
             if isinstance(e, StoreError):
                 raise VolumeError(f"volume {cfg.name}: {e}") from None
             raise
+        if may_wait and source is not None:
+            with contextlib.suppress(SourceMismatch):  # latched and logged (source_changed)
+                disk.attach_source(source)
         with contextlib.ExitStack() as undo:
             undo.callback(disk.close)
             # a cache made elsewhere (hydrate --unit) may have units above the default run
@@ -395,7 +442,50 @@ class VolumeManager:
                 if record.paused:
                     job.pause()
             undo.pop_all()
+        if disk.awaiting_source is not None:
+            vol.source_error = disk.awaiting_source
+            log.warning("volume_source_unreachable", volume=cfg.name, source=redact(cfg.source),
+                        error=vol.source_error, local_bytes=disk.local_bytes, size=disk.size,
+                        action="serving local data; reads of missing data fail NOT READY until the "
+                               "source is back (retried in the background)")
+            vol.reattach = gevent.spawn(self._reattach, vol)
         return vol
+
+    def _reattach(self, vol: Volume) -> None:
+        """Open the source of a volume opened without it until it opens (``REATTACH_FIRST_S``
+        doubling up to ``REATTACH_MAX_S``), then attach it: the copy starts (a paused one stays
+        paused). One event when it is attached; a failed attempt only updates ``status``; a
+        source that is another disk leaves the store's ``source_changed`` event."""
+        cfg = vol.record.volume
+        t0, delay, attempts = time.monotonic(), REATTACH_FIRST_S, 0
+        while True:
+            gevent.sleep(delay)
+            delay = min(delay * 2, REATTACH_MAX_S)
+            attempts += 1
+            try:
+                source = self._open_source(cfg, live=False)
+            except SourceError as e:
+                vol.source_error = str(e)
+                continue
+            try:
+                vol.disk.attach_source(source)
+            except SourceMismatch:
+                vol.source_error = None  # status says "changed: ..." from now on
+                return
+            except StoreError as e:  # closed or detached meanwhile: nothing to attach to
+                log.info("volume_source_not_attached", volume=cfg.name, reason=str(e))
+                return
+            vol.source_error = None
+            log.info("volume_source_attached", volume=cfg.name, source=redact(cfg.source),
+                     attempts=attempts, after_s=round(time.monotonic() - t0, 1),
+                     missing_bytes=vol.disk.size - vol.disk.local_bytes, paused=vol.record.paused)
+            return
+
+    @staticmethod
+    def _stop_reattach(vol: Volume) -> None:
+        if vol.reattach is not None:
+            vol.reattach.kill()
+            vol.reattach = None
 
     def _drop(self, vol: Volume) -> None:
         """Undo ``_open`` of a volume nobody has seen yet (its record was never saved)."""
@@ -415,6 +505,7 @@ class VolumeManager:
             job.cancel()
 
     def _stop(self, vol: Volume) -> None:
+        self._stop_reattach(vol)
         self._cancel(vol.job)
         vol.disk.close()
 
@@ -468,6 +559,8 @@ def _source_health(vol: Volume, error: str | None) -> str:
     if vol.disk.source_changed is not None:
         # permanent: the copy stopped, units not yet local fail their reads (MEDIUM ERROR)
         return f"changed: {vol.disk.source_changed}"
+    if vol.source_error is not None:  # not attached since the start: being retried
+        return f"error: {vol.source_error}"
     return f"error: {error}" if error else "ok"
 
 

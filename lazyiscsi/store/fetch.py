@@ -100,6 +100,10 @@ class Fetcher:
         self._label = label
         #: why the source is no longer this cache's disk, once a read said so: for good
         self.changed: str | None = None
+        #: why the source of a cache opened without it (``LazyDisk.open(awaiting_source=...)``)
+        #: is not attached yet: a miss then fails as unreachable (it may come back), not as a
+        #: read error
+        self.awaiting: str | None = None
         self._fg_active = 0
         self.fg_idle = Event()
         self.fg_idle.set()
@@ -169,10 +173,13 @@ class Fetcher:
     def _start(self, a: int, b: int, priority: Priority) -> Flight:
         if self._closed:
             raise NoSource("the cache is closing: no more fetches")
+        if self.changed is not None:  # first: a source found to be another disk is not attached
+            raise SourceChangedError(self.changed)
+        if self.source is None and self.awaiting is not None:
+            raise SourceUnreachable(f"the data is not local yet and the source is not attached: "
+                                    f"{self.awaiting}")
         if self.source is None:
             raise NoSource("the data is not local yet and no source is attached")
-        if self.changed is not None:
-            raise SourceChangedError(self.changed)
         if priority is Priority.FOREGROUND:
             a, b = self._widen(a, b)
             merged = self._coalesce(a, b)
@@ -260,10 +267,13 @@ class Fetcher:
             self._forget(flight)
 
     def _source_changed(self, e: SourceChanged) -> SourceChangedError:
+        return self.latch_changed(str(e))
+
+    def latch_changed(self, reason: str) -> SourceChangedError:
         """Latch a change of the source, said once: it is permanent, so no later fetch asks the
         source again (nor retries), and every miss fails at once with the same reason."""
         if self.changed is None:
-            self.changed = str(e)
+            self.changed = reason
             log.error("source_changed", path=self._label, error=self.changed,
                       action="the copy stops; reads of units not yet local fail, local units are "
                              "still served")

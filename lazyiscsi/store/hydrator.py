@@ -28,6 +28,10 @@ A live source before its cutover (issue 11): without a dirty bitmap the job wait
 cutover (nothing may be cached); with one it copies what the disk says is worth copying
 (``LazyDisk.missing_runs`` leaves out units already dirty), and, that done, waits for the
 cutover to copy the rest.
+
+A disk opened without its source (``LazyDisk.open(awaiting_source=...)``) makes the job wait,
+running, for ``attach_source``: it copies once the source is bound, and fails with the store's
+``source_changed`` reason if the source came back as another disk.
 """
 
 from __future__ import annotations
@@ -302,7 +306,16 @@ class Hydrator:
                     self.disk.wait_cutover()
                     continue
                 if self.disk.source is None:
-                    raise StoreError("units are missing and no source is attached")
+                    if self.disk.awaiting_source is None and self.disk.source_changed is None:
+                        raise StoreError("units are missing and no source is attached")
+                    # opened without its source (a restart while it was down): the copy starts
+                    # when ``attach_source`` binds it, as a running copy resumes when it returns.
+                    # A paused job stays paused (the pause point first, as in ``_checkpoint``),
+                    # and a source found to be another disk stops it as a change met mid-copy does.
+                    self.disk.wait_source()
+                    self._resumed.wait()
+                    self._check_source()
+                    continue
                 if self.disk.failed:  # fail-stopped: no run can land any more
                     raise StoreError(self.disk.failed)
                 self._check_source()

@@ -52,6 +52,14 @@ must exist before the volume is created: a unit changed before the bitmap began 
 Re-fetching dirty units during pre-copy (xNBD-style iterations) would need the bitmap cleared
 after each pass, which NBD cannot do; with a cumulative bitmap a re-fetch before the VM stops
 is always wasted, so the only pre-copy work worth doing is the clean units, once.
+
+A hydrating cache may open without its source (``open(..., awaiting_source=why)``) when the
+source cannot be reached, or turns out to be another disk, as a daemon restarts: what is local
+is served, a miss fails as it does while a running volume's source is down (``SourceUnreachable``:
+NOT READY, retry later), and ``attach_source`` later binds the source under the rule ``open``
+applies, the superblock's size and identity. Another disk there latches ``source_changed``, the
+permanent state a change met during the copy leads to: never two disks in one cache. A live
+source before its cutover cannot wait like that (``attach_source`` says why).
 """
 
 from __future__ import annotations
@@ -175,6 +183,7 @@ class LazyDisk:
         autocommit_s: float | None,
         retry: RetryPolicy | None,
         opener: FileOpener,
+        awaiting_source: str | None = None,
     ) -> None:
         self.path = path
         self._opener = opener
@@ -224,6 +233,11 @@ class LazyDisk:
                                 label=path)
         if sb.fetched_after_cutover is not None:
             self._fetcher.epoch_bytes = sb.fetched_after_cutover  # counted on across restarts
+        self._fetcher.awaiting = awaiting_source
+        #: set once the source is attached or found to be another disk (``wait_source``)
+        self._source_settled = gevent.event.Event()
+        if awaiting_source is None:
+            self._source_settled.set()
         self._poller = gevent.spawn(self._poll_dirty) if self._tracker is not None else None
         self._finisher: gevent.Greenlet | None = None
         self._committer: gevent.Greenlet | None = None
@@ -248,6 +262,7 @@ class LazyDisk:
         retry: RetryPolicy | None = None,
         opener: FileOpener = OsFile,
         live: bool = False,
+        awaiting_source: str | None = None,
     ) -> LazyDisk:
         """Open the cache at ``path``, creating it from ``source`` if there is none.
 
@@ -258,11 +273,24 @@ class LazyDisk:
         source of another size or identity (``SourceMismatch``) while hydrating, a ``unit``
         other than the one it was made with, and a ``path`` that holds some other file. A
         complete or detached cache needs no source (``superblock.needs_source``).
+
+        ``awaiting_source``: why the source of an existing hydrating cache is not given (one
+        secret-free line). The cache opens without it, misses fail as ``SourceUnreachable``
+        until ``attach_source``; refused (``CacheConfigError``) for a cache not made yet and
+        for one before its cutover (``attach_source`` says why).
         """
         if unit is not None and (unit < 512 or unit & (unit - 1)):
             raise CacheConfigError(f"unit {unit}: must be a power of two of at least 512 bytes")
         meta_path = f"{path}.meta"
         sb = read_superblock(meta_path)
+        if awaiting_source is not None:
+            if source is not None:
+                raise CacheConfigError(f"{path}: a source given and awaited at once")
+            if sb is not None and sb.state is CacheState.HYDRATING and sb.phase is not Phase.POST_COPY:
+                raise CacheConfigError(f"{path}: phase {sb.phase.value}: a live volume before its cutover "
+                                       f"cannot open without its source ({awaiting_source})")
+            if sb is not None and sb.state is not CacheState.HYDRATING:
+                awaiting_source = None  # everything is local (or let go): nothing to wait for
         if sb is None:
             if source is None:
                 raise CacheConfigError(f"{path}: no cache here yet, and no source to fill one from")
@@ -348,7 +376,8 @@ class LazyDisk:
             source.close()  # not needed: everything is local
             source = None
         disk = cls(path, sb, cache, mapfile, emap, source, (writtenfile, written), readahead=readahead,
-                   io_timeout=io_timeout, autocommit_s=autocommit_s, retry=retry, opener=opener)
+                   io_timeout=io_timeout, autocommit_s=autocommit_s, retry=retry, opener=opener,
+                   awaiting_source=awaiting_source)
         if orphans:
             # the previous process died in this boot: its acknowledged writes are in the page
             # cache; commit syncs them before their map bits
@@ -358,8 +387,49 @@ class LazyDisk:
             log.info("cache_writes_adopted", path=path, units=sum(b - a for a, b in orphans))
         log.info("cache_opened", path=path, state=sb.state.value, phase=sb.phase.value,
                  local_bytes=disk.local_bytes, size=sb.size,
-                 dirty_bitmap=getattr(disk._tracker, "dirty_bitmap", None))
+                 dirty_bitmap=getattr(disk._tracker, "dirty_bitmap", None),
+                 awaiting_source=awaiting_source)
         return disk
+
+    def attach_source(self, source: Source) -> None:
+        """Attach the source of a cache opened ``awaiting_source``, once it opens again.
+
+        The rule of ``open``: only the disk this cache was filled from (the superblock's size
+        and identity) is attached. Another disk is never read from: the source is closed,
+        ``source_changed`` is latched (one ``source_changed`` event, the state a change met
+        during the copy leads to: local units served, missing ones failed for good) and
+        ``SourceMismatch`` raised. The source is ours from the call on, closed on any refusal.
+
+        Only a volume after its cutover (or of a frozen source) can wait for its source: before
+        it, reads pass through to the source or need its dirty bitmap, and its identity is the
+        live one of a disk still changing, which nothing local could check a reopened source
+        against (``open`` refuses ``awaiting_source`` there).
+        """
+        if self._closed or self._fetcher.awaiting is None or self._sb.state is not CacheState.HYDRATING:
+            source.close()
+            raise StoreError(f"{self.path}: not waiting for a source (closed, attached, or no longer "
+                             "hydrating)")
+        if source.size != self.size or source.identity != self._sb.source_identity:
+            source.close()
+            self._fetcher.awaiting = None
+            self._fetcher.latch_changed(
+                f"the source {redact(source.url)} (size {source.size}) is not the disk this cache was "
+                f"filled from ({self._sb.source_url}, size {self.size}); refusing to mix two disks")
+            self._source_settled.set()
+            raise SourceMismatch(f"{self.path}: {self._fetcher.changed}")
+        self._fetcher.source = source
+        self._fetcher.awaiting = None
+        self._source_settled.set()
+
+    @property
+    def awaiting_source(self) -> str | None:
+        """Why the source is not attached yet (``open(awaiting_source=...)``), or None."""
+        return self._fetcher.awaiting
+
+    def wait_source(self, timeout: float | None = None) -> bool:
+        """Block until ``attach_source`` attached the source or found another disk (at once
+        for a cache that was not opened waiting for one)."""
+        return self._source_settled.wait(timeout)
 
     # -- the I/O interface the SCSI layer uses --------------------------------------------
 
@@ -981,6 +1051,9 @@ class LazyDisk:
             write_superblock(f"{self.path}.meta", self._sb)
 
     def _drop_source(self) -> None:
+        """Let the source go (complete, detached or closed), or stop waiting for one."""
+        self._fetcher.awaiting = None
+        self._source_settled.set()
         source, self._fetcher.source = self._fetcher.source, None
         if source is not None:
             source.close()

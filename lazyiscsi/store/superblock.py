@@ -140,3 +140,12 @@ def opens_live(cache_path: str, live: bool) -> bool:
     existing cache: a restart during pre-copy stays live whatever the configuration says."""
     sb = read_superblock(f"{cache_path}.meta")
     return live if sb is None else sb.phase is not Phase.POST_COPY
+
+
+def can_await_source(cache_path: str) -> bool:
+    """Whether the cache at ``cache_path`` may open without its source and wait for it
+    (``LazyDisk.open(awaiting_source=...)``): a hydrating cache after its cutover, or of a
+    frozen source. Not one that is not made yet (nothing local to serve), nor one before its
+    cutover (``LazyDisk.attach_source`` says why)."""
+    sb = read_superblock(f"{cache_path}.meta")
+    return sb is not None and sb.state is CacheState.HYDRATING and sb.phase is Phase.POST_COPY

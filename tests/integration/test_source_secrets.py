@@ -147,3 +147,50 @@ def test_volume_create_takes_the_url_from_a_file_the_environment_or_stdin(
         serve.send_signal(signal.SIGTERM)
         out, err = serve.communicate(timeout=30)
     assert secret_free(shown + out + err)
+
+
+def test_a_restart_with_the_source_down_keeps_the_secret_out_of_status_and_log(tmp_path: Path) -> None:
+    """The reason a restart could not open the source (``source_health: "error: ..."``, the
+    ``volume_source_unreachable`` event) names the URL without its password or query."""
+    root = tmp_path / "www"
+    root.mkdir()
+    make_image(root / "disk.img", 2 * MiB)
+    hashed = subprocess.run(["openssl", "passwd", "-apr1", PASSWORD], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    (tmp_path / "htpasswd").write_text(f"op:{hashed}\n")
+    server = Nginx(root, tmp_path / "nginx", htpasswd=tmp_path / "htpasswd")
+    url = server.url("disk.img", f"op:{PASSWORD}@") + f"?x-token={TOKEN}"
+    port, log = free_port(), tmp_path / "serve.log"
+
+    def serve() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([*LAZYISCSI, "serve", "--listen", f"127.0.0.1:{port}",
+                                 "--connect-timeout", "2"],
+                                stdout=subprocess.DEVNULL, stderr=log.open("a"), text=True)
+        wait_listening(port, proc)  # type: ignore[arg-type]
+        return proc
+
+    def stop(proc: subprocess.Popen[str]) -> None:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+    proc = serve()
+    try:
+        # 64 KB/s: still hydrating when serve stops, so the restart needs the source
+        r = subprocess.run([*LAZYISCSI, "volume", "create", "vol", "--source", "-", "--rate", "64K"],
+                           input=url + "\n", capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    finally:
+        stop(proc)
+        server.stop()
+    proc = serve()
+    try:
+        r = subprocess.run([*LAZYISCSI, "status", "vol", "--json"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        (vol,) = json.loads(r.stdout)
+        assert vol["state"] == "running" and vol["source_health"].startswith("error: "), vol
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert '"volume_source_unreachable"' in text, text
+    assert secret_free(r.stdout + text), r.stdout + text
