@@ -63,6 +63,9 @@ def add_parsers(sub: Any, size_arg: Callable[[str], int], seconds_arg: Callable[
                    help="tracking unit of the new cache: a power of two from 512 to 1M")
     c.add_argument("--rate", type=size_arg, default=0, metavar="BYTES_PER_S",
                    help="limit the background copy (0: none)")
+    c.add_argument("--source-id", metavar="ID",
+                   help="your name for the source disk (its UUID, say), bound into the new cache's "
+                        "identity, as serve --source-id")
     add_live_options(c)
     c.add_argument("--backstore-only", action="store_true",
                    help="LIO: make no target of our own; serve the user:lazy backstore the operator "
@@ -151,7 +154,7 @@ def _create(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     result = _call(args, "volume.create", timeout=None, name=args.name, source=source, unit=args.unit,
                    rate=args.rate, live=args.live or None, dirty_bitmap=args.dirty_bitmap,
-                   backstore_only=args.backstore_only or None)
+                   backstore_only=args.backstore_only or None, source_id=args.source_id)
     print(json.dumps(result) if args.json else f"created {_line(result)}")
     return EXIT_OK
 

@@ -55,6 +55,7 @@ _ARG_TYPES: dict[str, tuple[type, str]] = {
     "name": (str, "a string"), "source": (str, "a string"), "unit": (int, "an integer"),
     "rate": (int, "an integer"), "force": (bool, "true or false"), "live": (bool, "true or false"),
     "dirty_bitmap": (str, "a string"), "backstore_only": (bool, "true or false"),
+    "source_id": (str, "a string"),
 }
 
 
@@ -68,7 +69,7 @@ class _Op:
 def _ops(m: VolumeManager) -> dict[str, _Op]:
     return {
         "volume.create": _Op(m.create, ("name", "source"),
-                             ("unit", "rate", "live", "dirty_bitmap", "backstore_only")),
+                             ("unit", "rate", "live", "dirty_bitmap", "backstore_only", "source_id")),
         "volume.list": _Op(m.list),
         "volume.delete": _Op(m.delete, ("name",)),
         "status": _Op(m.status, (), ("name",)),

@@ -156,7 +156,8 @@ class VolumeManager:
     # -- verbs ------------------------------------------------------------------------------
 
     def create(self, name: str, source: str, *, unit: int | None = None, rate: int = 0, live: bool = False,
-               dirty_bitmap: str | None = None, backstore_only: bool = False) -> dict[str, Any]:
+               dirty_bitmap: str | None = None, backstore_only: bool = False,
+               source_id: str | None = None) -> dict[str, Any]:
         """Open, export and persist a new volume; or, refused or failed, leave nothing behind:
         no volume, no export, no cache file it made, no record, the cache's lock released."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -177,16 +178,18 @@ class VolumeManager:
         problem = live_problem(source, live, dirty_bitmap)
         if problem is not None:
             raise VolumeError(f"volume {name}: {problem}")
+        if source_id is not None and (not source_id or not source_id.isprintable()):
+            raise VolumeError(f"volume {name}: source id {source_id!r}: a non-empty printable string")
         if name in self.volumes or name in self._creating or name in self._unopened:
             raise VolumeError(f"volume {name} exists")
         self._creating.add(name)
         try:
-            return self._create(name, source, unit, rate, live, dirty_bitmap, backstore_only)
+            return self._create(name, source, unit, rate, live, dirty_bitmap, backstore_only, source_id)
         finally:
             self._creating.discard(name)
 
     def _create(self, name: str, source: str, unit: int | None, rate: int, live: bool,
-                dirty_bitmap: str | None, backstore_only: bool) -> dict[str, Any]:
+                dirty_bitmap: str | None, backstore_only: bool, source_id: str | None) -> dict[str, Any]:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -196,7 +199,7 @@ class VolumeManager:
         target = "" if backstore_only else f"{self.iqn_prefix}:{name}"
         record = VolumeRecord(VolumeConfig(name=name, source=source, cache=cache, target=target, unit=unit,
                                            rate=rate, live=live, dirty_bitmap=dirty_bitmap,
-                                           backstore_only=backstore_only))
+                                           backstore_only=backstore_only, source_id=source_id))
         made = [cache + suffix for suffix in CACHE_FILES if not os.path.lexists(cache + suffix)]
         try:
             vol = self._open(record)

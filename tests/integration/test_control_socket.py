@@ -165,3 +165,20 @@ def test_backstore_only_on_the_portal_is_refused_and_leaves_nothing(tmp_path: Pa
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_volume_create_binds_the_source_id_into_the_cache(tmp_path: Path,
+                                                           serve: subprocess.Popen[str]) -> None:
+    """`volume create --source-id` as `serve --source-id`: the id is part of the identity the
+    new cache is bound to, and kept in the volume's record for the restart that checks it."""
+    image = tmp_path / "src.img"
+    make_image(image, 4 * MiB)
+    r = cli("volume", "create", "vm1", "--source", str(image), "--source-id", "vm-a")
+    assert r.returncode == 0, r.stderr
+    state = Path(os.environ["LAZYISCSI_STATE_DIR"])
+    assert ":id=vm-a" in json.loads((state / "vm1.cache.meta").read_text())["source_identity"]
+    (record,) = json.loads((state / "volumes.json").read_text())
+    assert record["volume"]["source_id"] == "vm-a"
+    r = cli("volume", "create", "vm2", "--source", str(image), "--source-id", "")
+    assert r.returncode == 1 and r.stderr == "lazyiscsi: error: volume vm2: source id '': a non-empty " \
+                                             "printable string\n", r.stderr
