@@ -205,6 +205,46 @@ class GatedDisk:
         return f
 
 
+class GatedWriter:
+    """The store's writer thread (``lazyiscsi.store.writer``), below the store: each write handed
+    over runs in a greenlet of its own, so that, as in a thread, killing the greenlet that
+    handed it over does not stop it; it lands when the gate lets its ``pwrite`` go. Writes of
+    at least ``offload_min`` bytes are handed over (the real threshold is 64 KiB; the tests'
+    units are 512 bytes). No order among writes is promised: the real thread runs them in
+    order, the fake promises less. ``die`` is the process dying: writes not landed never do."""
+
+    def __init__(self, offload_min: int) -> None:
+        self.offload_min = offload_min
+        self.threads: set[gevent.Greenlet] = set()
+        self.handed = 0  # writes handed over: the tests check the path was taken
+
+    def offloads(self, nbytes: int) -> bool:
+        return nbytes >= self.offload_min
+
+    def submit(self, fn, *args) -> AsyncResult:  # type: ignore[no-untyped-def]
+        done: AsyncResult = AsyncResult()
+        self.handed += 1
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as e:
+                done.set_exception(e)
+            else:
+                done.set(None)
+
+        g = gevent.spawn(run)
+        self.threads.add(g)
+        g.link(self.threads.discard)
+        return done
+
+    def die(self) -> None:
+        gevent.killall(list(self.threads))
+
+    def close(self) -> None:
+        assert all(g.dead for g in self.threads), "closed with writes still in the writer thread"
+
+
 class GatedSource:
     """A source whose every reply parks on the gate; the test releases it as data or as an
     error (``SourceReadError``: the server answered EIO; ``SourceUnavailable``: no answer)."""
