@@ -215,14 +215,19 @@ class GatedWriter:
 
     def __init__(self, offload_min: int) -> None:
         self.offload_min = offload_min
-        self.threads: set[gevent.Greenlet] = set()
+        #: writes handed over and not ended, with the result their waiter waits on
+        self.threads: dict[gevent.Greenlet, AsyncResult] = {}
         self.handed = 0  # writes handed over: the tests check the path was taken
+        self.dead = False  # the process died: a write handed over now never runs
 
     def offloads(self, nbytes: int) -> bool:
         return nbytes >= self.offload_min
 
     def submit(self, fn, *args) -> AsyncResult:  # type: ignore[no-untyped-def]
         done: AsyncResult = AsyncResult()
+        if self.dead:  # the model kills a dead process's greenlets one by one: one may get here
+            done.set_exception(gevent.GreenletExit("the process died"))
+            return done
         self.handed += 1
 
         def run() -> None:
@@ -234,15 +239,23 @@ class GatedWriter:
                 done.set(None)
 
         g = gevent.spawn(run)
-        self.threads.add(g)
-        g.link(self.threads.discard)
+        self.threads[g] = done
+        g.link(lambda g: self.threads.pop(g, None))
         return done
 
     def die(self) -> None:
-        gevent.killall(list(self.threads))
+        """The writes not landed never land; their waiters are told so (a write killed before
+        its greenlet first ran would otherwise leave its waiter, which ``wait_out`` keeps
+        waiting through its own kill, waiting for ever: the model kills the waiters next)."""
+        self.dead = True
+        pending = list(self.threads.items())
+        gevent.killall([g for g, _ in pending])
+        for _, done in pending:
+            if not done.ready():
+                done.set_exception(gevent.GreenletExit("the process died"))
 
     def close(self) -> None:
-        assert all(g.dead for g in self.threads), "closed with writes still in the writer thread"
+        assert not self.threads, "closed with writes still in the writer thread"
 
 
 class GatedSource:
