@@ -14,6 +14,8 @@ path misbehaves, as a WAN does. Modes (``set_mode``):
   comes; connections made afterwards flow as the mode says. Only a client that drops a silent
   connection and redials gets through again.
 * ``reset()``: every connection open now is closed with a RST (SO_LINGER 0) on both sides.
+* ``refuse(n)``: the next ``n`` connections are accepted and closed at once with a RST (a server
+  at its client limit, or a blip of the path while a connection is made).
 
 Plain threads, not gevent: the tests that drive a subprocess block the test process's hub,
 and the proxy must keep forwarding meanwhile.
@@ -67,6 +69,8 @@ class FaultProxy:
         self._lost: set[socket.socket] = set()
         #: connections accepted so far: a client that redials shows up here
         self.accepted = 0
+        #: connections still to be refused (``refuse``)
+        self._to_refuse = 0
         self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
         self._threads[0].start()
 
@@ -98,6 +102,9 @@ class FaultProxy:
             if server is not None:
                 _rst_close(server)
 
+    def refuse(self, n: int) -> None:
+        self._to_refuse = n
+
     def close(self) -> None:
         self._closed = True
         self._flowing.set()
@@ -118,6 +125,10 @@ class FaultProxy:
             except OSError:
                 return
             self.accepted += 1
+            if self._to_refuse:
+                self._to_refuse -= 1
+                _rst_close(client)
+                continue
             t = threading.Thread(target=self._connect_onward, args=(client,), daemon=True)
             self._threads.append(t)
             t.start()

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gevent
 import pytest
+from structlog.testing import capture_logs
 
 from lazyiscsi.source import (
     Priority,
@@ -16,9 +18,11 @@ from lazyiscsi.source import (
     SourceNotFound,
     SourceReadError,
     SourceUnavailable,
+    nbd,
     open_source,
 )
 from lazyiscsi.source.nbd import NbdSource
+from tests.integration.faultproxy import FaultProxy
 from tests.integration.peers import MiB, Nbdkit, free_port, make_image, wait_until
 
 
@@ -219,6 +223,53 @@ def test_foreground_not_queued_behind_background(tmp_path: Path, nbdkit: list[Nb
     # queued behind them, it would take about as long as they do.
     assert fg < bg / 3, (fg, bg)
     src.close()
+
+
+def test_a_refused_foreground_connection_is_dialled_again(tmp_path: Path, nbdkit: list[Nbdkit],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """One more foreground connection that met a refusal (a blip of the path, a server at its
+    client limit) is tried again after ``FOREGROUND_REDIAL_S``; it used to be given up for the
+    life of the source, leaving a burst of guest misses queued on one connection. The refusal
+    is logged once, the connection taken later once."""
+    monkeypatch.setattr(nbd, "FOREGROUND_REDIAL_S", 0.5)
+    img = tmp_path / "a.img"
+    image = make_image(img, 16 * MiB)
+    server = Nbdkit(["--threads=8", "--filter=delay", "file", str(img), "rdelay=200ms"], free_port()).start()
+    nbdkit.append(server)
+    proxy = FaultProxy(("127.0.0.1", server.port))
+    try:
+        with capture_logs() as logs:
+            src = open_source(f"nbd://127.0.0.1:{proxy.port}/")
+            assert src.read(0, 4096, Priority.BACKGROUND) == image[:4096]  # its own connection
+            assert proxy.accepted == 2
+
+            def burst(n: int) -> None:
+                reads = [gevent.spawn(src.read, i * MiB, 4096, Priority.FOREGROUND) for i in range(n)]
+                for i, r in enumerate(reads):
+                    assert r.get(timeout=30) == image[i * MiB:i * MiB + 4096]
+
+            def until(condition: Callable[[], bool], what: str) -> None:
+                with gevent.Timeout(30, AssertionError(f"{what}: not within 30 s")):
+                    while not condition():
+                        gevent.sleep(0.05)  # the dial runs in a greenlet of this hub
+
+            proxy.refuse(1)
+            burst(4)  # a read waits on the first connection: one more is dialled, and refused
+            until(lambda: proxy.accepted == 3, "the third dial")
+            burst(4)  # within FOREGROUND_REDIAL_S: not dialled again
+            assert proxy.accepted == 3
+            gevent.sleep(0.6)
+            burst(4)
+            until(lambda: any(e["event"] == "source_foreground_connection_added" for e in logs),
+                  "the connection taken on the next try")
+            assert proxy.accepted == 4
+            burst(8)  # two foreground connections now: no more dials
+            assert proxy.accepted == 4
+            src.close()
+        refused = [e for e in logs if e["event"] == "source_foreground_connection_refused"]
+        assert len(refused) == 1 and refused[0]["retry_s"] == 0.5
+    finally:
+        proxy.close()
 
 
 def test_block_status_never_delays_a_guest_read(tmp_path: Path, nbdkit: list[Nbdkit]) -> None:

@@ -94,6 +94,11 @@ FOREGROUND_PIECE = 256 << 10
 #: socket and a client slot of the server, and on one bottleneck link more streams win the
 #: guest no more bandwidth.
 FOREGROUND_CONNECTIONS = 2
+#: After the server did not take one more foreground connection, the next try waits this long.
+#: A server at its client limit (qemu-nbd's --shared) refuses every time, and each try costs it
+#: an accept and us a dial; but a dial that met a blip of the path must not leave guests' misses
+#: on one connection for the life of the volume.
+FOREGROUND_REDIAL_S = 30.0
 #: block status asks at most this much per request (the length field is 32 bits)
 _MAX_STATUS = 1 << 31
 #: what a bitmap name may be: no control characters (it is shown in errors and logs), at most
@@ -149,8 +154,11 @@ class NbdSource:
         self._channels = {Priority.FOREGROUND: foreground}
         #: foreground channels past the first (``FOREGROUND_CONNECTIONS``)
         self._more: list[Channel] = []
-        #: a dial for one more is under way, or the server refused one: no more are tried
-        self._dialling = self._refused = False
+        #: a dial for one more is under way: no second one is started meanwhile
+        self._dialling = False
+        #: when the server last did not take one more (monotonic), None once one was taken:
+        #: the next try waits ``FOREGROUND_REDIAL_S``; only the first refusal is logged
+        self._refused_at: float | None = None
         self._bg_lock = gevent.lock.Semaphore()
         self._closed = False
         self._extra = f"export={export!r}" + (f":id={source_id}" if source_id else "")
@@ -227,8 +235,9 @@ class NbdSource:
             return self._background()
         first = self._channels[Priority.FOREGROUND]
         channel = min([first, *self._more], key=lambda c: c.pending_bytes)
-        if (channel.pending_bytes and not self._dialling and not self._refused and not self._closed
+        if (channel.pending_bytes and not self._dialling and not self._closed
                 and 1 + len(self._more) < FOREGROUND_CONNECTIONS
+                and (self._refused_at is None or time.monotonic() - self._refused_at >= FOREGROUND_REDIAL_S)
                 and self._channels.get(Priority.BACKGROUND, first) is not first):
             self._dialling = True
             gevent.spawn(self._dial_foreground)
@@ -236,7 +245,8 @@ class NbdSource:
 
     def _dial_foreground(self) -> None:
         """One more foreground channel (``FOREGROUND_CONNECTIONS``). A server that does not take
-        it is asked no more: guests' reads keep sharing the connections there are."""
+        it is asked again after ``FOREGROUND_REDIAL_S``: guests' reads meanwhile share the
+        connections there are."""
         label = f"{self.url} foreground {2 + len(self._more)}"
         try:
             first = Connection.open(self._dial, self._export, self._deadline, label, self._deadline,
@@ -247,11 +257,11 @@ class NbdSource:
                 first.kill("not the export it was")
                 raise
         except (OSError, SourceError) as e:
-            self._refused = True
-            if self._closed:
-                return  # the dial met the close: nothing to say
+            first_refusal, self._refused_at = self._refused_at is None, time.monotonic()
+            if self._closed or not first_refusal:
+                return  # the dial met the close, or the refusal was said already
             log.warning("source_foreground_connection_refused", url=self.url,
-                        error=str(e) or type(e).__name__,
+                        error=str(e) or type(e).__name__, retry_s=FOREGROUND_REDIAL_S,
                         hint="guests' reads share the connections there are (qemu-nbd: a larger --shared)")
             return
         finally:
@@ -262,6 +272,9 @@ class NbdSource:
             channel.close()
             return
         self._more.append(channel)
+        if self._refused_at is not None:  # taken after a refusal: the state changed back
+            self._refused_at = None
+            log.info("source_foreground_connection_added", url=self.url, connections=1 + len(self._more))
 
     def _patience(self, priority: Priority) -> float | None:
         deadlines = PATIENCE[priority]
