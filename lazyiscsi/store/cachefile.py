@@ -43,6 +43,11 @@ class BlockFile(Protocol):
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None: ...
 
+    def reserve(self, offset: int, length: int) -> None:
+        """Allocate ``[offset, offset+length)`` on the medium, so that no later write there can
+        fail for want of space (ENOSPC raised here instead)."""
+        ...
+
     def punch(self, offset: int, length: int) -> None:
         """Make ``[offset, offset+length)`` read as zeros, freeing the space where possible."""
         ...
@@ -118,6 +123,10 @@ class OsFile:
             n = os.pwrite(self._fd, view, offset)
             view = view[n:]
             offset += n
+
+    def reserve(self, offset: int, length: int) -> None:
+        # glibc writes zeros itself where the filesystem has no fallocate(2)
+        os.posix_fallocate(self._fd, offset, length)
 
     def punch(self, offset: int, length: int) -> None:
         if self._punch_ok:

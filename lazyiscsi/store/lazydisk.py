@@ -301,10 +301,11 @@ class LazyDisk:
                                        f"cannot open without its source ({awaiting_source})")
             if sb is not None and sb.state is not CacheState.HYDRATING:
                 awaiting_source = None  # everything is local (or let go): nothing to wait for
+        created = existed = False  # a cache made by this call is undone if its open fails
         if sb is None:
             if source is None:
                 raise CacheConfigError(f"{path}: no cache here yet, and no source to fill one from")
-            existed = os.path.lexists(path)
+            existed, created = os.path.lexists(path), True
             cache = opener(path, create=True)
             try:
                 if cache.size() != 0:
@@ -356,13 +357,20 @@ class LazyDisk:
             raise
         n_units = -(-sb.size // sb.unit)
         emap = ExtentMap(n_units)
-        if sb.state is CacheState.COMPLETE:
-            emap.set_local(0, n_units)
-            emap.take_dirty()
-        else:
-            _load_map(mapfile, emap)
         written = ExtentMap(n_units)
-        _load_map(writtenfile, written)
+        try:
+            if sb.state is CacheState.COMPLETE:
+                emap.set_local(0, n_units)
+                emap.take_dirty()
+            else:
+                _load_map(mapfile, emap, f"{path}.map")
+            _load_map(writtenfile, written, f"{path}.written")
+        except BaseException:
+            for f in (cache, mapfile, writtenfile):
+                f.close()
+            if created:
+                undo_new_cache(path, remove_cache=not existed)
+            raise
         orphans = list(only_in(written, emap, 0, n_units))
         same_boot = _same_boot(opener, path)
         if not same_boot:
@@ -1125,12 +1133,24 @@ def _record_boot(opener: FileOpener, path: str) -> None:
         f.close()
 
 
-def _load_map(mapfile: BlockFile, emap: ExtentMap) -> None:
-    """Read the on-disk bitmap page by page (never the whole file at once: RSS)."""
+def _load_map(mapfile: BlockFile, emap: ExtentMap, path: str) -> None:
+    """Read the on-disk bitmap page by page (never the whole file at once: RSS).
+
+    The file's blocks are allocated first, at every open (a no-op once they are): a map page
+    written into a hole needs a block, and on a full filesystem that write would fail with
+    ENOSPC at a commit, fail-stopping the volume for want of a few KiB. Allocated here, a full
+    filesystem costs the guest writes that need new cache blocks (SPACE ALLOCATION FAILED)
+    and nothing else; and a filesystem too full for the map fails the open, in one line."""
     have = mapfile.size()
     want = emap.n_pages * PAGE_BYTES
     if have < want:
         mapfile.truncate(want)
+    try:
+        mapfile.reserve(0, want)
+    except OSError as e:
+        log.error("cache_io_failed", path=path, what="allocate", error=e.strerror)
+        cls = CacheFull if e.errno in (errno.ENOSPC, errno.EDQUOT) else CacheIOError
+        raise cls(f"{path}: cannot allocate {want} bytes on its filesystem ({e.strerror})") from None
     buf = bytearray(PAGE_BYTES)
     view = memoryview(buf)
     zero = bytes(PAGE_BYTES)

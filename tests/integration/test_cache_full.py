@@ -4,6 +4,8 @@ read whose data could not be stored is not blamed on the source (issue 10, defec
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import struct
 import subprocess
@@ -76,6 +78,33 @@ def test_cache_full_write_is_space_allocation_failed_and_read_is_not_the_sources
     assert "scsi_internal_error" not in events, "ENOSPC surfaced as an internal error"
     assert not any(e.get("exc_info") for e in logs), "a traceback was logged"
     assert "cache_io_failed" in events
-    # no room for the map's pages either: the last commit fails, and says so (fail-stop)
-    with pytest.raises(StoreError, match="No space left"):
+    # the map's pages have their blocks since the open: the full filesystem costs the writes
+    # that need new cache blocks, not the volume (a commit used to fail-stop it for a map page)
+    assert not any(e["event"] == "cache_failed" for e in logs)
+    r = execute(lun, bytes([0x35]) + bytes(9), None, "i")  # SYNCHRONIZE CACHE(10)
+    assert r.status is Status.GOOD, r.sense
+    disk.close()
+    disk = LazyDisk.open(str(small_fs / "cache"), InstantSource(data), autocommit_s=None)
+    try:
+        assert disk.read(0, CHUNK) == payload, "an acknowledged write was lost at the close"
+        assert disk.local_bytes >= CHUNK
+    finally:
         disk.close()
+
+
+def test_a_filesystem_too_full_for_the_map_fails_the_open_in_one_line(small_fs: Path) -> None:
+    """The map's blocks are taken at the open: where there is no room for them the open fails,
+    naming the file and the reason, and a cache it was creating is removed again."""
+    data = bytes(64 << 20)  # a 64 MiB LUN in 512-byte units: a 16 KiB map, a 16 KiB .written
+    fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):  # ENOSPC: the filesystem is full
+            while True:
+                os.write(fd, bytes(4096))
+        os.ftruncate(fd, os.fstat(fd).st_size - 16 * 1024)  # room for .meta, not for the map
+    finally:
+        os.close(fd)
+    with capture_logs() as logs, pytest.raises(StoreError, match=r"cache\.(map|written): cannot allocate"):
+        LazyDisk.open(str(small_fs / "cache"), InstantSource(data), unit=BS, autocommit_s=None)
+    assert not any(e.get("exc_info") for e in logs)
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"], "a failed creation left files"

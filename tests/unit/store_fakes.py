@@ -115,6 +115,12 @@ class GatedFile:
         self.gate.park("pwrite", self.name, offset, len(data))
         self._write(offset, data)
 
+    def reserve(self, offset: int, length: int) -> None:
+        """Only space: the bytes and what is durable are unchanged (a file's size grows, as
+        posix_fallocate's does)."""
+        if offset + length > len(self.view):
+            self.truncate(offset + length)
+
     def punch(self, offset: int, length: int) -> None:
         self.gate.park("punch", self.name, offset, length)
         end = min(offset + length, len(self.view))
