@@ -34,6 +34,7 @@ class FileBackend:
 
     unit = 1 << 20
     complete = True
+    writable = True
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY)
