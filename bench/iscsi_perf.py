@@ -121,7 +121,12 @@ def main() -> None:
         tgt_image = Path(d) / "tgtd.img"  # a copy: the write case must not change the shared image
         shutil.copyfile(image, tgt_image)
         lazy, lazy_url = start_lazyiscsi(image, Path(d))
-        tgt, tgt_url, ctl = start_tgtd(tgt_image)
+        try:
+            tgt, tgt_url, ctl = start_tgtd(tgt_image)
+        except BaseException:
+            lazy.kill()  # not left serving (and spinning on its copy) after a failed start
+            lazy.wait()
+            raise
         files = (tgt_image, Path(d) / "cache.img")
         try:
             for case in cases:
