@@ -78,7 +78,7 @@ def start_tgtd(image: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     # tgtd's control "port" names its socket (/var/run/tgtd/socket.N): one of our own, not a
     # fixed one another run on the machine may hold
     port = free_port()
-    ctl = str(1000 + os.getpid() % 60000)
+    ctl = str(port % 32768)  # tgtd takes 0..32767 (pid-derived values broke once pids passed it)
     proc = subprocess.Popen(["tgtd", "-f", "-C", ctl, "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
