@@ -1,0 +1,103 @@
+"""Streamed WRITEs through the embedded portal with a real initiator (issue 15): QEMU's iscsi://
+driver (libiscsi) writes 4-8 MiB commands, unaligned to the store's unit, to a lazy LUN whose
+source is nbdkit with 20 ms of delay while the copier runs over the same range. What reads back
+is what was written, never the source's data, and no command held more than its window of write
+data, where gathering held each command's whole transfer.
+
+The portal runs in the test process (its connection's counters are readable); qemu-io runs as a
+child, through gevent's subprocess so that the portal's greenlets run meanwhile."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import gevent.subprocess
+import pytest
+
+from lazyiscsi.iscsi import portal as portal_module
+from lazyiscsi.iscsi.connection import STREAM_PIECE_BYTES, Connection, Target, stream_window
+from lazyiscsi.scsi.lun import MAX_TRANSFER_BYTES, Lun
+from lazyiscsi.source import open_source
+from lazyiscsi.store.hydrator import Hydrator, JobState
+from lazyiscsi.store.lazydisk import LazyDisk
+from tests.integration.peers import WAIT_S, MiB, Nbdkit, free_port, make_image
+
+IQN = "iqn.2026-12.io.lazyiscsi:stream"
+SIZE = 32 * MiB
+UNIT = 64 * 1024
+#: (offset, length, pattern) of each WRITE: none starts or ends on a unit; the largest is the
+#: largest transfer the LUN takes (Block Limits VPD), which QEMU sends as one command
+WRITES = [(UNIT + 512, MAX_TRANSFER_BYTES, 0xA1), (12 * MiB + 3584, 4 * MiB, 0xB2),
+          (20 * MiB - 1024, 6 * MiB + 2048, 0xC3)]
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[Connection]:
+    """The connection of every portal session started from now on (it holds no reference back)."""
+    conns: list[Connection] = []
+
+    class Recorded(portal_module._Session):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            conns.append(self.conn)
+
+    monkeypatch.setattr(portal_module, "_Session", Recorded)
+    return conns
+
+
+@pytest.fixture
+def lazy_portal(tmp_path: Path,
+                nbdkit: list[Nbdkit]) -> Iterator[tuple[portal_module.Portal, LazyDisk, bytes, Path]]:
+    image = tmp_path / "src.img"
+    data = make_image(image, SIZE)
+    server = Nbdkit(["--filter=delay", "file", str(image), "rdelay=20ms"], free_port()).start()
+    nbdkit.append(server)
+    cache = tmp_path / "cache"
+    disk = LazyDisk.open(str(cache), open_source(server.url), unit=UNIT, autocommit_s=None)
+    portal = portal_module.Portal([Target(IQN, {0: Lun(disk, "vm1")})], ("127.0.0.1", 0), nop_interval=0)
+    portal.start()
+    yield portal, disk, data, cache
+    portal.stop()
+    disk.close()
+
+
+def qemu_io(port: int, *commands: str) -> str:
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    r = gevent.subprocess.run([*args, f"iscsi://127.0.0.1:{port}/{IQN}/0"], capture_output=True, text=True,
+                              timeout=120)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+    assert "error" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+    return r.stdout
+
+
+def test_large_writes_stream_while_the_copier_runs(lazy_portal, connections, request) -> None:  # type: ignore[no-untyped-def]
+    portal, disk, data, cache = lazy_portal
+    # 4 MiB/s: the copy is in the written range while QEMU writes, and far from done
+    job = Hydrator(disk, rate=4 * MiB)
+    job.start()
+    request.addfinalizer(lambda: job.state is JobState.COMPLETED or job.cancel())
+    deadline = time.monotonic() + WAIT_S
+    while disk.local_bytes == 0:
+        assert time.monotonic() < deadline, "the copy did not start"
+        gevent.sleep(0.02)
+    port = portal.address[1]
+    qemu_io(port, *(f"write -P {p:#x} {off} {n}" for off, n, p in WRITES))
+    assert disk.local_bytes < SIZE, "the copy was over before the writes: it raced nothing"
+    piece = max(STREAM_PIECE_BYTES, UNIT)
+    assert connections and max(c.held_peak for c in connections) <= stream_window(piece)
+    assert stream_window(piece) < min(n for _, n, _ in WRITES)  # gathered, each held it all
+    # read back through the portal (while the copy still runs), then the whole disk once copied
+    qemu_io(port, *(f"read -P {p:#x} {off} {n}" for off, n, p in WRITES))
+    job.set_rate(0)
+    assert job.wait(120) and job.state is JobState.COMPLETED
+    expected = bytearray(data)
+    for off, n, p in WRITES:
+        expected[off:off + n] = bytes([p]) * n
+    assert disk.read(0, SIZE) == expected  # no source byte over a written one, none lost around them
+    disk.flush()
+    assert cache.read_bytes() == expected
