@@ -9,25 +9,32 @@ child, through gevent's subprocess so that the portal's greenlets run meanwhile.
 
 from __future__ import annotations
 
+import gc
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gevent
+import gevent.socket
 import gevent.subprocess
 import pytest
 
 from lazyiscsi.iscsi import portal as portal_module
 from lazyiscsi.iscsi.connection import STREAM_PIECE_BYTES, Connection, Target, stream_window
+from lazyiscsi.iscsi.pdu import Opcode
 from lazyiscsi.scsi.lun import MAX_TRANSFER_BYTES, Lun
 from lazyiscsi.source import open_source
 from lazyiscsi.store.hydrator import Hydrator, JobState
 from lazyiscsi.store.lazydisk import LazyDisk
+from tests.integration import test_portal_bounds as bounds
 from tests.integration.peers import WAIT_S, MiB, Nbdkit, free_port, make_image
+from tests.unit.store_fakes import ScriptedSource
 
 IQN = "iqn.2026-12.io.lazyiscsi:stream"
 SIZE = 32 * MiB
 UNIT = 64 * 1024
+BS = 512
 #: (offset, length, pattern) of each WRITE: none starts or ends on a unit; the largest is the
 #: largest transfer the LUN takes (Block Limits VPD), which QEMU sends as one command
 WRITES = [(UNIT + 512, MAX_TRANSFER_BYTES, 0xA1), (12 * MiB + 3584, 4 * MiB, 0xB2),
@@ -101,3 +108,72 @@ def test_large_writes_stream_while_the_copier_runs(lazy_portal, connections, req
     assert disk.read(0, SIZE) == expected  # no source byte over a written one, none lost around them
     disk.flush()
     assert cache.read_bytes() == expected
+
+
+# -- task management and a dropped connection in the middle of a streamed WRITE ---------------------
+
+def _live_greenlets() -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead)
+
+
+@pytest.mark.parametrize("end", ["abort", "drop"])
+def test_no_piece_is_written_after_an_abort_or_a_dropped_connection(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], end: str) -> None:
+    """The first piece of a 4 MiB WRITE waits on the source (its head unit is fetched first); the
+    second has arrived behind it. ABORT TASK (or the initiator going away) then: once the first
+    piece lands, the command ends, the second is never written, the answer to the abort comes only
+    after that, its worker greenlet is gone and nothing printed a traceback."""
+    data = bytes(range(256)) * (16 * MiB // 256)
+    source = ScriptedSource(data)
+    disk = LazyDisk.open(str(tmp_path / "cache"), source, unit=UNIT, autocommit_s=None)  # type: ignore[arg-type]
+    lun = Lun(disk, "vm1")
+    portal = portal_module.Portal([Target(bounds.IQN, {0: lun})], ("127.0.0.1", 0), nop_interval=0)
+    portal.start()
+    try:
+        baseline = _live_greenlets()
+        ini = bounds.Initiator.login(portal.address[1], connect=gevent.socket.create_connection)
+        first = STREAM_PIECE_BYTES - BS  # immediate data up to the first grid line (LBA 1 onwards)
+        ini.sock.sendall(ini.command(bounds.write10(1, 4 * MiB // BS), write=4 * MiB, data=b"\x5a" * first))
+        itt = ini.itt
+        _until(lambda: source.pending, "the first piece's head unit is being fetched")
+        header, _ = ini.recv()  # room in the window for the next piece: its R2T
+        assert header[0] & 0x3F == Opcode.R2T
+        ttt, offset, length = struct.unpack_from(">I", header, 20)[0], *struct.unpack_from(">II", header, 40)
+        assert (offset, length) == (first, STREAM_PIECE_BYTES)
+        out = bounds.bhs(Opcode.SCSI_DATA_OUT, 0x80, itt, struct.pack(">IIIIII", ttt, 0, 0, 0, 0, offset))
+        ini.sock.sendall(bounds.frame(out, b"\xa5" * length))
+        if end == "abort":
+            fields = struct.pack(">III", itt, ini.cmdsn, 0)  # ABORT TASK of the WRITE
+            tmf = bounds.bhs(Opcode.TASK_MGMT_REQUEST, 0x80 | 1, 0x999, fields, immediate=True)
+            ini.sock.sendall(bounds.frame(tmf))
+            ini.sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # not answered while its first piece is being written
+                ini.recv()
+            ini.sock.settimeout(bounds.HEALTHY_WITHIN_S * 6)
+        else:
+            ini.close()
+        gevent.sleep(0.2)  # the second piece is at the portal by now
+        while source.pending:
+            source.complete(0)
+        if end == "abort":
+            header, _ = ini.recv()  # the abort's answer: "function complete", and no status for the WRITE
+            assert header[0] & 0x3F == Opcode.TASK_MGMT_RESPONSE and header[2] == 0
+            assert struct.unpack_from(">I", header, 16)[0] == 0x999
+            ini.sock.sendall(ini.command(bounds.inquiry(), read=96))  # the connection goes on
+            assert ini.response(ini.itt)[0] == 0
+            ini.close()
+        _until(lambda: _live_greenlets() <= baseline, "the session's greenlets ended")
+        assert disk.read(BS, first) == b"\x5a" * first  # the piece being written when it ended
+        second = (STREAM_PIECE_BYTES, STREAM_PIECE_BYTES)
+        assert next(disk.missing_runs(*second), None) is not None  # never written
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        portal.stop()
+        disk.close()
+
+
+def _until(condition: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {WAIT_S:g} s"
+        gevent.sleep(0.02)
