@@ -177,3 +177,55 @@ def _until(condition: Callable[[], object], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"{what}: not within {WAIT_S:g} s"
         gevent.sleep(0.02)
+
+
+@pytest.mark.parametrize("keys", ["InitialR2T=No\0ImmediateData=Yes\0", "InitialR2T=Yes\0ImmediateData=No\0"])
+def test_a_write_failing_mid_stream_consumes_its_data_and_writes_nothing_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: str) -> None:
+    """The source fails the fetch of the first piece's partial head unit: the command ends with
+    the sense a gathered WRITE gets for it (MEDIUM ERROR, unrecovered read error), after the
+    initiator has sent all of its data-out, and none of its later pieces reached the store."""
+    monkeypatch.setattr(bounds, "KEYS", bounds.KEYS.replace("InitialR2T=No\0ImmediateData=Yes\0", keys))
+    source = ScriptedSource(bytes(16 * MiB))
+    disk = LazyDisk.open(str(tmp_path / "cache"), source, unit=UNIT, autocommit_s=None)  # type: ignore[arg-type]
+    portal = portal_module.Portal([Target(bounds.IQN, {0: Lun(disk, "vm1")})], ("127.0.0.1", 0),
+                                  nop_interval=0)
+    portal.start()
+    try:
+        ini = bounds.Initiator.login(portal.address[1], connect=gevent.socket.create_connection)
+        data = b"\x33" * (2 * MiB)
+        immediate = data[:STREAM_PIECE_BYTES - BS] if "ImmediateData=Yes" in keys else b""
+        ini.sock.sendall(ini.command(bounds.write10(1, len(data) // BS), write=len(data), data=immediate))
+        ini.sock.settimeout(0.2)
+        failed_at: set[int] = set()  # (the store retries a failed read a few times)
+        sent = len(immediate)
+        while True:
+            if source.pending:
+                failed_at.add(source.pending[0].offset)
+                source.fail(0)
+            try:
+                header, payload = ini.recv()
+            except TimeoutError:
+                continue
+            if header[0] & 0x3F == Opcode.SCSI_RESPONSE:
+                break
+            assert header[0] & 0x3F == Opcode.R2T, header.hex()
+            ttt = struct.unpack_from(">I", header, 20)[0]
+            offset, length = struct.unpack_from(">II", header, 40)
+            assert offset == sent
+            fields = struct.pack(">IIIIII", ttt, 0, 0, 0, 0, offset)
+            out = bounds.bhs(Opcode.SCSI_DATA_OUT, 0x80, ini.itt, fields)
+            ini.sock.sendall(bounds.frame(out, data[offset:offset + length]))
+            sent += length
+        assert sent == len(data)  # every byte of its data-out was asked for and taken
+        sense = payload[2:]
+        assert header[3] == 0x02 and (sense[2] & 0x0F, sense[12], sense[13]) == (0x03, 0x11, 0x00)
+        # nothing after the failed piece: not even the fetch of the last piece's partial tail unit
+        assert failed_at == {0} and disk.local_bytes == 0
+        ini.sock.settimeout(bounds.HEALTHY_WITHIN_S)
+        ini.sock.sendall(ini.command(bounds.inquiry(), read=96))  # the connection goes on
+        assert ini.response(ini.itt)[0] == 0
+        ini.close()
+    finally:
+        portal.stop()
+        disk.close()
