@@ -26,22 +26,22 @@ negotiated (InitialR2T, ImmediateData, FirstBurstLength); solicited data to the 
 it, and R2Ts go out only while the write data a connection holds fits ``MAX_SOLICITED_BYTES``.
 StatSN counts responses.
 
-Streamed writes. A WRITE(10/12/16) (``stream_plan`` says which: the SCSI layer's choice) is not
-gathered whole: ``Stream(task)`` starts it as soon as the command arrives (the caller runs its
-checks then, before any data), its data-out is cut into ``Piece``s as it comes, and
-``StreamEnd(task)`` says that no more will come (all of it arrived, or the data failed a digest
-or DataSN check, or the task was aborted). Pieces are cut on a grid of ``piece`` bytes on the
-LUN (the larger of ``STREAM_PIECE_BYTES`` and the LUN's unit, a whole number of units): every
-cut but the command's own first and last byte is unit-aligned, so each piece covers only whole
-units apart from the command's own partial head and tail, which the store fetches before it
-writes them, as for any write. The caller reports each piece written (``piece_written``), and
-R2Ts ask only for data that keeps what a command holds (arrived and not yet written) within
-``stream_window(piece)``: two pieces, one being written while the next arrives. The unsolicited
-burst (FirstBurstLength, at most the 256 KiB we offer) fits in one piece. After a digest or
-DataSN error no more of the command's data is handed out (a bad segment never is), the rest of
-its data-out is consumed as before and the command fails with the same sense as a gathered one;
-whatever pieces were written before stay written (SBC-4: the range of a failed WRITE is
-indeterminate).
+Streamed writes. A WRITE(10/12/16) (``stream_plan`` says which: the SCSI layer's choice) of more
+than ``STREAM_PIECE_BYTES`` is not gathered whole: ``Stream(task)`` starts it as soon as the
+command arrives (the caller runs its checks then, before any data), its data-out is cut into
+``Piece``s as it comes, and ``StreamEnd(task)`` says that no more will come (all of it arrived, or
+the data failed a digest or DataSN check, or the task was aborted). Pieces are cut on a grid of
+``piece`` bytes on the LUN (the larger of ``STREAM_PIECE_BYTES`` and the LUN's unit, a whole
+number of units): every cut but the command's own first and last byte is unit-aligned, so each
+piece covers only whole units apart from the command's own partial head and tail, which the store
+fetches before it writes them, as for any write. The caller reports each piece written
+(``piece_written``), and R2Ts ask only for data that keeps what a command holds (arrived and not
+yet written) within ``stream_window(piece)``: two pieces, one being written while the next
+arrives. The unsolicited burst (FirstBurstLength, at most the 256 KiB we offer) fits in one piece.
+After a digest or DataSN error no more of the command's data is handed out (a bad segment never
+is), the rest of its data-out is consumed as before and the command fails with the same sense as a
+gathered one; whatever pieces were written before stay written (SBC-4: the range of a failed WRITE
+is indeterminate).
 """
 
 from __future__ import annotations
@@ -513,7 +513,9 @@ class Connection:
         else:
             self._in_window += 1
         out: list[Action] = []
-        plan = self._stream_plan(cmd.cdb, lun) if want and self._stream_plan is not None else None
+        # a command whose data fits in one piece gains nothing from streaming: it is gathered
+        plan = self._stream_plan(cmd.cdb, lun) \
+            if want > STREAM_PIECE_BYTES and self._stream_plan is not None else None
         if plan is not None:
             task.stream_start, unit = plan
             task.piece = -(-STREAM_PIECE_BYTES // unit) * unit

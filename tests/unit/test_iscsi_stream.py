@@ -141,11 +141,17 @@ def test_r2ts_wait_for_pieces_to_be_written() -> None:
     assert conn.held_peak <= stream_window(STREAM_PIECE_BYTES)
 
 
-def test_other_commands_are_gathered_whole() -> None:
-    """WRITE AND VERIFY (and every other command with data-out) executes with all of it."""
-    conn = logged_in("ImmediateData=Yes\0InitialR2T=No\0")
+def test_other_commands_and_writes_of_one_piece_are_gathered_whole() -> None:
+    """WRITE AND VERIFY (and every other command with data-out) executes with all of it; so
+    does a WRITE that fits in one piece (streaming it would hold as much)."""
+    conn = logged_in()
     actions = feed(conn, write16(1, 0, 1, 0, bytes(BS), opcode=0x8E))
     assert [type(a) for a in actions] == [Execute] and len(actions[0].task.data) == BS
+    small = bytes(STREAM_PIECE_BYTES)
+    actions = feed(conn, write16(2, 3, len(small) // BS, 1, small))
+    assert [type(a) for a in actions] == [Execute] and actions[0].task.data == small
+    actions = feed(conn, write16(3, 3, len(small) // BS + 1, 2, small))  # one block more: streamed
+    assert [type(a) for a in actions] == [Stream, Piece, Send]  # a piece up to the grid, an R2T
 
 
 def test_nothing_is_cut_after_a_bad_datasn_and_the_command_fails_after_its_burst() -> None:
