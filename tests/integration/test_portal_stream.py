@@ -179,6 +179,45 @@ def _until(condition: Callable[[], object], what: str) -> None:
         gevent.sleep(0.02)
 
 
+def _scripted_portal(tmp_path: Path) -> tuple[portal_module.Portal, LazyDisk, ScriptedSource]:
+    source = ScriptedSource(bytes(16 * MiB))
+    disk = LazyDisk.open(str(tmp_path / "cache"), source, unit=UNIT, autocommit_s=None)  # type: ignore[arg-type]
+    portal = portal_module.Portal([Target(bounds.IQN, {0: Lun(disk, "vm1")})], ("127.0.0.1", 0),
+                                  nop_interval=0)
+    portal.start()
+    return portal, disk, source
+
+
+def _write(ini: bounds.Initiator, source: ScriptedSource, lba: int, data: bytes,
+           immediate: int) -> tuple[int, bytes, int, set[int]]:
+    """One WRITE(10) of ``data`` with ``immediate`` bytes of it as immediate data, every R2T
+    answered, every source read failed: (status, sense, bytes sent, offsets of the failed reads)."""
+    cdb = bounds.write10(lba, len(data) // BS)
+    ini.sock.sendall(ini.command(cdb, write=len(data), data=data[:immediate]))
+    ini.sock.settimeout(0.2)
+    failed_at: set[int] = set()  # (the store retries a failed read a few times)
+    sent = immediate
+    while True:
+        if source.pending:
+            failed_at.add(source.pending[0].offset)
+            source.fail(0)
+        try:
+            header, payload = ini.recv()
+        except TimeoutError:
+            continue
+        if header[0] & 0x3F == Opcode.SCSI_RESPONSE:
+            ini.sock.settimeout(bounds.HEALTHY_WITHIN_S)
+            return header[3], payload[2:], sent, failed_at
+        assert header[0] & 0x3F == Opcode.R2T, header.hex()
+        ttt = struct.unpack_from(">I", header, 20)[0]
+        offset, length = struct.unpack_from(">II", header, 40)
+        assert offset == sent
+        fields = struct.pack(">IIIIII", ttt, 0, 0, 0, 0, offset)
+        out = bounds.bhs(Opcode.SCSI_DATA_OUT, 0x80, ini.itt, fields)
+        ini.sock.sendall(bounds.frame(out, data[offset:offset + length]))
+        sent += length
+
+
 @pytest.mark.parametrize("keys", ["InitialR2T=No\0ImmediateData=Yes\0", "InitialR2T=Yes\0ImmediateData=No\0"])
 def test_a_write_failing_mid_stream_consumes_its_data_and_writes_nothing_more(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: str) -> None:
@@ -186,46 +225,46 @@ def test_a_write_failing_mid_stream_consumes_its_data_and_writes_nothing_more(
     the sense a gathered WRITE gets for it (MEDIUM ERROR, unrecovered read error), after the
     initiator has sent all of its data-out, and none of its later pieces reached the store."""
     monkeypatch.setattr(bounds, "KEYS", bounds.KEYS.replace("InitialR2T=No\0ImmediateData=Yes\0", keys))
-    source = ScriptedSource(bytes(16 * MiB))
-    disk = LazyDisk.open(str(tmp_path / "cache"), source, unit=UNIT, autocommit_s=None)  # type: ignore[arg-type]
-    portal = portal_module.Portal([Target(bounds.IQN, {0: Lun(disk, "vm1")})], ("127.0.0.1", 0),
-                                  nop_interval=0)
-    portal.start()
+    portal, disk, source = _scripted_portal(tmp_path)
     try:
         ini = bounds.Initiator.login(portal.address[1], connect=gevent.socket.create_connection)
         data = b"\x33" * (2 * MiB)
-        immediate = data[:STREAM_PIECE_BYTES - BS] if "ImmediateData=Yes" in keys else b""
-        ini.sock.sendall(ini.command(bounds.write10(1, len(data) // BS), write=len(data), data=immediate))
-        ini.sock.settimeout(0.2)
-        failed_at: set[int] = set()  # (the store retries a failed read a few times)
-        sent = len(immediate)
-        while True:
-            if source.pending:
-                failed_at.add(source.pending[0].offset)
-                source.fail(0)
-            try:
-                header, payload = ini.recv()
-            except TimeoutError:
-                continue
-            if header[0] & 0x3F == Opcode.SCSI_RESPONSE:
-                break
-            assert header[0] & 0x3F == Opcode.R2T, header.hex()
-            ttt = struct.unpack_from(">I", header, 20)[0]
-            offset, length = struct.unpack_from(">II", header, 40)
-            assert offset == sent
-            fields = struct.pack(">IIIIII", ttt, 0, 0, 0, 0, offset)
-            out = bounds.bhs(Opcode.SCSI_DATA_OUT, 0x80, ini.itt, fields)
-            ini.sock.sendall(bounds.frame(out, data[offset:offset + length]))
-            sent += length
+        immediate = STREAM_PIECE_BYTES - BS if "ImmediateData=Yes" in keys else 0
+        status, sense, sent, failed_at = _write(ini, source, 1, data, immediate)
         assert sent == len(data)  # every byte of its data-out was asked for and taken
-        sense = payload[2:]
-        assert header[3] == 0x02 and (sense[2] & 0x0F, sense[12], sense[13]) == (0x03, 0x11, 0x00)
+        assert status == 0x02 and (sense[2] & 0x0F, sense[12], sense[13]) == (0x03, 0x11, 0x00)
         # nothing after the failed piece: not even the fetch of the last piece's partial tail unit
         assert failed_at == {0} and disk.local_bytes == 0
-        ini.sock.settimeout(bounds.HEALTHY_WITHIN_S)
         ini.sock.sendall(ini.command(bounds.inquiry(), read=96))  # the connection goes on
         assert ini.response(ini.itt)[0] == 0
         ini.close()
+    finally:
+        portal.stop()
+        disk.close()
+
+
+def test_a_write_failing_its_checks_writes_no_piece(tmp_path: Path) -> None:
+    """Another initiator holds a reservation, then a 2 MiB WRITE past the LUN's last block: both
+    take all their data-out and end with their status (RESERVATION CONFLICT; ILLEGAL REQUEST, LBA
+    out of range), having written nothing and fetched nothing, not even their partial head unit."""
+    portal, disk, source = _scripted_portal(tmp_path)
+    try:
+        other = bounds.Initiator.login(portal.address[1], isid=0x400001370042,
+                                       connect=gevent.socket.create_connection)
+        other.sock.sendall(other.command(bytes([0x16, 0, 0, 0, 0, 0])))  # RESERVE(6)
+        assert other.response(other.itt)[0] == 0
+        ini = bounds.Initiator.login(portal.address[1], connect=gevent.socket.create_connection)
+        data = b"\x44" * (2 * MiB)
+        status, _, sent, _ = _write(ini, source, 1, data, STREAM_PIECE_BYTES - BS)
+        assert status == 0x18 and sent == len(data)  # RESERVATION CONFLICT
+        other.sock.sendall(other.command(bytes([0x17, 0, 0, 0, 0, 0])))  # RELEASE(6)
+        assert other.response(other.itt)[0] == 0
+        last = 16 * MiB // BS - 1
+        status, sense, sent, _ = _write(ini, source, last, data, STREAM_PIECE_BYTES - BS)
+        assert status == 0x02 and (sense[2] & 0x0F, sense[12]) == (0x05, 0x21) and sent == len(data)
+        assert source.reads == 0 and disk.local_bytes == 0
+        for i in (ini, other):
+            i.close()
     finally:
         portal.stop()
         disk.close()
