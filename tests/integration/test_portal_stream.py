@@ -35,6 +35,8 @@ IQN = "iqn.2026-12.io.lazyiscsi:stream"
 SIZE = 32 * MiB
 UNIT = 64 * 1024
 BS = 512
+#: the largest Data-Out the raw initiator sends (the portal's MaxRecvDataSegmentLength)
+PDU = 256 * 1024
 #: (offset, length, pattern) of each WRITE: none starts or ends on a unit; the largest is the
 #: largest transfer the LUN takes (Block Limits VPD), which QEMU sends as one command
 WRITES = [(UNIT + 512, MAX_TRANSFER_BYTES, 0xA1), (12 * MiB + 3584, 4 * MiB, 0xB2),
@@ -212,9 +214,11 @@ def _write(ini: bounds.Initiator, source: ScriptedSource, lba: int, data: bytes,
         ttt = struct.unpack_from(">I", header, 20)[0]
         offset, length = struct.unpack_from(">II", header, 40)
         assert offset == sent
-        fields = struct.pack(">IIIIII", ttt, 0, 0, 0, 0, offset)
-        out = bounds.bhs(Opcode.SCSI_DATA_OUT, 0x80, ini.itt, fields)
-        ini.sock.sendall(bounds.frame(out, data[offset:offset + length]))
+        for datasn, pos in enumerate(range(offset, offset + length, PDU)):  # MaxRecvDataSegmentLength
+            n = min(PDU, offset + length - pos)
+            fields = struct.pack(">IIIIII", ttt, 0, 0, 0, datasn, pos)
+            out = bounds.bhs(Opcode.SCSI_DATA_OUT, 0x80 if pos + n == offset + length else 0, ini.itt, fields)
+            ini.sock.sendall(bounds.frame(out, data[pos:pos + n]))
         sent += length
 
 
