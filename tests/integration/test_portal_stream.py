@@ -118,11 +118,11 @@ def _live_greenlets() -> int:
     return sum(1 for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead)
 
 
-@pytest.mark.parametrize("end", ["abort", "drop"])
+@pytest.mark.parametrize("end", ["abort", "lun_reset", "drop"])
 def test_no_piece_is_written_after_an_abort_or_a_dropped_connection(
         tmp_path: Path, capfd: pytest.CaptureFixture[str], end: str) -> None:
     """The first piece of a 4 MiB WRITE waits on the source (its head unit is fetched first); the
-    second has arrived behind it. ABORT TASK (or the initiator going away) then: once the first
+    second has arrived behind it. ABORT TASK, LUN RESET (or the initiator going away) then: once the first
     piece lands, the command ends, the second is never written, the answer to the abort comes only
     after that, its worker greenlet is gone and nothing printed a traceback."""
     data = bytes(range(256)) * (16 * MiB // 256)
@@ -144,9 +144,10 @@ def test_no_piece_is_written_after_an_abort_or_a_dropped_connection(
         assert (offset, length) == (first, STREAM_PIECE_BYTES)
         out = bounds.bhs(Opcode.SCSI_DATA_OUT, 0x80, itt, struct.pack(">IIIIII", ttt, 0, 0, 0, 0, offset))
         ini.sock.sendall(bounds.frame(out, b"\xa5" * length))
-        if end == "abort":
-            fields = struct.pack(">III", itt, ini.cmdsn, 0)  # ABORT TASK of the WRITE
-            tmf = bounds.bhs(Opcode.TASK_MGMT_REQUEST, 0x80 | 1, 0x999, fields, immediate=True)
+        if end != "drop":  # ABORT TASK of the WRITE, or LUN RESET of its LUN (RFC 7143 11.5.1)
+            function, rtt = (1, itt) if end == "abort" else (5, 0xFFFFFFFF)
+            fields = struct.pack(">III", rtt, ini.cmdsn, 0)
+            tmf = bounds.bhs(Opcode.TASK_MGMT_REQUEST, 0x80 | function, 0x999, fields, immediate=True)
             ini.sock.sendall(bounds.frame(tmf))
             ini.sock.settimeout(0.5)
             with pytest.raises(TimeoutError):  # not answered while its first piece is being written
@@ -157,7 +158,7 @@ def test_no_piece_is_written_after_an_abort_or_a_dropped_connection(
         gevent.sleep(0.2)  # the second piece is at the portal by now
         while source.pending:
             source.complete(0)
-        if end == "abort":
+        if end != "drop":
             header, _ = ini.recv()  # the abort's answer: "function complete", and no status for the WRITE
             assert header[0] & 0x3F == Opcode.TASK_MGMT_RESPONSE and header[2] == 0
             assert struct.unpack_from(">I", header, 16)[0] == 0x999
