@@ -25,7 +25,9 @@ A streamed WRITE (connection.py: WRITE(10/12/16)) gets its greenlet when the com
 runs the command's checks (``dispatch.WriteStream``), then writes the pieces the connection cuts
 from the data-out, in order, from a queue the reader fills, reporting each one written so that
 the connection may ask for more; it ends at ``StreamEnd``. Aborted, or its connection gone, it
-writes no further piece: the piece being written when that happened is the last.
+writes no further piece: the piece being written when that happened is the last. Like a running
+command's, these greenlets are bounded by the CmdSN window; one whose initiator stops sending
+data waits, holding at most its window, until the data comes, an abort, or the connection ends.
 """
 
 from __future__ import annotations

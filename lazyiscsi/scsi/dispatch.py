@@ -11,7 +11,7 @@ write protection), then writes each piece through the store's ordinary write pat
 the store's rule that a unit the guest wrote is never written by a fetch. A command that fails
 its checks writes nothing. One whose store write fails part-way (or whose later data-out fails
 its digest or sequence check in the transport) ends with CHECK CONDITION and leaves the blocks
-of its range indeterminate: some pieces may have been written, others not, as SBC-4 4.11 allows
+of its range indeterminate: some pieces may have been written, others not, as SBC allows
 for a WRITE that ends with an error. Only the plain WRITEs stream: COMPARE AND WRITE, WRITE
 SAME, WRITE AND VERIFY and the parameter lists (MODE SELECT, PERSISTENT RESERVE OUT, UNMAP) are
 judged whole, so they are still gathered.
