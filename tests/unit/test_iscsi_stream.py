@@ -38,12 +38,11 @@ KEYS = ("ImmediateData=Yes\0InitialR2T=No\0FirstBurstLength=262144\0MaxBurstLeng
         "MaxOutstandingR2T=4\0")
 
 
-def plan(cdb: bytes, lun: object) -> tuple[int, int] | None:
-    start = dispatch.write_start(cdb, BS)
-    return None if start is None else (start, UNIT)
+def logged_in(keys: str = KEYS, unit: int = UNIT) -> Connection:
+    def plan(cdb: bytes, lun: object) -> tuple[int, int] | None:
+        start = dispatch.write_start(cdb, BS)
+        return None if start is None else (start, unit)
 
-
-def logged_in(keys: str = KEYS) -> Connection:
     conn = Connection(lambda name: Target(IQN, {0: object()}) if name == IQN else None, lambda: [],
                       lambda cdb, lun: dispatch.data_out_length(cdb, BS), stream_plan=plan)
     text = (f"InitiatorName=iqn.test:i\0TargetName={IQN}\0SessionType=Normal\0AuthMethod=None\0"
@@ -97,14 +96,15 @@ class Wire:
                 queue += self.conn.piece_written(p.task, len(p.data))
 
 
-@pytest.mark.parametrize(("lba", "blocks", "immediate", "unsolicited"), [
-    (3, 8 * MiB // BS, 64 * KiB, 192 * KiB),   # unaligned start, immediate + unsolicited burst
-    (128, 4 * MiB // BS + 5, 0, 0),           # unit-aligned start, ends mid-unit, R2Ts only
-    (7, 2048, 256 * KiB, 0),                  # immediate data only, a whole first burst
+@pytest.mark.parametrize(("lba", "blocks", "immediate", "unsolicited", "unit"), [
+    (3, 8 * MiB // BS, 64 * KiB, 192 * KiB, UNIT),  # unaligned start, immediate + unsolicited burst
+    (128, 4 * MiB // BS + 5, 0, 0, UNIT),          # unit-aligned start, ends mid-unit, R2Ts only
+    (7, 2048, 256 * KiB, 0, UNIT),                 # immediate data only, a whole first burst
+    (5, 6 * MiB // BS, 128 * KiB, 0, MiB),         # a unit larger than a piece: pieces of a unit
 ])
 def test_pieces_come_in_order_cut_on_unit_boundaries_within_the_window(lba: int, blocks: int, immediate: int,
-                                                                       unsolicited: int) -> None:
-    conn = logged_in()
+                                                                       unsolicited: int, unit: int) -> None:
+    conn = logged_in(unit=unit)
     data = random.Random(lba).randbytes(blocks * BS)
     start = lba * BS
     first = feed(conn, write16(1, lba, blocks, 0, data[:immediate], final=not unsolicited))
@@ -118,7 +118,7 @@ def test_pieces_come_in_order_cut_on_unit_boundaries_within_the_window(lba: int,
     assert isinstance(wire.actions[-1], StreamEnd) and wire.actions[-1].task is pieces[0].task
     assert not any(isinstance(a, Execute) for a in wire.actions)
     assert b"".join(p.data for p in pieces) == data  # every byte once, in order
-    piece = max(STREAM_PIECE_BYTES, UNIT)
+    piece = max(STREAM_PIECE_BYTES, unit)
     offsets = [p.offset for p in pieces]
     assert offsets == sorted(offsets) and offsets[0] == 0
     for p in pieces[:-1]:  # every cut but the command's own end is on the grid (so on a unit)
