@@ -10,6 +10,7 @@ child, through gevent's subprocess so that the portal's greenlets run meanwhile.
 from __future__ import annotations
 
 import gc
+import random
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ import pytest
 
 from lazyiscsi.iscsi import portal as portal_module
 from lazyiscsi.iscsi.connection import STREAM_PIECE_BYTES, Connection, Target, stream_window
-from lazyiscsi.iscsi.pdu import Opcode
+from lazyiscsi.iscsi.pdu import BHS_LEN, Opcode, RejectReason
 from lazyiscsi.scsi.lun import MAX_TRANSFER_BYTES, Lun
 from lazyiscsi.source import open_source
 from lazyiscsi.store.hydrator import Hydrator, JobState
@@ -272,6 +273,46 @@ def test_a_write_failing_its_checks_writes_no_piece(tmp_path: Path) -> None:
         assert source.reads == 0 and disk.local_bytes == 0
         for i in (ini, other):
             i.close()
+    finally:
+        portal.stop()
+        disk.close()
+
+
+def test_a_segment_with_a_bad_data_digest_is_never_written(tmp_path: Path) -> None:
+    """A 1 MiB WRITE over a session with DataDigest=CRC32C: its first piece (immediate data) is
+    written; the Data-Out of the next burst arrives with a bad digest, is rejected (RFC 7143
+    11.17.1) and never written; the command ends with ABORTED COMMAND, protocol service CRC error
+    (11.4.7.2), as a gathered one does, and nothing after its first piece reached the store."""
+    portal, disk, source = _scripted_portal(tmp_path)
+    try:
+        ini = bounds.Initiator.login(portal.address[1], data_digest=True,
+                                     connect=gevent.socket.create_connection)
+        data = random.Random(5).randbytes(MiB)
+        first = STREAM_PIECE_BYTES
+        ini.sock.sendall(ini.command(bounds.write10(0, len(data) // BS), write=len(data), data=data[:first]))
+        header, _ = ini.recv()
+        assert header[0] & 0x3F == Opcode.R2T
+        ttt, (offset, length) = struct.unpack_from(">I", header, 20)[0], struct.unpack_from(">II", header, 40)
+        assert (offset, length) == (first, STREAM_PIECE_BYTES)
+        fields = struct.pack(">IIIIII", ttt, 0, 0, 0, 0, offset)
+        pdu = bytearray(bounds.frame(bounds.bhs(Opcode.SCSI_DATA_OUT, 0x80, ini.itt, fields),
+                                     data[offset:offset + length], data_digest=True))
+        pdu[BHS_LEN + 100] ^= 0xFF  # damaged on the way: its digest no longer matches
+        ini.sock.sendall(pdu)
+        seen = []
+        while (header := ini.recv())[0][0] & 0x3F != Opcode.SCSI_RESPONSE:
+            seen.append(header[0][0] & 0x3F)
+            if seen[-1] == Opcode.REJECT:
+                assert header[0][2] == RejectReason.DATA_DIGEST_ERROR
+        assert Opcode.REJECT in seen
+        (response, payload) = header
+        sense = payload[2:]
+        assert response[3] == 0x02 and (sense[2] & 0x0F, sense[12], sense[13]) == (0x0B, 0x47, 0x05)
+        assert next(disk.missing_runs(0, first), None) is None  # the piece before it: written
+        assert disk.read(0, first) == data[:first]
+        assert next(disk.missing_runs(first, len(data) - first), None) == (first, len(data) - first)
+        assert source.reads == 0
+        ini.close()
     finally:
         portal.stop()
         disk.close()
