@@ -8,10 +8,10 @@ Theory of operation (RFC 7143, error recovery level 0, one connection per sessio
     any state  --(a protocol error that loses framing)-->  CLOSED
 
 ``receive(pdu)`` takes one framed PDU and returns actions: bytes to send, a SCSI task ready to
-execute (all its data-out gathered), or close. ``task_done(task, result)`` turns a finished
-command into Data-In/Response PDUs. Execution itself (which may block on the store) belongs to
-the caller: this module has no socket, no greenlet and no clock; timeouts are events the portal
-feeds in (``login_timed_out``, ``ping``).
+execute (all its data-out gathered), a streamed WRITE's pieces, or close. ``task_done(task,
+result)`` turns a finished command into Data-In/Response PDUs. Execution itself (which may
+block on the store) belongs to the caller: this module has no socket, no greenlet and no clock;
+timeouts are events the portal feeds in (``login_timed_out``, ``ping``).
 
 The login phase, its stages, keys and refusals, lives in ``login.py``; this module hands it each
 Login Request and takes over when it reaches full feature. A discovery session's full feature
@@ -25,6 +25,23 @@ Unsolicited data (immediate data and Data-Out before the first R2T) is held to w
 negotiated (InitialR2T, ImmediateData, FirstBurstLength); solicited data to the R2T that asked for
 it, and R2Ts go out only while the write data a connection holds fits ``MAX_SOLICITED_BYTES``.
 StatSN counts responses.
+
+Streamed writes. A WRITE(10/12/16) (``stream_plan`` says which: the SCSI layer's choice) of more
+than ``STREAM_PIECE_BYTES`` is not gathered whole: ``Stream(task)`` starts it as soon as the
+command arrives (the caller runs its checks then, before any data), its data-out is cut into
+``Piece``s as it comes, and ``StreamEnd(task)`` says that no more will come (all of it arrived, or
+the data failed a digest or DataSN check, or the task was aborted). Pieces are cut on a grid of
+``piece`` bytes on the LUN (the larger of ``STREAM_PIECE_BYTES`` and the LUN's unit, a whole
+number of units): every cut but the command's own first and last byte is unit-aligned, so each
+piece covers only whole units apart from the command's own partial head and tail, which the store
+fetches before it writes them, as for any write. The caller reports each piece written
+(``piece_written``), and R2Ts ask only for data that keeps what a command holds (arrived and not
+yet written) within ``stream_window(piece)``: two pieces, one being written while the next
+arrives. The unsolicited burst (FirstBurstLength, at most the 256 KiB we offer) fits in one piece.
+After a digest or DataSN error no more of the command's data is handed out (a bad segment never
+is), the rest of its data-out is consumed as before and the command fails with the same sense as a
+gathered one; whatever pieces were written before stay written (SBC-4: the range of a failed WRITE
+is indeterminate).
 """
 
 from __future__ import annotations
@@ -75,6 +92,18 @@ MAX_IMMEDIATE_TASKS = 8
 MAX_SOLICITED_BYTES = 16 << 20
 #: the Target Transfer Tag of unsolicited Data-Out (RFC 7143 11.7.4)
 UNSOLICITED_TTT = 0xFFFFFFFF
+#: the pieces a streamed WRITE's data-out is handed to the store in (at least one unit of the
+#: LUN): large enough that a piece is one large cache write (the store's writer thread takes
+#: writes from 64 KiB) and one R2T of a fast link's worth, small enough that 8 MiB commands at
+#: the full CmdSN window hold 2 x 256 KiB each rather than 8 MiB. It equals the FirstBurstLength
+#: we offer (login.py), so the unsolicited burst fits in one piece too
+STREAM_PIECE_BYTES = 256 << 10
+
+
+def stream_window(piece: int) -> int:
+    """What one streamed WRITE may hold (arrived and not yet written): a piece being written
+    and the next one arriving, so the link does not wait for the store between pieces."""
+    return 2 * piece
 
 
 class State(enum.Enum):
@@ -100,7 +129,15 @@ class Task:
     unsolicited: int = 0  # bytes of unsolicited data received (immediate data included)
     finished: bool = False  # no longer counted against the window
     admitted: int = 0  # bytes of solicited data reserved for it (MAX_SOLICITED_BYTES)
-    data: bytearray = field(default_factory=bytearray)
+    data: bytearray = field(default_factory=bytearray)  # held: gathered, or not yet cut (streamed)
+    received: int = 0  # bytes of data-out arrived (offset of the next one)
+    #: a streamed WRITE (module docstring): the LUN byte offset of its data-out's first byte,
+    #: the grid its pieces are cut on; -1 for a gathered command
+    stream_start: int = -1
+    piece: int = 0
+    cut: int = 0  # data-out offset up to which pieces were handed out
+    written: int = 0  # ... and up to which the caller reported them written
+    stream_ended: bool = False  # StreamEnd went out: no piece follows
     #: outstanding R2Ts: Target Transfer Tag -> end offset of the burst it asked for
     r2ts: dict[int, int] = field(default_factory=dict)
     solicited_to: int = -1  # data-out offset up to which R2Ts were sent (-1: none yet)
@@ -111,6 +148,19 @@ class Task:
     digest_error: bool = False  # the reason is a data digest error
     executing: bool = False
     aborted: bool = False  # an ABORT TASK (or a reset) came while it ran: no status goes out
+
+    @property
+    def streamed(self) -> bool:
+        return self.stream_start >= 0
+
+    def data_failure(self) -> bytes | None:
+        """The sense a command gets whose data-out went wrong on the way (None: it did not):
+        "protocol service CRC error" after a data digest error (RFC 7143 11.4.7.2), else
+        "data phase error"; ABORTED COMMAND either way, which initiators retry."""
+        if not self.sequence_error:
+            return None
+        crc = self.digest_error
+        return fixed_sense(Reason.PROTOCOL_SERVICE_CRC_ERROR if crc else Reason.DATA_PHASE_ERROR)
 
 
 @dataclass
@@ -136,6 +186,31 @@ class Execute:
 
 
 @dataclass(slots=True)
+class Stream:
+    """A streamed WRITE arrived: run its checks now, then write its ``Piece``s in order."""
+
+    task: Task
+
+
+@dataclass(slots=True)
+class Piece:
+    """``data`` of a streamed WRITE's data-out at ``offset`` in it: write it, then say so
+    (``Connection.piece_written``)."""
+
+    task: Task
+    offset: int
+    data: bytes | bytearray
+
+
+@dataclass(slots=True)
+class StreamEnd:
+    """No more pieces come for a streamed WRITE: finish it (``task_done``), unless it was aborted
+    (``task.aborted``) or its data failed (``task.data_failure()``)."""
+
+    task: Task
+
+
+@dataclass(slots=True)
 class Close:
     reason: str
 
@@ -154,7 +229,7 @@ class Reset:
     lun: int | None
 
 
-Action = Send | Execute | Close | Reset | Fault
+Action = Send | Execute | Stream | Piece | StreamEnd | Close | Reset | Fault
 # (actions and tasks are slotted, not frozen, dataclasses: one of each per command, and a frozen
 # one costs four times as much to build)
 
@@ -167,16 +242,20 @@ DISCOVERY_EVENTS = frozenset({TextRequest, NopOut, LogoutRequest})
 class Connection:
     """Target side of one connection. ``find_target(name)`` looks targets up by IQN;
     ``all_targets()`` lists them for SendTargets; ``data_out_length(cdb, lun)`` says how many
-    bytes a command to that LUN object (one of ``Target.luns``' values) carries. ``address`` is
-    where this connection reached us, as SendTargets' TargetAddress spells it (empty: not said)."""
+    bytes a command to that LUN object (one of ``Target.luns``' values) carries, and
+    ``stream_plan(cdb, lun)`` whether its data-out streams: (the LUN byte offset of its first
+    byte, the LUN's unit), or None to gather it (module docstring). ``address`` is where this
+    connection reached us, as SendTargets' TargetAddress spells it (empty: not said)."""
 
     def __init__(self, find_target: Callable[[str], Target | None], all_targets: Callable[[], list[Target]],
                  data_out_length: Callable[[bytes, object], int], *, max_recv: int = 262144,
-                 address: str = "") -> None:
+                 address: str = "",
+                 stream_plan: Callable[[bytes, object], tuple[int, int] | None] | None = None) -> None:
         self.address = address
         self._find = find_target
         self._all = all_targets
         self._data_out_length = data_out_length
+        self._stream_plan = stream_plan
         self.state = State.LOGIN
         self.max_recv = max_recv  # what we accept per PDU (declared to the initiator)
         self.login = Login(find_target, max_recv)
@@ -195,6 +274,9 @@ class Connection:
         self.ping_outstanding: int | None = None  # Target Transfer Tag of an unanswered ping
         self._ttt = 1
         self._nexus = ""
+        #: the most write data one command held at once (arrived, not yet executed or written):
+        #: what streaming bounds, for the tests and the status
+        self.held_peak = 0
 
     @property
     def nexus(self) -> str:
@@ -387,7 +469,9 @@ class Connection:
     def _admit(self, task: Task, *, queued: bool = False) -> bool:
         """Reserve what is left of a task's write data, if it fits in MAX_SOLICITED_BYTES behind
         the tasks already waiting (or nothing else is reserved: one task always goes on)."""
-        need = task.want_out - len(task.data)
+        need = task.want_out - task.received
+        if task.streamed:  # it never holds more than its window (module docstring)
+            need = min(need, stream_window(task.piece))
         if self._r2t_queue and not queued:
             return False
         if self._solicited and self._solicited + need > MAX_SOLICITED_BYTES:
@@ -428,10 +512,20 @@ class Connection:
             self._immediate_tasks += 1
         else:
             self._in_window += 1
-        task.data += cmd.data
+        out: list[Action] = []
+        # a command whose data fits in one piece gains nothing from streaming: it is gathered
+        plan = self._stream_plan(cmd.cdb, lun) \
+            if want > STREAM_PIECE_BYTES and self._stream_plan is not None else None
+        if plan is not None:
+            task.stream_start, unit = plan
+            task.piece = -(-STREAM_PIECE_BYTES // unit) * unit
+            task.executing = True  # its checks run now, and a task management function waits for it
+            out.append(Stream(task))
+        if cmd.data:
+            out += self._take(task, cmd.data)
         if not cmd.final:
-            return []  # F=0: unsolicited Data-Out PDUs follow (InitialR2T=No, RFC 7143 11.3.1)
-        return self._advance(task)
+            return out  # F=0: unsolicited Data-Out PDUs follow (InitialR2T=No, RFC 7143 11.3.1)
+        return out + self._advance(task)
 
     def _check_unsolicited(self, cmd: ScsiCommand) -> None:
         """Immediate data only where ImmediateData=Yes, F=0 (unsolicited Data-Out to follow) only
@@ -449,10 +543,71 @@ class Connection:
     def _first_burst(self) -> int:
         return int(self.values.get("FirstBurstLength", "65536"))
 
+    def _take(self, task: Task, data: bytes | bytearray | memoryview) -> list[Action]:
+        """Data-out that arrived (checked): held whole for a gathered command; for a streamed
+        one, cut into the pieces it completes (module docstring)."""
+        task.received += len(data)
+        if not task.streamed:
+            task.data += data
+            if len(task.data) > self.held_peak:
+                self.held_peak = len(task.data)
+            return []
+        end = min(task.received, task.want_out)  # past the CDB's length nothing is written
+        room = end - task.cut - len(task.data)
+        if room > 0:
+            task.data += data[:room] if room < len(data) else data
+        out: list[Action] = []
+        while task.cut < end:
+            cut = min(task.want_out, self._next_cut(task, task.cut))
+            if cut > end:
+                break  # the rest of this piece is still to come
+            n = cut - task.cut
+            if n == len(task.data):
+                piece, task.data = task.data, bytearray()
+            else:
+                piece = task.data[:n]
+                del task.data[:n]
+            out.append(Piece(task, task.cut, piece))
+            task.cut = cut
+        if end - task.written > self.held_peak:
+            self.held_peak = end - task.written
+        return out
+
+    @staticmethod
+    def _next_cut(task: Task, offset: int) -> int:
+        """The data-out offset of the first grid line (a multiple of ``task.piece`` on the LUN)
+        after ``offset``."""
+        at = task.stream_start + offset
+        return (at // task.piece + 1) * task.piece - task.stream_start
+
+    def piece_written(self, task: Task, n: int) -> list[Action]:
+        """The caller wrote (or, once the command had failed, dropped) a piece of ``n`` bytes:
+        room in the task's window, so more of its data may be asked for."""
+        task.written += n
+        if task.stream_ended or task.solicited_to < 0 or self.tasks.get(task.itt) is not task \
+                or self.state is not State.FULL_FEATURE:
+            return []  # (R2Ts start at the end of the unsolicited burst, or on admission)
+        return self._advance(task)
+
+    def _end_stream(self, task: Task) -> list[Action]:
+        """No more pieces for a streamed task (data complete, data failed, or aborted)."""
+        if task.stream_ended:
+            return []
+        task.stream_ended = True
+        task.data = bytearray()  # what was not cut is never written
+        if self._r2t_queue and task in self._r2t_queue:
+            self._r2t_queue.remove(task)  # and no R2T asks for more of it
+        return [StreamEnd(task)]
+
     def _advance(self, task: Task) -> list[Action]:
         """Execute once all data-out is in; until then keep up to MaxOutstandingR2T R2Ts of at
-        most MaxBurstLength each outstanding, in offset order (DataSequenceInOrder=Yes)."""
-        if len(task.data) >= task.want_out:
+        most MaxBurstLength each outstanding, in offset order (DataSequenceInOrder=Yes). A
+        streamed task's R2Ts end on its grid and stay within its window (module docstring)."""
+        if task.stream_ended:
+            return []
+        if task.received >= task.want_out:
+            if task.streamed:
+                return self._end_stream(task)
             task.executing = True
             # an initiator may send up to its EDTL: each command judges what it got (scsi layer)
             return [Execute(task)]
@@ -460,13 +615,18 @@ class Connection:
             if not task.admitted and not self._admit(task):
                 self._r2t_queue.append(task)  # its R2Ts come when write data of others is done
                 return []
-            task.solicited_to = len(task.data)  # after the unsolicited burst, if any
+            task.solicited_to = task.received  # after the unsolicited burst, if any
         burst = int(self.values.get("MaxBurstLength", "262144"))
         most = int(self.values.get("MaxOutstandingR2T", "1"))
+        window = stream_window(task.piece)
         out: list[Action] = []
         while len(task.r2ts) < most and task.solicited_to < task.want_out:
             offset = task.solicited_to
             length = min(burst, task.want_out - offset)
+            if task.streamed:
+                length = min(length, self._next_cut(task, offset) - offset)
+                if offset + length - task.written > window:
+                    break  # asked for again as pieces are written (piece_written)
             ttt = self._ttt
             self._ttt = (self._ttt + 1) & 0x7FFFFFFF or 1
             task.r2ts[ttt] = offset + length
@@ -479,8 +639,9 @@ class Connection:
 
     def _data_out(self, d: DataOut) -> list[Action]:
         task = self.tasks.get(d.itt)
-        if task is None or task.executing:
+        if task is None or (task.executing and (not task.streamed or task.stream_ended)):
             raise RemoteProtocolError(f"Data-Out for unknown task {d.itt:#x}", RejectReason.INVALID_PDU_FIELD)
+        out: list[Action] = []
         if not task.sequence_error:
             # once the data cannot be trusted nothing more is kept: the rest of the burst only
             # has to arrive for the command to fail
@@ -491,20 +652,24 @@ class Connection:
                 # a lost or reordered Data-Out: the data cannot be trusted, but the connection can
                 task.sequence_error = f"Data-Out DataSN {d.datasn} while expecting {task.next_datasn}"
             task.next_datasn = d.datasn + 1
-            task.data += d.data
+            if task.sequence_error and task.streamed:
+                task.data = bytearray()  # nothing more of it is written
+                task.received += len(d.data)
+            else:
+                out = self._take(task, d.data)
             if d.ttt == UNSOLICITED_TTT:
                 task.unsolicited += len(d.data)
         if not d.final:
-            return []
-        return self._burst_end(task, d.ttt)
+            return out
+        return out + self._burst_end(task, d.ttt)
 
     def _check_data_out(self, task: Task, d: DataOut) -> None:
         """Data-Out within what was allowed: unsolicited only while the command's unsolicited
         burst is open and up to FirstBurstLength (RFC 7143 13.10, 13.14), solicited only inside
         the burst its R2T asked for (RFC 7143 11.8.3), never past the initiator's own Expected
         Data Transfer Length. The PDU is refused (Reject) and nothing of it is kept."""
-        end = len(task.data) + len(d.data)
-        if d.offset != len(task.data) or end > task.expected:
+        end = task.received + len(d.data)
+        if d.offset != task.received or end > task.expected:
             raise RemoteProtocolError("Data-Out out of order or beyond the expected length",
                                       RejectReason.PROTOCOL_ERROR)
         if d.ttt == UNSOLICITED_TTT:
@@ -531,11 +696,13 @@ class Connection:
         task.r2ts.pop(ttt, None)
         if task.sequence_error:
             # at the end of the burst: fail the command (ABORTED COMMAND, which initiators retry)
-            # instead of writing data that may be in the wrong place
+            # instead of writing data that may be in the wrong place. A streamed one ends once
+            # the caller has finished the piece it may be writing (StreamEnd, then task_done)
+            if task.streamed:
+                return [Fault(task.sequence_error), *self._end_stream(task)]
             del self.tasks[task.itt]
-            reason = Reason.PROTOCOL_SERVICE_CRC_ERROR if task.digest_error else Reason.DATA_PHASE_ERROR
             return [Fault(task.sequence_error), *self.task_done(
-                task, Status.CHECK_CONDITION, None, fixed_sense(reason))]
+                task, Status.CHECK_CONDITION, None, task.data_failure())]
         return self._advance(task)
 
     def _data_digest_error(self, raw: RawPdu) -> list[Action]:
@@ -554,9 +721,11 @@ class Connection:
             self._window(raw.immediate, struct.unpack_from(">I", raw.bhs, 24)[0])
         out: list[Action] = [self._reject(RejectReason.DATA_DIGEST_ERROR, raw.bhs)]
         task = self.tasks.get(raw.itt) if raw.opcode == Opcode.SCSI_DATA_OUT else None
-        if task is not None and not task.executing:
+        if task is not None and (not task.executing or (task.streamed and not task.stream_ended)):
             if not task.sequence_error:
                 task.sequence_error, task.digest_error = "data digest error in a Data-Out", True
+                if task.streamed:
+                    task.data = bytearray()  # nothing more of it is written
             if raw.final:
                 out += self._burst_end(task, struct.unpack_from(">I", raw.bhs, 20)[0])
         return out
@@ -675,14 +844,16 @@ class Connection:
         else:
             response = 5  # task management function not supported
         waiting = set()
+        actions: list[Action] = []
         for task in hit:
             if task.executing:
                 task.aborted = True  # it holds its place in the window until it has finished
                 waiting.add(task.itt)
+                if task.streamed:  # no piece is written after the one being written, if any
+                    actions += self._end_stream(task)
             else:
                 self._finish(task)
             del self.tasks[task.itt]
-        actions: list[Action] = []
         if req.function in (5, 6):
             actions.append(Reset(req.lun if req.function == 5 else None))
         actions += self._admit_waiting()  # what the dropped tasks had reserved is free again

@@ -20,6 +20,14 @@ plus the data-in of READs still running) is counted, and while it exceeds
 ``MAX_OUTSTANDING_BYTES`` the reader takes no further PDU from the socket. An initiator that does
 not read its responses thus stops being read itself (TCP's window then stops its sending), and
 the CmdSN window (connection.py) bounds the commands it may have running meanwhile.
+
+A streamed WRITE (connection.py: WRITE(10/12/16)) gets its greenlet when the command arrives: it
+runs the command's checks (``dispatch.WriteStream``), then writes the pieces the connection cuts
+from the data-out, in order, from a queue the reader fills, reporting each one written so that
+the connection may ask for more; it ends at ``StreamEnd``. Aborted, or its connection gone, it
+writes no further piece: the piece being written when that happened is the last. Like a running
+command's, these greenlets are bounded by the CmdSN window; one whose initiator stops sending
+data waits, holding at most its window, until the data comes, an abort, or the connection ends.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from collections import Counter
 import gevent
 import gevent.event
 import gevent.pool
+import gevent.queue
 import structlog
 from gevent.server import StreamServer
 
@@ -41,9 +50,12 @@ from lazyiscsi.iscsi.connection import (
     Connection,
     Execute,
     Fault,
+    Piece,
     Reset,
     Send,
     State,
+    Stream,
+    StreamEnd,
     Target,
     Task,
 )
@@ -52,6 +64,7 @@ from lazyiscsi.iscsi.text import LOGIN_MAX_DATA
 from lazyiscsi.scsi import dispatch
 from lazyiscsi.scsi.cdb import Op
 from lazyiscsi.scsi.lun import MAX_TRANSFER_BYTES, Lun
+from lazyiscsi.scsi.sense import Status
 
 log = structlog.get_logger("lazyiscsi.iscsi")
 
@@ -176,7 +189,7 @@ class _Session:
         # a plain function, not a bound method: the connection must not refer back to the
         # session, or a closed session would wait for the cyclic garbage collector
         self.conn = Connection(portal.target, portal.all_targets, _data_out_length,
-                               address=target_address(sock.getsockname()))
+                               address=target_address(sock.getsockname()), stream_plan=_stream_plan)
         self.key: tuple[str, bytes, str] | None = None  # in portal.sessions while live
         self.reinstated = False
         #: buffers to send, in order, and how many bytes they hold; the writer takes them whole
@@ -185,6 +198,8 @@ class _Session:
         self.wake_writer = gevent.event.Event()
         self.writer_done = False  # set once nothing more will be queued: the writer drains and ends
         self.workers: set[gevent.Greenlet] = set()
+        #: the pieces of each streamed WRITE not yet written (None: no more come)
+        self.streams: dict[Task, gevent.queue.SimpleQueue[Piece | None]] = {}
         self.closing = False
         self.owed = 0  # bytes queued to send plus the data-in reserved by running READs
         self.room = gevent.event.Event()  # set while ``owed`` is within MAX_OUTSTANDING_BYTES
@@ -251,6 +266,7 @@ class _Session:
                 pinger.kill()
             if self.key is not None and self.portal.sessions.get(self.key) is self:
                 del self.portal.sessions[self.key]
+            self._end_streams()
             gevent.joinall(list(self.workers), timeout=30)
             if not self.reinstated:  # else the nexus loss was reported when the new one came
                 self._nexus_lost()
@@ -327,6 +343,21 @@ class _Session:
                 g = gevent.spawn(self._execute, task, reserved)
                 self.workers.add(g)
                 g.link(self.workers.discard)
+            elif kind is Piece:
+                queue = self.streams.get(action.task)  # type: ignore[union-attr]
+                if queue is not None:  # (gone only once the connection is)
+                    queue.put(action)  # type: ignore[arg-type]
+            elif kind is Stream:
+                task = action.task  # type: ignore[union-attr]
+                queue: gevent.queue.SimpleQueue[Piece | None] = gevent.queue.SimpleQueue()
+                self.streams[task] = queue
+                g = gevent.spawn(self._stream, task, queue)
+                self.workers.add(g)
+                g.link(self.workers.discard)
+            elif kind is StreamEnd:
+                queue = self.streams.get(action.task)  # type: ignore[union-attr]
+                if queue is not None:
+                    queue.put(None)
             elif kind is Fault:
                 log.warning("initiator_fault", peer=self.peer, initiator=self.conn.initiator,
                             error=action.message)  # type: ignore[union-attr]
@@ -339,6 +370,12 @@ class _Session:
             elif kind is Close:
                 log.info("connection_closing", peer=self.peer, reason=action.reason)  # type: ignore[union-attr]
                 self.closing = True
+                self._end_streams()
+
+    def _end_streams(self) -> None:
+        """The connection is going: every streamed WRITE stops after the piece it is writing."""
+        for queue in self.streams.values():
+            queue.put(None)
 
     def _luns(self, number: int | None) -> list[Lun]:
         """The LUN ``number`` of this session's target, or all of them for None."""
@@ -370,6 +407,30 @@ class _Session:
         finally:
             if reserved:
                 self._owe(-reserved)  # its PDUs, if any, are counted in the queue now
+
+    def _stream(self, task: Task, queue: gevent.queue.SimpleQueue[Piece | None]) -> None:
+        """A streamed WRITE: its checks, then its pieces in order, then its status (module
+        docstring). Once it has failed its pieces are still taken and reported, unwritten: the
+        initiator sends the rest of its data-out, and the command ends when that is in."""
+        try:
+            lun = self._lun(task.lun)
+            assert lun is not None  # only a LUN's commands stream (_stream_plan)
+            write = dispatch.WriteStream(lun, task.cdb, self.conn.nexus, task.want_out)
+            while (piece := queue.get()) is not None:
+                if not (task.aborted or self.closing):
+                    write.write(piece.offset, piece.data)
+                self._perform(self.conn.piece_written(task, len(piece.data)))
+            if task.aborted or self.closing:  # no status goes out (or can)
+                self._perform(self.conn.task_done(task, Status.GOOD, None, None))
+                return
+            failure = task.data_failure()
+            if failure is not None:
+                self._perform(self.conn.task_done(task, Status.CHECK_CONDITION, None, failure))
+                return
+            result = write.finish()
+            self._perform(self.conn.task_done(task, result.status, None, result.sense))
+        finally:
+            self.streams.pop(task, None)
 
     def _ping_loop(self) -> None:
         """After ``nop_interval`` of silence, ping; after as long again without an answer (or
@@ -433,6 +494,14 @@ def _data_out_length(cdb: bytes, lun: object) -> int:
     """Bytes of data-out a command to ``lun`` (a Lun of the session's target) carries."""
     assert isinstance(lun, Lun)
     return dispatch.data_out_length(cdb, lun.block_size)
+
+
+def _stream_plan(cdb: bytes, lun: object) -> tuple[int, int] | None:
+    """Whether a command's data-out streams (``dispatch.STREAMED_WRITES``): where on the LUN it
+    begins and the LUN's unit, the grid its pieces are cut on (connection.py)."""
+    assert isinstance(lun, Lun)
+    start = dispatch.write_start(cdb, lun.block_size)
+    return None if start is None else (start, lun.backend.unit)
 
 
 def target_address(sockname: tuple) -> str:  # type: ignore[type-arg]

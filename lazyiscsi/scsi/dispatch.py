@@ -3,6 +3,18 @@
 Opcodes map to handlers in one table; a handler returns data-in (or None) or raises a reason.
 Errors become sense data here and nowhere else. Transports ask ``data_out_length`` how much
 data a command carries before they solicit it.
+
+A transport that receives a WRITE(10/12/16)'s data-out in pieces (the embedded portal) may hand
+it over as it comes instead of gathering it whole: ``WriteStream`` runs the command's checks once,
+when it is made (parse, then execute: LBA range, transfer length, unit attention, reservation,
+write protection), then writes each piece through the store's ordinary write path, which keeps
+the store's rule that a unit the guest wrote is never written by a fetch. A command that fails
+its checks writes nothing. One whose store write fails part-way (or whose later data-out fails
+its digest or sequence check in the transport) ends with CHECK CONDITION and leaves the blocks
+of its range indeterminate: some pieces may have been written, others not, as SBC allows
+for a WRITE that ends with an error. Only the plain WRITEs stream: COMPARE AND WRITE, WRITE
+SAME, WRITE AND VERIFY and the parameter lists (MODE SELECT, PERSISTENT RESERVE OUT, UNMAP) are
+judged whole, so they are still gathered.
 """
 
 from __future__ import annotations
@@ -238,39 +250,122 @@ def execute_no_lun(cdb: bytes, target_luns: list[int]) -> Result:
     return Result(Status.CHECK_CONDITION, sense=fixed_sense(Reason.LUN_NOT_SUPPORTED))
 
 
+def _admit(lun: Lun, cdb: bytes, nexus: str) -> tuple[Op, Handler]:
+    """The checks every command passes before it runs, in SAM-5's order: a known opcode of the
+    right CDB length, a pending unit attention, a reservation conflict, write protection."""
+    if not cdb:
+        raise SenseError(Reason.INVALID_OPCODE)
+    op = _OPS.get(cdb[0])
+    handler = HANDLERS.get(op) if op is not None else None  # type: ignore[arg-type]
+    if handler is None:
+        raise SenseError(Reason.INVALID_OPCODE)
+    check_length(cdb)
+    writable = lun.note_writable(nexus)
+    pending = lun.unit_attentions.get(nexus)
+    if pending and op not in _UA_EXEMPT:
+        raise SenseError(pending.pop(0))
+    lun.reservations.check(op, cdb, nexus)  # type: ignore[arg-type]
+    if not writable and op in WRITE_OPS:
+        raise SenseError(Reason.WRITE_PROTECTED)
+    return op, handler  # type: ignore[return-value]
+
+
 def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | None, nexus: str, *,
             data_in_buffer: memoryview | None = None) -> Result:
     """Run one command to completion (it may block on the store) and say how it ended. A READ
     fills ``data_in_buffer`` in place when it is given and large enough (TCMU's mapped data area:
     the store reads straight into the kernel's pages), and returns it as the data-in."""
     try:
-        if not cdb:
-            raise SenseError(Reason.INVALID_OPCODE)
-        op = _OPS.get(cdb[0])
-        handler = HANDLERS.get(op) if op is not None else None  # type: ignore[arg-type]
-        if handler is None:
-            raise SenseError(Reason.INVALID_OPCODE)
-        check_length(cdb)
-        writable = lun.note_writable(nexus)
-        pending = lun.unit_attentions.get(nexus)
-        if pending and op not in _UA_EXEMPT:
-            raise SenseError(pending.pop(0))
-        lun.reservations.check(op, cdb, nexus)
-        if not writable and op in WRITE_OPS:
-            raise SenseError(Reason.WRITE_PROTECTED)
+        _op, handler = _admit(lun, cdb, nexus)
         data = memoryview(data_out) if data_out is not None else None
         if handler is _block and data_in_buffer is not None:
             return Result(Status.GOOD, _block(lun, cdb, data, nexus, into=data_in_buffer))
         return Result(Status.GOOD, handler(lun, cdb, data, nexus))
-    except Conflict:
+    except Exception as e:  # every failure becomes a status: _failure
+        return _failure(lun, cdb, e)
+
+
+def _failure(lun: Lun, cdb: bytes, error: Exception) -> Result:
+    """How a command that raised ``error`` ends: the one place errors become status and sense."""
+    if isinstance(error, Conflict):
         return Result(Status.RESERVATION_CONFLICT)
-    except SenseError as e:
-        return Result(Status.CHECK_CONDITION, sense=fixed_sense(e.reason, field=e.field, info=e.info))
-    except StoreError as e:
-        reason = reason_for_store_error(e, writing=_writes(cdb))
+    if isinstance(error, SenseError):
+        sense = fixed_sense(error.reason, field=error.field, info=error.info)
+        return Result(Status.CHECK_CONDITION, sense=sense)
+    if isinstance(error, StoreError):
+        reason = reason_for_store_error(error, writing=_writes(cdb))
         log.warning("scsi_command_failed", lun=lun.name, opcode=f"{cdb[0]:#04x}", reason=reason.value,
-                    error=str(e))
+                    error=str(error))
         return Result(Status.CHECK_CONDITION, sense=fixed_sense(reason))
-    except Exception:  # a lazyiscsi bug: the initiator still gets an answer, the log the details
-        log.error("scsi_internal_error", lun=lun.name, cdb=cdb.hex(), exc_info=True)
-        return Result(Status.CHECK_CONDITION, sense=fixed_sense(Reason.INTERNAL_ERROR))
+    # a lazyiscsi bug: the initiator still gets an answer, the log the details
+    log.error("scsi_internal_error", lun=lun.name, cdb=cdb.hex(), exc_info=error)
+    return Result(Status.CHECK_CONDITION, sense=fixed_sense(Reason.INTERNAL_ERROR))
+
+
+#: the commands whose data-out a transport may hand over piece by piece (``WriteStream``): the
+#: plain WRITEs of a transport that carries large transfers (WRITE(6) moves at most 256 blocks)
+STREAMED_WRITES = frozenset({int(Op.WRITE_10), int(Op.WRITE_12), int(Op.WRITE_16)})
+
+
+def write_start(cdb: bytes, block_size: int) -> int | None:
+    """Where on the LUN (in bytes) a streamable WRITE's data begins, from its CDB alone (its LBA
+    is checked later, by ``WriteStream``); None for every command whose data-out is gathered."""
+    if not cdb or cdb[0] not in STREAMED_WRITES:
+        return None
+    try:
+        check_length(cdb)
+    except SenseError:
+        return None
+    off, size = LAYOUTS[_OPS[cdb[0]]][0].lba
+    return int.from_bytes(cdb[off:off + size], "big") * block_size
+
+
+class WriteStream:
+    """One WRITE(10/12/16) whose ``length`` bytes of data-out come in pieces (module docstring).
+
+    The checks run here, once, before any piece; ``write(offset, data)`` puts one piece (at
+    ``offset`` in the data-out) through the store's write path, and ``finish()`` says how the
+    command ended, after a flush where the data must be durable before GOOD (FUA, or the write
+    cache off: SBC-4 4.15). After the first failure nothing more is written: the failure is the
+    command's status. May block on the store; never raises."""
+
+    def __init__(self, lun: Lun, cdb: bytes, nexus: str, length: int) -> None:
+        self.lun, self.cdb = lun, cdb
+        #: set once the command has failed (its checks, or a store write): its final status
+        self.failed: Result | None = None
+        self._start = self._end = 0
+        self._fua = False
+        try:
+            op, _handler = _admit(lun, cdb, nexus)
+            if op.value not in STREAMED_WRITES:
+                raise ValueError(f"opcode {cdb[0]:#04x} does not stream")
+            cmd = parse_block(cdb, op, lun.n_blocks, lun.max_transfer_blocks)
+            # the whole blocks of what the initiator sends are written (as ``_block`` does)
+            blocks = min(cmd.blocks, length // lun.block_size)
+            self._start = cmd.lba * lun.block_size
+            self._end = self._start + blocks * lun.block_size
+            self._fua = cmd.fua or not lun.write_cache
+        except Exception as e:  # every failure becomes a status: _failure
+            self.failed = _failure(lun, cdb, e)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.failed is not None:
+            return
+        pos = self._start + offset
+        n = min(len(data), self._end - pos)
+        if n <= 0:
+            return
+        try:
+            self.lun.backend.write(pos, memoryview(data)[:n] if n < len(data) else data)
+        except Exception as e:
+            self.failed = _failure(self.lun, self.cdb, e)
+
+    def finish(self) -> Result:
+        if self.failed is not None:
+            return self.failed
+        try:
+            if self._fua and self._end > self._start:
+                self.lun.backend.flush()
+        except Exception as e:
+            return _failure(self.lun, self.cdb, e)
+        return Result(Status.GOOD)

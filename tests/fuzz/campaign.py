@@ -266,11 +266,12 @@ class GoodSession:
         if inq is not None and (len(inq) < 36 or inq[0] & 0x1F != 0):
             self.errors.append(f"INQUIRY: {inq[:8].hex()}")
         half = len(self.source) // BLOCK // 2
-        lba, count = rng.randrange(half - 64), rng.choice([1, 8, 64])
+        # 1024 blocks: a WRITE streamed into the store in pieces (read back below)
+        lba, count = rng.randrange(half - 1024), rng.choice([1, 8, 64, 1024])
         got = self._call("READ", struct.pack(">BBIBHB", 0x28, 0, lba, 0, count, 0), count * BLOCK, read=True)
         if got is not None and got != bytes(self.model[lba * BLOCK:(lba + count) * BLOCK]):
             self.errors.append(f"READ of LBA {lba}+{count}: data differs from the source")
-        lba = half + rng.randrange(half - 64)
+        lba = half + rng.randrange(half - 1024)
         data = rng.randbytes(count * BLOCK)
         if self._call("WRITE", struct.pack(">BBIBHB", 0x2A, 0, lba, 0, count, 0), len(data), read=False,
                       data=data) is not None:

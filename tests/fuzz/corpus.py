@@ -185,8 +185,7 @@ class Session:
         self.command(cdb, edtl=count * self.layout.block_size, read=True, write=False)
 
     def op_write(self) -> None:
-        lba, count = self._blocks()
-        count = min(count, 256)
+        lba, count = self._blocks()  # (1024 blocks: a streamed WRITE, more than one piece)
         fua = self.rng.choice([0, 0, 0x08])
         cdb = struct.pack(">BBIBHB", 0x2A, fua, lba, 0, count, 0)
         data = self.rng.randbytes(count * self.layout.block_size)
@@ -220,9 +219,10 @@ class Session:
         ini, rng = self.ini, self.rng
         victim = 0
         if rng.random() < 0.6:
-            victim = self.command(struct.pack(">BBIBHB", 0x2A, 0, rng.randrange(64), 0, 64, 0),
-                                  edtl=64 * self.layout.block_size, read=False, write=True,
-                                  data=bytes(64 * self.layout.block_size))
+            blocks = rng.choice([64, 64, 2048])  # gathered, or streamed (more than one piece)
+            victim = self.command(struct.pack(">BBIBHB", 0x2A, 0, rng.randrange(64), 0, blocks, 0),
+                                  edtl=blocks * self.layout.block_size, read=False, write=True,
+                                  data=bytes(blocks * self.layout.block_size))
         function = rng.choice([1, 1, 1, 2, 3, 4, 5, 5, 6, 7, 8, 0, 15, 0x7F])
         itt = ini.next_itt()
         ini.send([wire.task_mgmt(function=function, itt=itt, rtt=victim or rng.randrange(1 << 32),
