@@ -1,0 +1,434 @@
+# needs matplotlib for its plots: .venv/bin/pip install -e '.[bench]'
+"""A VM whose disk is a lazy LUN, over an emulated WAN, running a workload; timed against the
+same VM on other disks in the same run (issue 15: the seed's evaluation, redone).
+
+    cd bench && ../.venv/bin/python vm_workload.py [--count N] [--slow-count N]
+        [--links 100M+20ms 1G+20ms] [--disks local nbd lazy qsd] [--files N] [--ops N] [--write-mib N]
+
+The VM (bench/vm/build.sh, built once): Debian's kernel under QEMU TCG, 128 MiB, a busybox
+initramfs whose init (bench/vm/init) waits for its disk, hot-plugged once the kernel is up (a
+migrated VM meets its disk running; no copier gets a head start from a boot that reads no
+disk), then mounts the disk's ext4 and runs the workload: read /boot (boot), read 500 small
+files (files), 500 random 4 KiB O_DIRECT accesses in a 64 MiB file, one in 4 a write, then sync
+(db), write 8 MiB and sync (write); it reports each phase's start and its disk's sectors read
+and written every 0.5 s on the console. The disk is a 256 MiB ext4 image (build.sh says what
+it holds), reached as:
+
+* ``local``: a copy of the image, QEMU's file driver (no link);
+* ``nbd``: a copy behind nbdkit on the emulated WAN, QEMU's NBD driver (plain remote disk, no
+  copy; writes cross the link too);
+* ``lazy``: ``lazyiscsi serve`` on the embedded portal, source the image behind nbdkit on the
+  emulated WAN, QEMU's iSCSI driver; started just before the disk is attached, its copier
+  runs meanwhile;
+* ``qsd``: qemu-storage-daemon, a qcow2 overlay over the image behind nbdkit on the WAN,
+  copy-on-read on top, exported over NBD on a Unix socket to QEMU; ``block-stream`` started
+  just before the disk is attached.
+
+The WAN is bench/wan.py's: nbdkit's delay filter (every request waits the delay) and rate
+filter (shared by all connections). ``local`` does not depend on the link: it runs once per
+repetition and every link's ratio is against it. ``nbd`` and ``qsd`` run ``--slow-count``
+times (plain NBD takes minutes). Per cell: the median of N runs of the workload's time (mount
+to the last sync, from the guest's clock) and of the VM's wall time (the disk attached to the
+VM powered off). Output: a table, ``vm_workload.json`` (every run, its phases and I/O series)
+and two plots, ``vm_workload_times.png`` and ``vm_workload_throughput.png``, in bench/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wan import ROOT, Link, MiB, free_port, nbdkit_source
+
+sys.path.insert(0, str(ROOT.parent))  # the migration test's process and QMP helpers
+from tests.integration.peers import wait_listening, wait_until
+from tests.migration.harness import Procs
+from tests.migration.qmp import Qmp
+
+VM_BUILD = ROOT / "vm" / "build.sh"
+VM_DIR = Path(os.environ.get("LAZYISCSI_BENCH_VM", "/var/tmp/lazyiscsi-bench-vm"))
+# the first build downloads the kernel package (about 70 MB) from the host's apt mirror
+VM_BUILD_TIMEOUT_S = 900
+VM_MEMORY_MIB = 128
+LAZYISCSI = [sys.executable, "-m", "lazyiscsi.cli"]
+IQN = "iqn.2026-11.io.lazyiscsi:vmbench"
+# the kernel's boot under TCG on a loaded 2-core host
+BOOT_S = 300.0
+# one VM run at most: plain NBD at 100 Mbit/s + 50 ms is the slowest
+RUN_S = 1200.0
+LINKS = {
+    "100M+20ms": Link(10**8, 20),
+    "1G+20ms": Link(10**9, 20),
+    "100M+50ms": Link(10**8, 50),
+    "1G+50ms": Link(10**9, 50),
+}
+DISKS = ("local", "nbd", "lazy", "qsd")
+COLOURS = {"local": "tab:green", "nbd": "tab:red", "lazy": "tab:blue", "qsd": "tab:orange"}
+LABELS = {"local": "local file", "nbd": "plain remote NBD", "lazy": "lazyiscsi LUN",
+          "qsd": "qemu-storage-daemon COR + stream"}
+PHASE = re.compile(r"^LZW phase (\w+) ([\d.]+)\r?$", re.M)
+SAMPLE = re.compile(r"^LZW io ([\d.]+) (\d+) (\d+)\r?$", re.M)
+SECTOR = 512  # /sys/block/*/stat counts 512-byte sectors whatever the device's block size
+
+
+@dataclass
+class Run:
+    disk: str
+    link: str | None
+    wall_s: float  # the disk attached to QEMU exited
+    workload_s: float  # the guest's clock: mount to the end of the last phase
+    phases: dict[str, float]  # name -> seconds, in order
+    samples: list[tuple[float, int, int]]  # seconds since mount, bytes read, bytes written
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_console(text: str) -> tuple[dict[str, float], float, list[tuple[float, int, int]]]:
+    """The workload's phases (name -> seconds), its total and its I/O series, from the console;
+    an error quoting the console's end if the workload did not finish."""
+    if "LZW done" not in text or "LZW FATAL" in text:
+        raise RuntimeError("the workload did not finish; the console ends:\n" + text[-1500:])
+    marks = [(m[1], float(m[2])) for m in PHASE.finditer(text)]
+    t0 = marks[0][1]
+    # /proc/uptime has centiseconds
+    phases = {name: round(end - start, 2) for (name, start), (_, end) in itertools.pairwise(marks)}
+    samples = [(round(float(m[1]) - t0, 2), int(m[2]) * SECTOR, int(m[3]) * SECTOR)
+               for m in SAMPLE.finditer(text)]
+    return phases, round(marks[-1][1] - t0, 2), samples
+
+
+Disk = Iterator[tuple[str, Callable[[], dict[str, Any]]]]  # QEMU's drive, what to ask after the run
+
+
+@contextlib.contextmanager
+def disk_local(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+    copy = work / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    yield f"file={copy}", dict
+
+
+@contextlib.contextmanager
+def disk_nbd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+    assert link is not None
+    copy = work / "remote.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    with nbdkit_source(copy, link, writable=True) as url:
+        yield f"file={url}", dict
+
+
+@contextlib.contextmanager
+def disk_lazy(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+    assert link is not None
+    control, port = work / "control.sock", free_port()
+    with nbdkit_source(image, link) as url:
+        serve = procs.start("serve", [
+            *LAZYISCSI, "--log-level", "warning", "--control", str(control), "serve",
+            "--frontend", "portal", "--state-dir", str(work / "state"), "--source", url,
+            "--cache", str(work / "cache.img"), "--iqn", IQN, "--listen", f"127.0.0.1:{port}"])
+        wait_listening(port, serve)
+        wait_until(control.exists, "serve's control socket", proc=serve)
+
+        def after() -> dict[str, Any]:
+            r = subprocess.run([*LAZYISCSI, "--control", str(control), "status", "vol0", "--json"],
+                               capture_output=True, text=True, timeout=60)
+            (vol,) = json.loads(r.stdout)
+            return {"local_bytes_at_end": vol["local_bytes"], "size": vol["size"], "state": vol["state"]}
+
+        try:
+            yield f"file=iscsi://127.0.0.1:{port}/{IQN}/0", after
+        finally:
+            procs.stop(serve)
+
+
+@contextlib.contextmanager
+def disk_qsd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+    assert link is not None
+    overlay, sock, qmp_path = work / "overlay.qcow2", work / "qsd.sock", work / "qsd.qmp"
+    with nbdkit_source(image, link) as url:
+        host, port = url.removeprefix("nbd://").rstrip("/").split(":")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", url, str(overlay)],
+                       check=True)
+        proc = procs.start("qsd", [
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=nbd,node-name=src,server.type=inet,server.host={host},"
+                          f"server.port={port},read-only=on",
+            "--blockdev", f"driver=file,node-name=ovl-file,filename={overlay}",
+            "--blockdev", "driver=qcow2,node-name=ovl,file=ovl-file,backing=src",
+            "--blockdev", "driver=copy-on-read,node-name=cor,file=ovl",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "type=nbd,id=exp0,node-name=cor,name=lun0,writable=on",
+            "--chardev", f"socket,id=qmp0,path={qmp_path},server=on,wait=off",
+            "--monitor", "chardev=qmp0"])
+        wait_until(sock.exists, "qemu-storage-daemon's NBD socket", proc=proc)
+        qmp = Qmp(qmp_path, proc)
+        qmp.command("block-stream", {"job-id": "s0", "device": "ovl"})
+
+        def after() -> dict[str, Any]:
+            jobs = qmp.command("query-block-jobs")
+            return {"stream_done": not jobs, "stream_offset": jobs[0]["offset"] if jobs else None}
+
+        try:
+            yield f"file=nbd+unix:///lun0?socket={sock}", after
+        finally:
+            qmp.close()
+            procs.stop(proc)
+
+
+SETUP: dict[str, Callable[[Path, Link | None, Path, Procs], contextlib.AbstractContextManager[Any]]] = {
+    "local": disk_local, "nbd": disk_nbd, "lazy": disk_lazy, "qsd": disk_qsd}
+
+
+def vm_argv(console: Path, qmp: Path, kernel_args: str) -> list[str]:
+    """tests/migration/harness.py's VM, with this bench's kernel, initramfs and workload, and no
+    disk yet: it is hot-plugged once the guest is up (``attach``)."""
+    return ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", str(VM_MEMORY_MIB),
+            "-display", "none", "-nodefaults", "-no-reboot", "-nic", "none",
+            "-chardev", f"file,id=serial0,path={console}", "-serial", "chardev:serial0",
+            "-qmp", f"unix:{qmp},server=on,wait=off",
+            "-kernel", str(VM_DIR / "vmlinux"), "-initrd", str(VM_DIR / "initrd.img"),
+            "-append", f"console=ttyS0 panic=-1 quiet loglevel=1 {kernel_args}"]
+
+
+def attach(qmp: Qmp, drive: str) -> None:
+    """The disk as the VM would have had it from the start (``-drive ...,if=none`` and a
+    virtio-blk-pci device), hot-plugged: HMP's drive_add takes -drive's syntax, so every disk
+    kind is one drive string."""
+    said = qmp.command("human-monitor-command",
+                       {"command-line": f"drive_add 0 if=none,id=disk0,format=raw,{drive}"})
+    if "OK" not in said:
+        raise RuntimeError(f"drive_add {drive}: {said.strip()}")
+    qmp.command("device_add", {"driver": "virtio-blk-pci", "drive": "disk0", "id": "vda"})
+
+
+def run_once(disk: str, link_name: str | None, kernel_args: str) -> Run:
+    image = VM_DIR / "disk.img"
+    link = LINKS[link_name] if link_name else None
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="lazyiscsi-vmbench-") as d, \
+            contextlib.closing(Procs(Path(d))) as procs:
+        work = Path(d)
+        console = work / "console"
+        vm = procs.start("vm", vm_argv(console, work / "vm.qmp", kernel_args))
+        qmp = Qmp(work / "vm.qmp", vm)
+        wait_until(lambda: "LZW ready" in console.read_text(errors="replace"), "the VM's boot", BOOT_S, vm)
+        with SETUP[disk](image, link, work, procs) as (drive, after):
+            t0 = time.monotonic()
+            attach(qmp, drive)
+            try:
+                vm.wait(RUN_S)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"the VM ran over {RUN_S:.0f} s") from None
+            wall = time.monotonic() - t0
+            extra = after()
+        qmp.close()
+        text = console.read_text(errors="replace")
+        if vm.returncode != 0:
+            log = (work / "vm.log").read_text(errors="replace")
+            raise RuntimeError(f"QEMU exited with {vm.returncode}: {log[-800:]}")
+        phases, workload, samples = parse_console(text)
+    return Run(disk, link_name, wall, workload, phases, samples, extra)
+
+
+def build_vm() -> None:
+    r = subprocess.run(["bash", str(VM_BUILD), "--if-needed"], capture_output=True, text=True,
+                       timeout=VM_BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "LAZYISCSI_BENCH_VM": str(VM_DIR)})
+    if r.returncode != 0:
+        raise SystemExit(f"bench/vm/build.sh failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+
+
+def cells(runs: list[Run], links: list[str], disks: list[str]) -> dict[str, dict[str, list[Run]]]:
+    """link -> disk -> its runs; ``local`` (no link) appears under every link."""
+    return {ln: {d: [r for r in runs if r.disk == d and (d == "local" or r.link == ln)] for d in disks}
+            for ln in links}
+
+
+def median(runs: list[Run], what: str) -> float | None:
+    return statistics.median(getattr(r, what) for r in runs) if runs else None
+
+
+def summary(table: dict[str, dict[str, list[Run]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for ln, by_disk in table.items():
+        row: dict[str, Any] = {}
+        local = median(by_disk.get("local", []), "workload_s")
+        local_wall = median(by_disk.get("local", []), "wall_s")
+        for d, runs in by_disk.items():
+            w, wall = median(runs, "workload_s"), median(runs, "wall_s")
+            row[d] = {"runs": len(runs), "workload_s": w, "wall_s": wall,
+                      "workload_s_range": [min(r.workload_s for r in runs), max(r.workload_s for r in runs)]
+                      if runs else None,
+                      "phases_s": {p: statistics.median(r.phases[p] for r in runs) for p in runs[0].phases}
+                      if runs else {},
+                      "over_local": w / local if w and local else None,
+                      "wall_over_local": wall / local_wall if wall and local_wall else None}
+        out[ln] = row
+    return out
+
+
+def print_table(summ: dict[str, Any]) -> None:
+    print(f"\n{'link':<11} {'disk':<6} {'n':>2} {'workload s':>11} {'[min-max]':>15} {'x local':>8} "
+          f"{'VM wall s':>10} {'x local':>8}  phases (median s)")
+    for ln, row in summ.items():
+        for d, c in row.items():
+            if not c["runs"]:
+                print(f"{ln:<11} {d:<6}  0 (every run failed)")
+                continue
+            lo, hi = c["workload_s_range"]
+            phases = " ".join(f"{p}={s:.1f}" for p, s in c["phases_s"].items())
+            print(f"{ln:<11} {d:<6} {c['runs']:>2} {c['workload_s']:>11.2f} {f'[{lo:.2f}-{hi:.2f}]':>15} "
+                  f"{c['over_local'] or 0:>8.2f} {c['wall_s']:>10.2f} {c['wall_over_local'] or 0:>8.2f}  "
+                  f"{phases}")
+
+
+def throughput(samples: list[tuple[float, int, int]]) -> tuple[list[float], list[float]]:
+    """MiB/s read + written between consecutive samples, at the interval's end."""
+    ts, rates = [], []
+    for (t1, r1, w1), (t2, r2, w2) in itertools.pairwise(samples):
+        if t2 > t1:
+            ts.append(t2)
+            rates.append((r2 - r1 + w2 - w1) / (t2 - t1) / MiB)
+    return ts, rates
+
+
+def plot(table: dict[str, dict[str, list[Run]]], summ: dict[str, Any], out: Path, title: str) -> list[Path]:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("matplotlib is missing: .venv/bin/pip install -e '.[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    links = list(table)
+    disks = [d for d in DISKS if any(table[ln].get(d) for ln in links)]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    width = 0.8 / len(disks)
+    for i, d in enumerate(disks):
+        xs, ys, lo, hi = [], [], [], []
+        for j, ln in enumerate(links):
+            c = summ[ln].get(d)
+            if not c or not c["runs"]:
+                continue
+            xs.append(j + (i - (len(disks) - 1) / 2) * width)
+            ys.append(c["workload_s"])
+            lo.append(c["workload_s"] - c["workload_s_range"][0])
+            hi.append(c["workload_s_range"][1] - c["workload_s"])
+        bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=COLOURS[d], label=LABELS[d])
+        ratios = [summ[ln][d]["over_local"] for ln in links if summ[ln].get(d) and summ[ln][d]["runs"]]
+        ax.bar_label(bars, labels=[f"{r:.2f}x" if r else "" for r in ratios], padding=2, fontsize=8)
+    ax.set_xticks(range(len(links)), [ln.replace("+", " + ").replace("M", " Mbit/s").replace("G", " Gbit/s")
+                                      for ln in links])
+    ax.set_xlabel("emulated WAN (nbdkit rate + delay)")
+    ax.set_ylabel("workload completion time (s), median; bars: min-max")
+    ax.set_title(f"VM workload on each disk, label: time / local file's\n{title}", fontsize=10)
+    ax.legend()
+    times = out / "vm_workload_times.png"
+    fig.tight_layout()
+    fig.savefig(times, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(links), 2, figsize=(12, 3.4 * len(links)), squeeze=False)
+    for (rate_ax, done_ax), ln in zip(axes, links, strict=True):
+        for d in disks:
+            runs = sorted(table[ln].get(d, []), key=lambda r: r.workload_s)
+            if not runs:
+                continue
+            run = runs[len(runs) // 2]  # the median run
+            ts, rates = throughput(run.samples)
+            rate_ax.plot(ts, rates, color=COLOURS[d], label=LABELS[d], linewidth=1.1, drawstyle="steps-pre")
+            done = [(t, (r + w) / MiB) for t, r, w in run.samples if t >= 0]
+            done_ax.plot([t for t, _ in done], [m for _, m in done], color=COLOURS[d], label=LABELS[d],
+                         linewidth=1.4)
+            done_ax.plot([run.workload_s], [done[-1][1]], "o", color=COLOURS[d])
+        rate_ax.set_title(f"link {ln}: throughput, the median run of each disk", fontsize=10)
+        rate_ax.set_ylabel("guest disk I/O (MiB/s)")
+        done_ax.set_title(f"link {ln}: I/O done (dot: the workload's end)", fontsize=10)
+        done_ax.set_ylabel("MiB read + written since boot")
+        for ax in (rate_ax, done_ax):
+            ax.set_xlabel("time since the workload began (s)")
+            ax.set_xlim(left=0)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"the VM's disk throughput (read + written, per 0.5 s), {title}", fontsize=10)
+    series = out / "vm_workload_throughput.png"
+    fig.tight_layout()
+    fig.savefig(series, dpi=110)
+    plt.close(fig)
+    return [times, series]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--count", type=int, default=3, help="runs per cell of local and lazy (medians)")
+    ap.add_argument("--slow-count", type=int, default=1,
+                    help="runs per cell of nbd and qsd (the peers: the slowest, plain NBD most)")
+    ap.add_argument("--links", nargs="*", default=["100M+20ms", "1G+20ms"], choices=list(LINKS))
+    ap.add_argument("--disks", nargs="*", default=list(DISKS), choices=list(DISKS))
+    ap.add_argument("--files", type=int, default=500, help="files read in the files phase")
+    ap.add_argument("--ops", type=int, default=500, help="4 KiB random accesses in the db phase")
+    ap.add_argument("--write-every", type=int, default=4, help="every Nth db access is a write")
+    ap.add_argument("--write-mib", type=int, default=8, help="MiB written in the write phase")
+    ap.add_argument("--out", type=Path, default=ROOT, help="where the JSON and the plots go")
+    args = ap.parse_args()
+    for tool in ("qemu-system-x86_64", "qemu-storage-daemon", "nbdkit", "qemu-img"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing: bash scripts/setup.sh installs it")
+    build_vm()
+    kernel_args = (f"lzw.files={args.files} lzw.ops={args.ops} lzw.wevery={args.write_every} "
+                   f"lzw.write_mib={args.write_mib}")
+    with open(VM_DIR / "disk.img", "rb") as f:  # the source image in the page cache for every disk alike
+        while f.read(8 * MiB):
+            pass
+    load_start = os.getloadavg()
+    print(f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; {kernel_args}",
+          flush=True)
+    plan = [(d, None) for d in args.disks if d == "local"]
+    plan += [(d, ln) for ln in args.links for d in args.disks if d != "local"]
+    runs: list[Run] = []
+    failures: list[dict[str, Any]] = []
+    for i in range(max(args.count, args.slow_count)):
+        for disk, ln in plan:
+            if i >= (args.count if disk in ("local", "lazy") else args.slow_count):
+                continue
+            try:
+                r = run_once(disk, ln, kernel_args)
+            except Exception as e:
+                failures.append({"disk": disk, "link": ln, "error": str(e)[-500:]})
+                print(f"  run {i + 1} {disk} {ln or ''} failed: {e}", flush=True)
+                continue
+            runs.append(r)
+            phases = " ".join(f"{p}={s:.1f}" for p, s in r.phases.items())
+            print(f"  run {i + 1} {disk:<5} {ln or '-':<10} workload {r.workload_s:6.2f} s, "
+                  f"VM {r.wall_s:6.2f} s ({phases}) {r.extra or ''}", flush=True)
+    load_end = os.getloadavg()
+    table = cells(runs, args.links, args.disks)
+    summ = summary(table)
+    print_table(summ)
+    print(f"load average at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    report = {"command": " ".join(sys.argv), "kernel_args": kernel_args, "count": args.count,
+              "slow_count": args.slow_count,
+              "load_average_start": load_start, "load_average_end": load_end, "summary": summ,
+              "failures": failures, "runs": [asdict(r) for r in runs]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vm_workload.json").write_text(json.dumps(report, indent=1))
+    title = (f"local, lazy: median of {args.count} runs; nbd, qsd: {args.slow_count}; "
+             f"load average {load_start[0]:.1f}-{load_end[0]:.1f}")
+    for p in plot(table, summ, args.out, title):
+        print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()
