@@ -145,7 +145,9 @@ def disk_lazy(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
             r = subprocess.run([*LAZYISCSI, "--control", str(control), "status", "vol0", "--json"],
                                capture_output=True, text=True, timeout=60)
             (vol,) = json.loads(r.stdout)
-            return {"local_bytes_at_end": vol["local_bytes"], "size": vol["size"], "state": vol["state"]}
+            # the guest's misses (how many, how long) and the bytes fetched (more than local: twice)
+            return {k: vol.get(k) for k in ("state", "size", "local_bytes", "fetched_bytes", "hot_bytes",
+                                            "misses", "miss_p50_ms", "miss_p99_ms")}
 
         try:
             yield f"file=iscsi://127.0.0.1:{port}/{IQN}/0", after
