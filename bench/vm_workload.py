@@ -77,6 +77,8 @@ LINKS = {
     "1G+50ms": Link(10**9, 50),
 }
 DISKS = ("local", "nbd", "lazy", "qsd")
+# issue 15, acceptance 1: the lazy LUN's workload time over the local file's, at most
+TARGETS = {"100M+20ms": 1.3, "1G+20ms": 1.1}
 COLOURS = {"local": "tab:green", "nbd": "tab:red", "lazy": "tab:blue", "qsd": "tab:orange"}
 LABELS = {"local": "local file", "nbd": "plain remote NBD", "lazy": "lazyiscsi LUN",
           "qsd": "qemu-storage-daemon COR + stream"}
@@ -420,6 +422,11 @@ def main() -> None:
     summ = summary(table)
     print_table(summ)
     print(f"load average at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    for ln in args.links:
+        ratio = summ[ln].get("lazy", {}).get("over_local")
+        if ln in TARGETS and ratio:
+            verdict = "met" if ratio <= TARGETS[ln] else "NOT met"
+            print(f"acceptance 1 at {ln}: lazy / local = {ratio:.2f} (at most {TARGETS[ln]}): {verdict}")
     report = {"command": " ".join(sys.argv), "kernel_args": kernel_args, "count": args.count,
               "slow_count": args.slow_count,
               "load_average_start": load_start, "load_average_end": load_end, "summary": summ,
