@@ -115,10 +115,21 @@ def parse_console(text: str) -> tuple[dict[str, float], float, list[tuple[float,
 Disk = Iterator[tuple[str, Callable[[], dict[str, Any]]]]  # QEMU's drive, what to ask after the run
 
 
+def fresh_copy(image: Path, copy: Path) -> None:
+    """The image as the workload finds it, written out before the disk is attached (its
+    writeback must not compete with the workload)."""
+    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    fd = os.open(copy, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def disk_local(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
     copy = work / "disk.img"
-    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    fresh_copy(image, copy)
     yield f"file={copy}", dict
 
 
@@ -126,7 +137,7 @@ def disk_local(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk
 def disk_nbd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
     assert link is not None
     copy = work / "remote.img"
-    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    fresh_copy(image, copy)
     with nbdkit_source(copy, link, writable=True) as url:
         yield f"file={url}", dict
 
