@@ -4,10 +4,13 @@ The store reaches both through ``BlockFile`` so that the crash tests can put a f
 forgets unsynced writes underneath it (a fake below the unit under test, never in its place).
 ``OsFile`` is the real one.
 
-Reads and writes of a local file are done in-line: they hit the page cache and take
-microseconds, less than a thread hand-off costs. ``sync`` is the exception: an fdatasync can
-take tens of milliseconds, during which the whole gevent hub (every other LUN and session)
-would stall, so it runs in gevent's thread pool.
+Reads and small writes of a local file are done in-line: they hit the page cache and take
+microseconds, less than a thread hand-off costs. Large writes into the cache file do not: the
+store hands them to its own writer thread (``writer.py``; writing 1 MiB into fresh pages takes
+milliseconds, and longer while the filesystem throttles). These methods stay plain blocking
+calls either way; where they run is the store's choice. ``sync`` runs in gevent's thread pool:
+an fdatasync can take tens of milliseconds, during which the whole gevent hub (every other LUN
+and session) would stall.
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ Source data never lands on a unit the guest wrote. ``_fill`` checks which units 
 missing at each write into the cache, holding ``_data_lock``, which every guest write, discard
 and zero marking also holds around its own write and map update. A fill yields between its
 runs (writeback start goes to the thread pool, whose ``spawn`` yields when it is busy), so a
-check made once per fill would be stale by its second run (issue 10, defect 1).
+check made once per fill would be stale by its second run (issue 10, defect 1). A large write
+also yields inside the lock: it runs in the store's writer thread (``writer``), off the hub,
+and the lock is let go only once it has landed, even if the greenlet that made it is killed.
 
 A failed fdatasync of the cache is fail-stop (``_fail_stop``): Linux reports a writeback error
 once and marks the pages clean, so the next fdatasync succeeds without the data; retrying the
@@ -98,7 +100,9 @@ from lazyiscsi.store.extentmap import PAGE_BYTES, ExtentMap, only_in
 from lazyiscsi.store.fetch import Fetcher, RetryPolicy, store_error_class
 from lazyiscsi.store.hotspots import Hotspots
 from lazyiscsi.store.newcache import size_new_cache, undo_new_cache
+from lazyiscsi.store.prioritylock import PriorityLock
 from lazyiscsi.store.superblock import CacheState, Phase, Superblock, read_superblock, write_superblock
+from lazyiscsi.store.writer import CacheWriter, WriteThread, wait_out
 
 log = structlog.get_logger("lazyiscsi.store")
 
@@ -183,10 +187,13 @@ class LazyDisk:
         autocommit_s: float | None,
         retry: RetryPolicy | None,
         opener: FileOpener,
+        writer: WriteThread,
         awaiting_source: str | None = None,
     ) -> None:
         self.path = path
         self._opener = opener
+        #: large cache writes run here, off the hub (writer.py); small ones in-line
+        self._writer = writer
         self._sb = sb
         self.size = sb.size
         self.unit = sb.unit
@@ -216,8 +223,10 @@ class LazyDisk:
         # completion, the cutover may still invalidate units
         self._complete = emap.complete and sb.phase is Phase.POST_COPY
         self._commit_lock = gevent.lock.Semaphore()
-        # held around every write into the cache and the map update that goes with it
-        self._data_lock = gevent.lock.Semaphore()
+        # held around every write into the cache and the map update that goes with it; the
+        # copier's fills and zero marking hold it as background, so that a guest's write or
+        # miss waits for the write under way only, not for the copier's queue (prioritylock)
+        self._data_lock = PriorityLock()
         # .written pages are written one at a time, each with the bits of that moment: two
         # writers racing could otherwise land an older image of a page over a newer one
         self._written_lock = gevent.lock.Semaphore()
@@ -263,6 +272,7 @@ class LazyDisk:
         opener: FileOpener = OsFile,
         live: bool = False,
         awaiting_source: str | None = None,
+        writer: Callable[[], WriteThread] = CacheWriter,
     ) -> LazyDisk:
         """Open the cache at ``path``, creating it from ``source`` if there is none.
 
@@ -377,7 +387,7 @@ class LazyDisk:
             source = None
         disk = cls(path, sb, cache, mapfile, emap, source, (writtenfile, written), readahead=readahead,
                    io_timeout=io_timeout, autocommit_s=autocommit_s, retry=retry, opener=opener,
-                   awaiting_source=awaiting_source)
+                   awaiting_source=awaiting_source, writer=writer())
         if orphans:
             # the previous process died in this boot: its acknowledged writes are in the page
             # cache; commit syncs them before their map bits
@@ -528,7 +538,7 @@ class LazyDisk:
                     self._await(b - 1, b)
             with self._data_lock:
                 self._check_writable()  # the volume may have failed while we waited
-                self._cache_write(self._cache.pwrite, data, offset)
+                self._cache_write(self._cache.pwrite, data, offset, nbytes=len(data))
                 self._mark_local(a, b)
             self._note_written(a, b)
         if fua:
@@ -633,7 +643,7 @@ class LazyDisk:
         end = offset + length
         b = self._map.n_units if end >= self.size else end // self.unit
         while True:
-            with self._data_lock:  # checked at each punch, as in ``_fill``
+            with self._data_lock.background():  # checked at each punch, as in ``_fill``
                 self._check_writable()
                 if epoch is not None and epoch != self._fetcher.epoch:
                     return
@@ -875,7 +885,9 @@ class LazyDisk:
         self._drop_source()
 
     def close(self) -> None:
-        """Stop fetching, commit what is local, release the files and the source."""
+        """Stop fetching, commit what is local, release the files and the source. A fill whose
+        write is in the writer thread ends with that write (``writer.wait_out``), so the commit
+        covers it and no write lands in a closed file."""
         if self._closed:
             return
         self._closed = True
@@ -894,7 +906,11 @@ class LazyDisk:
         except OSError as e:
             raise self._cache_error(e, "sync the written-units file") from None
         finally:
-            self._cache.close()
+            # a guest write still in the writer thread holds the lock: it ends before its file
+            # is closed (the fills ended with their flights)
+            with self._data_lock:
+                self._cache.close()
+            self._writer.close()
             self._mapfile.close()
             self._writtenfile.close()
             self._drop_source()
@@ -934,9 +950,16 @@ class LazyDisk:
         log.error("cache_io_failed", path=self.path, what=what, error=e.strerror)
         return cls(f"{self.path}: cannot {what} ({e.strerror})")
 
-    def _cache_write(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _cache_write(self, fn, *args, nbytes: int = 0) -> None:  # type: ignore[no-untyped-def]
+        """One write into the cache, in-line or (``nbytes`` large) in the writer thread. Either
+        way it has landed, or failed, when this returns: the caller holds ``_data_lock``
+        across it, so a write handed over yields to the hub with the lock held, and no guest
+        write or other fill of the same units can come between its check and its landing."""
         try:
-            fn(*args)
+            if nbytes and self._writer.offloads(nbytes):
+                wait_out(self._writer.submit(fn, *args))
+            else:
+                fn(*args)
         except OSError as e:
             raise self._cache_error(e, "write the cache") from None
 
@@ -997,7 +1020,7 @@ class LazyDisk:
         base = start * self.unit
         pos = start
         while True:
-            with self._data_lock:
+            with self._data_lock if priority is Priority.FOREGROUND else self._data_lock.background():
                 self._check_writable()
                 runs = self._map.missing_runs(pos, end)
                 if epoch != self._fetcher.epoch and self._invalid is not None:
@@ -1008,7 +1031,8 @@ class LazyDisk:
                 a, pos = run
                 off = a * self.unit
                 length = min(pos * self.unit, self.size) - off
-                self._cache_write(self._cache.pwrite, data[off - base:off - base + length], off)
+                self._cache_write(self._cache.pwrite, data[off - base:off - base + length], off,
+                                  nbytes=length)
                 filled += self._mark_local(a, pos)
             if priority is Priority.BACKGROUND:
                 self._cache.start_writeback(off, length)

@@ -205,6 +205,59 @@ class GatedDisk:
         return f
 
 
+class GatedWriter:
+    """The store's writer thread (``lazyiscsi.store.writer``), below the store: each write handed
+    over runs in a greenlet of its own, so that, as in a thread, killing the greenlet that
+    handed it over does not stop it; it lands when the gate lets its ``pwrite`` go. Writes of
+    at least ``offload_min`` bytes are handed over (the real threshold is 64 KiB; the tests'
+    units are 512 bytes). No order among writes is promised: the real thread runs them in
+    order, the fake promises less. ``die`` is the process dying: writes not landed never do."""
+
+    def __init__(self, offload_min: int) -> None:
+        self.offload_min = offload_min
+        #: writes handed over and not ended, with the result their waiter waits on
+        self.threads: dict[gevent.Greenlet, AsyncResult] = {}
+        self.handed = 0  # writes handed over: the tests check the path was taken
+        self.dead = False  # the process died: a write handed over now never runs
+
+    def offloads(self, nbytes: int) -> bool:
+        return nbytes >= self.offload_min
+
+    def submit(self, fn, *args) -> AsyncResult:  # type: ignore[no-untyped-def]
+        done: AsyncResult = AsyncResult()
+        if self.dead:  # the model kills a dead process's greenlets one by one: one may get here
+            done.set_exception(gevent.GreenletExit("the process died"))
+            return done
+        self.handed += 1
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as e:
+                done.set_exception(e)
+            else:
+                done.set(None)
+
+        g = gevent.spawn(run)
+        self.threads[g] = done
+        g.link(lambda g: self.threads.pop(g, None))
+        return done
+
+    def die(self) -> None:
+        """The writes not landed never land; their waiters are told so (a write killed before
+        its greenlet first ran would otherwise leave its waiter, which ``wait_out`` keeps
+        waiting through its own kill, waiting for ever: the model kills the waiters next)."""
+        self.dead = True
+        pending = list(self.threads.items())
+        gevent.killall([g for g, _ in pending])
+        for _, done in pending:
+            if not done.ready():
+                done.set_exception(gevent.GreenletExit("the process died"))
+
+    def close(self) -> None:
+        assert not self.threads, "closed with writes still in the writer thread"
+
+
 class GatedSource:
     """A source whose every reply parks on the gate; the test releases it as data or as an
     error (``SourceReadError``: the server answered EIO; ``SourceUnavailable``: no answer)."""
