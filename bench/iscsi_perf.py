@@ -97,6 +97,14 @@ def start_tgtd(image: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     return proc, f"iscsi://127.0.0.1:{port}/{iqn}/1", ctl
 
 
+def stop_tgtd(proc: subprocess.Popen[bytes], ctl: str) -> None:
+    """tgtd ignores SIGTERM while it has targets: delete ours, then kill it."""
+    subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", "--mode", "target", "--op", "delete",
+                    "--force", "--tid", "1"], capture_output=True)
+    proc.kill()
+    proc.wait()
+
+
 def warm(*paths: Path) -> None:
     """Read files whole, so that their pages are in the page cache for the next run."""
     for path in paths:
@@ -139,10 +147,7 @@ def main() -> None:
         finally:
             lazy.send_signal(signal.SIGTERM)
             lazy.wait(30)
-            subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", "--mode", "target", "--op", "delete",
-                            "--force", "--tid", "1"], capture_output=True)
-            tgt.kill()
-            tgt.wait()
+            stop_tgtd(tgt, ctl)
     print(f"\n{'case':<12} {'lazyiscsi IOPS':<26} {'tgtd IOPS':<26} {'lazy/tgtd':>9}")
     for case, cells in results.items():
         lz, tg = statistics.median(cells["lazyiscsi"]), statistics.median(cells["tgtd"])

@@ -3,7 +3,8 @@
 same VM on other disks in the same run (issue 15: the seed's evaluation, redone).
 
     cd bench && ../.venv/bin/python vm_workload.py [--count N] [--slow-count N]
-        [--links 100M+20ms 1G+20ms] [--disks local nbd lazy qsd] [--files N] [--ops N] [--write-mib N]
+        [--links 100M+20ms 1G+20ms] [--disks local tgtd lazy-complete nbd lazy qsd]
+        [--files N] [--ops N] [--write-mib N] [--from-json vm_workload.json]
 
 The VM (bench/vm/build.sh, built once): Debian's kernel under QEMU TCG, 128 MiB, a busybox
 initramfs whose init (bench/vm/init) waits for its disk, hot-plugged once the kernel is up (a
@@ -15,6 +16,11 @@ and written every 0.5 s on the console. The disk is a 256 MiB ext4 image (build.
 it holds), reached as:
 
 * ``local``: a copy of the image, QEMU's file driver (no link);
+* ``tgtd``: a copy of the image served by tgtd, QEMU's iSCSI driver (no link): the cost of the
+  iSCSI path itself (libiscsi in QEMU, a userspace target, TCP on loopback) against ``local``;
+* ``lazy-complete``: ``lazyiscsi serve`` on the embedded portal, its cache already complete
+  (``lazyiscsi hydrate`` before serve starts), QEMU's iSCSI driver (no link): our portal and
+  store against tgtd, and the floor ``lazy`` would reach if every read were local;
 * ``nbd``: a copy behind nbdkit on the emulated WAN, QEMU's NBD driver (plain remote disk, no
   copy; writes cross the link too);
 * ``lazy``: ``lazyiscsi serve`` on the embedded portal, source the image behind nbdkit on the
@@ -25,12 +31,16 @@ it holds), reached as:
   just before the disk is attached.
 
 The WAN is bench/wan.py's: nbdkit's delay filter (every request waits the delay) and rate
-filter (shared by all connections). ``local`` does not depend on the link: it runs once per
-repetition and every link's ratio is against it. ``nbd`` and ``qsd`` run ``--slow-count``
+filter (shared by all connections). ``local``, ``tgtd`` and ``lazy-complete`` do not depend on
+the link: they run once per repetition, and every ratio is against ``local`` of the same run
+(``--disks local tgtd lazy-complete`` runs only them). ``nbd`` and ``qsd`` run ``--slow-count``
 times (plain NBD takes minutes). Per cell: the median of N runs of the workload's time (mount
-to the last sync, from the guest's clock) and of the VM's wall time (the disk attached to the
-VM powered off). Output: a table, ``vm_workload.json`` (every run, its phases and I/O series)
-and two plots, ``vm_workload_times.png`` and ``vm_workload_throughput.png``, in bench/.
+to the last sync, from the guest's clock), of each phase and of the VM's wall time (the disk
+attached to the VM powered off). Output: a table, the same per phase, the ratios that split
+lazy / local into its parts (tgtd / local: the iSCSI path; lazy-complete / tgtd: our portal
+against tgtd; lazy / lazy-complete: being lazy), ``vm_workload.json`` (every run, its phases
+and I/O series) and two plots, ``vm_workload_times.png`` and ``vm_workload_throughput.png``,
+in bench/. ``--from-json`` prints and plots a saved run again without running anything.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iscsi_perf import start_tgtd, stop_tgtd
 from wan import ROOT, Link, MiB, free_port, nbdkit_source
 
 sys.path.insert(0, str(ROOT.parent))  # the migration test's process and QMP helpers
@@ -76,12 +87,26 @@ LINKS = {
     "100M+50ms": Link(10**8, 50),
     "1G+50ms": Link(10**9, 50),
 }
-DISKS = ("local", "nbd", "lazy", "qsd")
+DISKS = ("local", "tgtd", "lazy-complete", "nbd", "lazy", "qsd")
+# the disks that reach nothing over the link: one run per repetition, not one per link
+NO_LINK = ("local", "tgtd", "lazy-complete")
+# the group NO_LINK's disks are tabled, plotted and kept in the JSON's summary under
+NONE = "none"
+# run --count times; the others (the slow peers) --slow-count times
+FAST = (*NO_LINK, "lazy")
 # issue 15, acceptance 1: the lazy LUN's workload time over the local file's, at most
 TARGETS = {"100M+20ms": 1.3, "1G+20ms": 1.1}
-COLOURS = {"local": "tab:green", "nbd": "tab:red", "lazy": "tab:blue", "qsd": "tab:orange"}
-LABELS = {"local": "local file", "nbd": "plain remote NBD", "lazy": "lazyiscsi LUN",
-          "qsd": "qemu-storage-daemon COR + stream"}
+COLOURS = {"local": "tab:green", "tgtd": "tab:purple", "lazy-complete": "tab:cyan", "nbd": "tab:red",
+           "lazy": "tab:blue", "qsd": "tab:orange"}
+LABELS = {"local": "local file", "tgtd": "tgtd (iSCSI, no link)",
+          "lazy-complete": "lazyiscsi LUN, copy complete (no link)", "nbd": "plain remote NBD",
+          "lazy": "lazyiscsi LUN", "qsd": "qemu-storage-daemon COR + stream"}
+# what each quotient of two cells' medians isolates: (numerator, denominator, what it is)
+PARTS = (("tgtd", "local", "the iSCSI path (QEMU's libiscsi, a userspace target) against QEMU's file driver"),
+         ("lazy-complete", "tgtd", "our portal and store against tgtd, both local"),
+         ("lazy", "lazy-complete", "being lazy: misses and the copier against the same LUN complete"))
+# a hydrate of the 256 MiB image from a local file: seconds, on a loaded machine
+HYDRATE_S = 300
 PHASE = re.compile(r"^LZW phase (\w+) ([\d.]+)\r?$", re.M)
 SAMPLE = re.compile(r"^LZW io ([\d.]+) (\d+) (\d+)\r?$", re.M)
 SECTOR = 512  # /sys/block/*/stat counts 512-byte sectors whatever the device's block size
@@ -96,6 +121,8 @@ class Run:
     phases: dict[str, float]  # name -> seconds, in order
     samples: list[tuple[float, int, int]]  # seconds since mount, bytes read, bytes written
     extra: dict[str, Any] = field(default_factory=dict)
+    # the 1-minute load average when the VM started and when it powered off (the machine is shared)
+    load: tuple[float, float] = (0.0, 0.0)
 
 
 def parse_console(text: str) -> tuple[dict[str, float], float, list[tuple[float, int, int]]]:
@@ -115,15 +142,20 @@ def parse_console(text: str) -> tuple[dict[str, float], float, list[tuple[float,
 Disk = Iterator[tuple[str, Callable[[], dict[str, Any]]]]  # QEMU's drive, what to ask after the run
 
 
-def fresh_copy(image: Path, copy: Path) -> None:
-    """The image as the workload finds it, written out before the disk is attached (its
+def write_out(path: Path) -> None:
+    """fsync ``path``: a file just written is written out before the disk is attached (its
     writeback must not compete with the workload)."""
-    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
-    fd = os.open(copy, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fresh_copy(image: Path, copy: Path) -> None:
+    """The image as the workload finds it, written out."""
+    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    write_out(copy)
 
 
 @contextlib.contextmanager
@@ -143,29 +175,65 @@ def disk_nbd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
 
 
 @contextlib.contextmanager
+def disk_tgtd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+    copy = work / "tgtd.img"
+    fresh_copy(image, copy)
+    proc, url, ctl = start_tgtd(copy)  # bench/iscsi_perf.py's: its own port and control socket
+    try:
+        yield f"file={url}", dict
+    finally:
+        stop_tgtd(proc, ctl)
+
+
+@contextlib.contextmanager
+def serve_portal(source: str, work: Path, procs: Procs) -> Disk:
+    """``lazyiscsi serve`` on the embedded portal, LUN 0 from ``source`` into ``work/cache.img``
+    (created, or resumed if there); what to ask after the run: its volume's status."""
+    control, port = work / "control.sock", free_port()
+    serve = procs.start("serve", [
+        *LAZYISCSI, "--log-level", "warning", "--control", str(control), "serve",
+        "--frontend", "portal", "--state-dir", str(work / "state"), "--source", source,
+        "--cache", str(work / "cache.img"), "--iqn", IQN, "--listen", f"127.0.0.1:{port}"])
+    wait_listening(port, serve)
+    wait_until(control.exists, "serve's control socket", proc=serve)
+
+    def status() -> dict[str, Any]:
+        r = subprocess.run([*LAZYISCSI, "--control", str(control), "status", "vol0", "--json"],
+                           capture_output=True, text=True, timeout=60)
+        (vol,) = json.loads(r.stdout)
+        # the guest's misses (how many, how long) and the bytes fetched (more than local: twice)
+        return {k: vol.get(k) for k in ("state", "size", "local_bytes", "fetched_bytes", "hot_bytes",
+                                        "misses", "miss_p50_ms", "miss_p99_ms")}
+
+    try:
+        yield f"file=iscsi://127.0.0.1:{port}/{IQN}/0", status
+    finally:
+        procs.stop(serve)
+
+
+@contextlib.contextmanager
 def disk_lazy(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
     assert link is not None
-    control, port = work / "control.sock", free_port()
-    with nbdkit_source(image, link) as url:
-        serve = procs.start("serve", [
-            *LAZYISCSI, "--log-level", "warning", "--control", str(control), "serve",
-            "--frontend", "portal", "--state-dir", str(work / "state"), "--source", url,
-            "--cache", str(work / "cache.img"), "--iqn", IQN, "--listen", f"127.0.0.1:{port}"])
-        wait_listening(port, serve)
-        wait_until(control.exists, "serve's control socket", proc=serve)
+    with nbdkit_source(image, link) as url, serve_portal(url, work, procs) as disk:
+        yield disk
 
-        def after() -> dict[str, Any]:
-            r = subprocess.run([*LAZYISCSI, "--control", str(control), "status", "vol0", "--json"],
-                               capture_output=True, text=True, timeout=60)
-            (vol,) = json.loads(r.stdout)
-            # the guest's misses (how many, how long) and the bytes fetched (more than local: twice)
-            return {k: vol.get(k) for k in ("state", "size", "local_bytes", "fetched_bytes", "hot_bytes",
-                                            "misses", "miss_p50_ms", "miss_p99_ms")}
 
-        try:
-            yield f"file=iscsi://127.0.0.1:{port}/{IQN}/0", after
-        finally:
-            procs.stop(serve)
+@contextlib.contextmanager
+def disk_lazy_complete(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+    """The same LUN as ``lazy``'s, its cache hydrated from the image (a local file, read-only)
+    before serve starts, so no read can miss and no copier runs; the cache written out first,
+    as ``fresh_copy``'s copies are."""
+    cache = work / "cache.img"
+    r = subprocess.run([*LAZYISCSI, "--log-level", "warning", "hydrate", "--source", str(image),
+                        "--cache", str(cache)], capture_output=True, text=True, timeout=HYDRATE_S)
+    if r.returncode != 0:
+        raise RuntimeError(f"lazyiscsi hydrate exited with {r.returncode}: {r.stderr[-800:]}")
+    for path in work.glob("cache.img*"):  # the data, its map and its meta
+        write_out(path)
+    with serve_portal(str(image), work, procs) as (drive, status):
+        if (state := status()["state"]) != "complete":
+            raise RuntimeError(f"the hydrated LUN is {state}, not complete")
+        yield drive, status
 
 
 @contextlib.contextmanager
@@ -203,7 +271,8 @@ def disk_qsd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
 
 
 SETUP: dict[str, Callable[[Path, Link | None, Path, Procs], contextlib.AbstractContextManager[Any]]] = {
-    "local": disk_local, "nbd": disk_nbd, "lazy": disk_lazy, "qsd": disk_qsd}
+    "local": disk_local, "tgtd": disk_tgtd, "lazy-complete": disk_lazy_complete, "nbd": disk_nbd,
+    "lazy": disk_lazy, "qsd": disk_qsd}
 
 
 def vm_argv(console: Path, qmp: Path, kernel_args: str) -> list[str]:
@@ -235,6 +304,7 @@ def run_once(disk: str, link_name: str | None, kernel_args: str) -> Run:
             contextlib.closing(Procs(Path(d))) as procs:
         work = Path(d)
         console = work / "console"
+        load_start = os.getloadavg()[0]
         vm = procs.start("vm", vm_argv(console, work / "vm.qmp", kernel_args))
         qmp = Qmp(work / "vm.qmp", vm)
         wait_until(lambda: "LZW ready" in console.read_text(errors="replace"), "the VM's boot", BOOT_S, vm)
@@ -253,7 +323,7 @@ def run_once(disk: str, link_name: str | None, kernel_args: str) -> Run:
             log = (work / "vm.log").read_text(errors="replace")
             raise RuntimeError(f"QEMU exited with {vm.returncode}: {log[-800:]}")
         phases, workload, samples = parse_console(text)
-    return Run(disk, link_name, wall, workload, phases, samples, extra)
+    return Run(disk, link_name, wall, workload, phases, samples, extra, (load_start, os.getloadavg()[0]))
 
 
 def build_vm() -> None:
@@ -265,47 +335,92 @@ def build_vm() -> None:
 
 
 def cells(runs: list[Run], links: list[str], disks: list[str]) -> dict[str, dict[str, list[Run]]]:
-    """link -> disk -> its runs; ``local`` (no link) appears under every link."""
-    return {ln: {d: [r for r in runs if r.disk == d and (d == "local" or r.link == ln)] for d in disks}
-            for ln in links}
+    """group -> disk -> its runs: the disks that reach nothing over the link under ``NONE``, the
+    others under each link."""
+    groups = {NONE: [d for d in disks if d in NO_LINK]}
+    groups |= {ln: [d for d in disks if d not in NO_LINK] for ln in links}
+    return {g: {d: [r for r in runs if r.disk == d and r.link == (None if g == NONE else g)] for d in ds}
+            for g, ds in groups.items() if ds}
 
 
 def median(runs: list[Run], what: str) -> float | None:
     return statistics.median(getattr(r, what) for r in runs) if runs else None
 
 
+def quotient(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
 def summary(table: dict[str, dict[str, list[Run]]]) -> dict[str, Any]:
+    """group -> disk -> medians (workload, VM wall time, each phase) and their ratios to the
+    local file's of the same run."""
     out: dict[str, Any] = {}
-    for ln, by_disk in table.items():
+    local_runs = table.get(NONE, {}).get("local", [])
+    local, local_wall = median(local_runs, "workload_s"), median(local_runs, "wall_s")
+    local_phases = {p: statistics.median(r.phases[p] for r in local_runs) for p in local_runs[0].phases} \
+        if local_runs else {}
+    for g, by_disk in table.items():
         row: dict[str, Any] = {}
-        local = median(by_disk.get("local", []), "workload_s")
-        local_wall = median(by_disk.get("local", []), "wall_s")
         for d, runs in by_disk.items():
             w, wall = median(runs, "workload_s"), median(runs, "wall_s")
+            phases = {p: statistics.median(r.phases[p] for r in runs) for p in runs[0].phases} if runs else {}
             row[d] = {"runs": len(runs), "workload_s": w, "wall_s": wall,
                       "workload_s_range": [min(r.workload_s for r in runs), max(r.workload_s for r in runs)]
                       if runs else None,
-                      "phases_s": {p: statistics.median(r.phases[p] for r in runs) for p in runs[0].phases}
-                      if runs else {},
-                      "over_local": w / local if w and local else None,
-                      "wall_over_local": wall / local_wall if wall and local_wall else None}
-        out[ln] = row
+                      "phases_s": phases,
+                      "over_local": quotient(w, local), "wall_over_local": quotient(wall, local_wall),
+                      "phases_over_local": {p: quotient(v, local_phases.get(p)) for p, v in phases.items()}}
+        out[g] = row
     return out
 
 
-def print_table(summ: dict[str, Any]) -> None:
-    print(f"\n{'link':<11} {'disk':<6} {'n':>2} {'workload s':>11} {'[min-max]':>15} {'x local':>8} "
-          f"{'VM wall s':>10} {'x local':>8}  phases (median s)")
-    for ln, row in summ.items():
+def cell(summ: dict[str, Any], group: str, disk: str) -> dict[str, Any] | None:
+    c = summ.get(group, {}).get(disk)
+    return c if c and c["runs"] else None
+
+
+def parts(summ: dict[str, Any]) -> list[dict[str, Any]]:
+    """lazy / local split into its factors (``PARTS``), each a ratio of two cells' medians, total
+    and per phase: how much of the lazy LUN's time is the iSCSI path, how much our portal, how
+    much being lazy on each link."""
+    out = []
+    links = [g for g in summ if g != NONE]
+    for num, den, what in PARTS:
+        for g in ([NONE] if num in NO_LINK else links):
+            a, b = cell(summ, g, num), cell(summ, NONE if den in NO_LINK else g, den)
+            if a and b:
+                out.append({"ratio": f"{num} / {den}", "link": None if g == NONE else g, "what": what,
+                            "workload": quotient(a["workload_s"], b["workload_s"]),
+                            "phases": {p: quotient(v, b["phases_s"].get(p))
+                                       for p, v in a["phases_s"].items()}})
+    return out
+
+
+def print_table(summ: dict[str, Any], split: list[dict[str, Any]]) -> None:
+    print(f"\n{'link':<11} {'disk':<13} {'n':>2} {'workload s':>11} {'[min-max]':>15} {'x local':>8} "
+          f"{'VM wall s':>10} {'x local':>8}")
+    for g, row in summ.items():
         for d, c in row.items():
             if not c["runs"]:
-                print(f"{ln:<11} {d:<6}  0 (every run failed)")
+                print(f"{g:<11} {d:<13}  0 (every run failed)")
                 continue
             lo, hi = c["workload_s_range"]
-            phases = " ".join(f"{p}={s:.1f}" for p, s in c["phases_s"].items())
-            print(f"{ln:<11} {d:<6} {c['runs']:>2} {c['workload_s']:>11.2f} {f'[{lo:.2f}-{hi:.2f}]':>15} "
-                  f"{c['over_local'] or 0:>8.2f} {c['wall_s']:>10.2f} {c['wall_over_local'] or 0:>8.2f}  "
-                  f"{phases}")
+            print(f"{g:<11} {d:<13} {c['runs']:>2} {c['workload_s']:>11.2f} {f'[{lo:.2f}-{hi:.2f}]':>15} "
+                  f"{c['over_local'] or 0:>8.2f} {c['wall_s']:>10.2f} {c['wall_over_local'] or 0:>8.2f}")
+    names = next((list(c["phases_s"]) for row in summ.values() for c in row.values() if c["runs"]), [])
+    print(f"\nper phase: median s (x local's)\n{'link':<11} {'disk':<13} "
+          + " ".join(f"{p:>14}" for p in names))
+    for g, row in summ.items():
+        for d, c in row.items():
+            if c["runs"]:
+                pairs = [f"{c['phases_s'][p]:.2f} ({c['phases_over_local'][p] or 0:.2f})" for p in names]
+                print(f"{g:<11} {d:<13} " + " ".join(f"{pair:>14}" for pair in pairs))
+    if split:
+        print(f"\nparts of lazy / local (ratios of medians)\n{'ratio':<22} {'link':<11} {'workload':>8} "
+              + " ".join(f"{p:>7}" for p in names))
+        for s in split:
+            print(f"{s['ratio']:<22} {s['link'] or NONE:<11} {s['workload'] or 0:>8.2f} "
+                  + " ".join(f"{s['phases'].get(p) or 0:>7.2f}" for p in names) + f"  ({s['what']})")
 
 
 def throughput(samples: list[tuple[float, int, int]]) -> tuple[list[float], list[float]]:
@@ -318,7 +433,15 @@ def throughput(samples: list[tuple[float, int, int]]) -> tuple[list[float], list
     return ts, rates
 
 
+def group_label(group: str) -> str:
+    if group == NONE:
+        return "no link"
+    return group.replace("+", " + ").replace("M", " Mbit/s").replace("G", " Gbit/s")
+
+
 def plot(table: dict[str, dict[str, list[Run]]], summ: dict[str, Any], out: Path, title: str) -> list[Path]:
+    """Completion time per cell (bars, grouped: no link, then each link) and the median run's
+    I/O over time per group. Legends go right of the axes, never over a bar or a line."""
     try:
         import matplotlib
     except ImportError:
@@ -326,97 +449,82 @@ def plot(table: dict[str, dict[str, list[Run]]], summ: dict[str, Any], out: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    links = list(table)
-    disks = [d for d in DISKS if any(table[ln].get(d) for ln in links)]
-    fig, ax = plt.subplots(figsize=(9, 5))
-    width = 0.8 / len(disks)
-    for i, d in enumerate(disks):
-        xs, ys, lo, hi = [], [], [], []
-        for j, ln in enumerate(links):
-            c = summ[ln].get(d)
-            if not c or not c["runs"]:
-                continue
-            xs.append(j + (i - (len(disks) - 1) / 2) * width)
-            ys.append(c["workload_s"])
-            lo.append(c["workload_s"] - c["workload_s_range"][0])
-            hi.append(c["workload_s_range"][1] - c["workload_s"])
-        bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=COLOURS[d], label=LABELS[d])
-        ratios = [summ[ln][d]["over_local"] for ln in links if summ[ln].get(d) and summ[ln][d]["runs"]]
-        ax.bar_label(bars, labels=[f"{r:.2f}x" if r else "" for r in ratios], padding=2, fontsize=8)
-    ax.set_xticks(range(len(links)), [ln.replace("+", " + ").replace("M", " Mbit/s").replace("G", " Gbit/s")
-                                      for ln in links])
+    groups = list(table)
+    shown = {g: [d for d in DISKS if cell(summ, g, d)] for g in groups}
+    width = 0.8 / max(len(ds) for ds in shown.values())
+    fig, ax = plt.subplots(figsize=(10, 5))
+    labelled: set[str] = set()
+    for j, g in enumerate(groups):
+        for i, d in enumerate(shown[g]):
+            c = summ[g][d]
+            lo, hi = c["workload_s_range"]
+            x = j + (i - (len(shown[g]) - 1) / 2) * width
+            ax.bar([x], [c["workload_s"]], width, yerr=[[c["workload_s"] - lo], [hi - c["workload_s"]]],
+                   capsize=3, color=COLOURS[d], label=None if d in labelled else LABELS[d])
+            labelled.add(d)
+            if ratio := c["over_local"]:  # above the error bar, which bar_label's text would cross
+                ax.annotate(f"{ratio:.2f}x", (x, hi), xytext=(0, 3), textcoords="offset points",
+                            ha="center", fontsize=8)
+    if local := cell(summ, NONE, "local"):
+        ax.axhline(local["workload_s"], color=COLOURS["local"], linestyle="--", linewidth=0.8,
+                   label="local file's median")
+    ax.set_xticks(range(len(groups)), [group_label(g) for g in groups])
     ax.set_xlabel("emulated WAN (nbdkit rate + delay)")
     ax.set_ylabel("workload completion time (s), median; bars: min-max")
+    ax.margins(y=0.08)
     ax.set_title(f"VM workload on each disk, label: time / local file's\n{title}", fontsize=10)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     times = out / "vm_workload_times.png"
-    fig.tight_layout()
-    fig.savefig(times, dpi=110)
+    fig.savefig(times, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    fig, axes = plt.subplots(len(links), 2, figsize=(12, 3.4 * len(links)), squeeze=False)
-    for (rate_ax, done_ax), ln in zip(axes, links, strict=True):
-        for d in disks:
-            runs = sorted(table[ln].get(d, []), key=lambda r: r.workload_s)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.4 * len(groups)), squeeze=False)
+    handles: dict[str, Any] = {}
+    for (rate_ax, done_ax), g in zip(axes, groups, strict=True):
+        # each link's row has the local file's run too, as the reference
+        reference = table.get(NONE, {}).get("local", []) if g != NONE else []
+        for d, runs in ([("local", reference)] if reference else []) + list(table[g].items()):
             if not runs:
                 continue
-            run = runs[len(runs) // 2]  # the median run
+            run = sorted(runs, key=lambda r: r.workload_s)[len(runs) // 2]  # the median run
             ts, rates = throughput(run.samples)
-            rate_ax.plot(ts, rates, color=COLOURS[d], label=LABELS[d], linewidth=1.1, drawstyle="steps-pre")
+            rate_ax.plot(ts, rates, color=COLOURS[d], linewidth=1.1, drawstyle="steps-pre")
             done = [(t, (r + w) / MiB) for t, r, w in run.samples if t >= 0]
-            done_ax.plot([t for t, _ in done], [m for _, m in done], color=COLOURS[d], label=LABELS[d],
-                         linewidth=1.4)
+            (handles[d],) = done_ax.plot([t for t, _ in done], [m for _, m in done], color=COLOURS[d],
+                                         linewidth=1.4)
             done_ax.plot([run.workload_s], [done[-1][1]], "o", color=COLOURS[d])
-        rate_ax.set_title(f"link {ln}: throughput, the median run of each disk", fontsize=10)
+        rate_ax.set_title(f"{group_label(g)}: throughput, the median run of each disk", fontsize=10)
         rate_ax.set_ylabel("guest disk I/O (MiB/s)")
-        done_ax.set_title(f"link {ln}: I/O done (dot: the workload's end)", fontsize=10)
+        done_ax.set_title(f"{group_label(g)}: I/O done (dot: the workload's end)", fontsize=10)
         done_ax.set_ylabel("MiB read + written since boot")
         for ax in (rate_ax, done_ax):
             ax.set_xlabel("time since the workload began (s)")
             ax.set_xlim(left=0)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+    order = [d for d in DISKS if d in handles]
+    fig.legend([handles[d] for d in order], [LABELS[d] for d in order], loc="upper left",
+               bbox_to_anchor=(1.0, 0.95), fontsize=8)
     fig.suptitle(f"the VM's disk throughput (read + written, per 0.5 s), {title}", fontsize=10)
-    series = out / "vm_workload_throughput.png"
     fig.tight_layout()
-    fig.savefig(series, dpi=110)
+    series = out / "vm_workload_throughput.png"
+    fig.savefig(series, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [times, series]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--count", type=int, default=3, help="runs per cell of local and lazy (medians)")
-    ap.add_argument("--slow-count", type=int, default=1,
-                    help="runs per cell of nbd and qsd (the peers: the slowest, plain NBD most)")
-    ap.add_argument("--links", nargs="*", default=["100M+20ms", "1G+20ms"], choices=list(LINKS))
-    ap.add_argument("--disks", nargs="*", default=list(DISKS), choices=list(DISKS))
-    ap.add_argument("--files", type=int, default=500, help="files read in the files phase")
-    ap.add_argument("--ops", type=int, default=500, help="4 KiB random accesses in the db phase")
-    ap.add_argument("--write-every", type=int, default=4, help="every Nth db access is a write")
-    ap.add_argument("--write-mib", type=int, default=8, help="MiB written in the write phase")
-    ap.add_argument("--out", type=Path, default=ROOT, help="where the JSON and the plots go")
-    args = ap.parse_args()
-    for tool in ("qemu-system-x86_64", "qemu-storage-daemon", "nbdkit", "qemu-img"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is missing: bash scripts/setup.sh installs it")
-    build_vm()
-    kernel_args = (f"lzw.files={args.files} lzw.ops={args.ops} lzw.wevery={args.write_every} "
-                   f"lzw.write_mib={args.write_mib}")
-    with open(VM_DIR / "disk.img", "rb") as f:  # the source image in the page cache for every disk alike
-        while f.read(8 * MiB):
-            pass
-    load_start = os.getloadavg()
-    print(f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; {kernel_args}",
-          flush=True)
-    plan = [(d, None) for d in args.disks if d == "local"]
-    plan += [(d, ln) for ln in args.links for d in args.disks if d != "local"]
+def run_all(args: argparse.Namespace, links: list[str],
+            kernel_args: str) -> tuple[list[Run], list[dict[str, Any]]]:
+    """Every cell's runs, repetition by repetition (a repetition runs each cell once, so that
+    the machine's drift falls on all cells alike): the disks with no link once, the others once
+    per link; the failures, kept and counted rather than ending the run."""
+    plan: list[tuple[str, str | None]] = [(d, None) for d in args.disks if d in NO_LINK]
+    plan += [(d, ln) for ln in links for d in args.disks if d not in NO_LINK]
     runs: list[Run] = []
     failures: list[dict[str, Any]] = []
     for i in range(max(args.count, args.slow_count)):
         for disk, ln in plan:
-            if i >= (args.count if disk in ("local", "lazy") else args.slow_count):
+            if i >= (args.count if disk in FAST else args.slow_count):
                 continue
             try:
                 r = run_once(disk, ln, kernel_args)
@@ -426,28 +534,86 @@ def main() -> None:
                 continue
             runs.append(r)
             phases = " ".join(f"{p}={s:.1f}" for p, s in r.phases.items())
-            print(f"  run {i + 1} {disk:<5} {ln or '-':<10} workload {r.workload_s:6.2f} s, "
-                  f"VM {r.wall_s:6.2f} s ({phases}) {r.extra or ''}", flush=True)
-    load_end = os.getloadavg()
-    table = cells(runs, args.links, args.disks)
+            print(f"  run {i + 1} {disk:<13} {ln or '-':<10} workload {r.workload_s:6.2f} s, "
+                  f"VM {r.wall_s:6.2f} s ({phases}) load {r.load[0]:.2f}-{r.load[1]:.2f} {r.extra or ''}",
+                  flush=True)
+    return runs, failures
+
+
+def report(runs: list[Run], links: list[str], disks: list[str], count: int, slow_count: int,
+           loads: tuple[list[float], list[float]], out: Path) -> dict[str, Any]:
+    """Print the tables and acceptance 1's verdicts, draw the plots; the summary for the JSON."""
+    table = cells(runs, links, disks)
     summ = summary(table)
-    print_table(summ)
-    print(f"load average at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
-    for ln in args.links:
-        ratio = summ[ln].get("lazy", {}).get("over_local")
-        if ln in TARGETS and ratio:
-            verdict = "met" if ratio <= TARGETS[ln] else "NOT met"
-            print(f"acceptance 1 at {ln}: lazy / local = {ratio:.2f} (at most {TARGETS[ln]}): {verdict}")
-    report = {"command": " ".join(sys.argv), "kernel_args": kernel_args, "count": args.count,
-              "slow_count": args.slow_count,
-              "load_average_start": load_start, "load_average_end": load_end, "summary": summ,
-              "failures": failures, "runs": [asdict(r) for r in runs]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vm_workload.json").write_text(json.dumps(report, indent=1))
-    title = (f"local, lazy: median of {args.count} runs; nbd, qsd: {args.slow_count}; "
-             f"load average {load_start[0]:.1f}-{load_end[0]:.1f}")
-    for p in plot(table, summ, args.out, title):
+    split = parts(summ)
+    print_table(summ, split)
+    (load_start, load_end) = loads
+    print(f"load average at the start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, "
+          f"at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    for ln in links:
+        c = cell(summ, ln, "lazy")
+        if ln in TARGETS and c and c["over_local"]:
+            verdict = "met" if c["over_local"] <= TARGETS[ln] else "NOT met"
+            print(f"acceptance 1 at {ln}: lazy / local = {c['over_local']:.2f} "
+                  f"(at most {TARGETS[ln]}): {verdict}")
+    fast = ", ".join(d for d in FAST if d in disks)
+    slow = ", ".join(d for d in disks if d not in FAST)
+    title = (f"{fast}: median of {count} runs" + (f"; {slow}: {slow_count}" if slow else "")
+             + f"; load average {load_start[0]:.1f}-{load_end[0]:.1f}")
+    for p in plot(table, summ, out, title):
         print(f"wrote {p}")
+    return {"summary": summ, "parts": split}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--count", type=int, default=3, help=f"runs per cell of {', '.join(FAST)} (medians)")
+    ap.add_argument("--slow-count", type=int, default=1,
+                    help="runs per cell of nbd and qsd (the peers: the slowest, plain NBD most)")
+    ap.add_argument("--links", nargs="*", default=["100M+20ms", "1G+20ms"], choices=list(LINKS),
+                    help=f"the links of the disks that use one (all but {', '.join(NO_LINK)})")
+    ap.add_argument("--disks", nargs="*", default=list(DISKS), choices=list(DISKS))
+    ap.add_argument("--files", type=int, default=500, help="files read in the files phase")
+    ap.add_argument("--ops", type=int, default=500, help="4 KiB random accesses in the db phase")
+    ap.add_argument("--write-every", type=int, default=4, help="every Nth db access is a write")
+    ap.add_argument("--write-mib", type=int, default=8, help="MiB written in the write phase")
+    ap.add_argument("--out", type=Path, default=ROOT, help="where the JSON and the plots go")
+    ap.add_argument("--from-json", type=Path, metavar="JSON",
+                    help="print the tables and draw the plots of a saved run (its vm_workload.json) "
+                         "into --out; runs nothing")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        runs = [Run(**r) for r in saved["runs"]]
+        links = [ln for ln in LINKS if any(r.link == ln for r in runs)]
+        disks = [d for d in DISKS if any(r.disk == d for r in runs)]
+        print(f"{saved['command']}: {len(runs)} runs; {saved['kernel_args']}")
+        report(runs, links, disks, saved["count"], saved["slow_count"],
+               (saved["load_average_start"], saved["load_average_end"]), args.out)
+        return
+    for tool in ("qemu-system-x86_64", "qemu-storage-daemon", "nbdkit", "qemu-img", "tgtd", "tgtadm"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing: bash scripts/setup.sh installs it")
+    links = args.links if any(d not in NO_LINK for d in args.disks) else []
+    build_vm()
+    kernel_args = (f"lzw.files={args.files} lzw.ops={args.ops} lzw.wevery={args.write_every} "
+                   f"lzw.write_mib={args.write_mib}")
+    with open(VM_DIR / "disk.img", "rb") as f:  # the source image in the page cache for every disk alike
+        while f.read(8 * MiB):
+            pass
+    load_start = list(os.getloadavg())
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average "
+          f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; {kernel_args}", flush=True)
+    runs, failures = run_all(args, links, kernel_args)
+    load_end = list(os.getloadavg())
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: done", flush=True)
+    summ = report(runs, links, args.disks, args.count, args.slow_count, (load_start, load_end), args.out)
+    saved = {"command": " ".join(sys.argv), "kernel_args": kernel_args, "count": args.count,
+             "slow_count": args.slow_count, "load_average_start": load_start, "load_average_end": load_end,
+             **summ, "failures": failures, "runs": [asdict(r) for r in runs]}
+    (args.out / "vm_workload.json").write_text(json.dumps(saved, indent=1))
+    print(f"wrote {args.out / 'vm_workload.json'}")
 
 
 if __name__ == "__main__":
