@@ -34,6 +34,8 @@ CASES = {"seq-1MiB": ["-b", "2048"], "rand-4KiB": ["-b", "8", "-r"], "write-4KiB
 WRITE_STEP = 4096 * 100003
 #: writes per qemu-img bench run
 WRITE_COUNT = 20000
+#: tgtd -C refuses a control port above this ("out of range"; a short in tgtd's options)
+TGTD_MAX_CONTROL_PORT = 32767
 
 
 def perf(url: str, case: str, seconds: int) -> float:
@@ -78,7 +80,7 @@ def start_tgtd(image: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     # tgtd's control "port" names its socket (/var/run/tgtd/socket.N): one of our own, not a
     # fixed one another run on the machine may hold
     port = free_port()
-    ctl = str(1000 + os.getpid() % 60000)
+    ctl = str(1000 + os.getpid() % (TGTD_MAX_CONTROL_PORT - 1000))
     proc = subprocess.Popen(["tgtd", "-f", "-C", ctl, "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
