@@ -25,6 +25,8 @@ setup(
     extras_require={
         "test": ["pytest>=7.2", "pytest-timeout>=2.1", "hypothesis>=6.67", "ruff>=0.4",
                  "wheel>=0.38"],  # tests/package/test_wheel.py builds the wheel pip installs
+        # bench/vm_workload.py's plots; never needed by lazyiscsi or its tests
+        "bench": ["matplotlib>=3.6"],
     },
     entry_points={"console_scripts": ["lazyiscsi = lazyiscsi.cli:main"]},
 )

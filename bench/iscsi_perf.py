@@ -34,6 +34,8 @@ CASES = {"seq-1MiB": ["-b", "2048"], "rand-4KiB": ["-b", "8", "-r"], "write-4KiB
 WRITE_STEP = 4096 * 100003
 #: writes per qemu-img bench run
 WRITE_COUNT = 20000
+#: tgtd -C refuses a control port above this ("out of range"; a short in tgtd's options)
+TGTD_MAX_CONTROL_PORT = 32767
 
 
 def perf(url: str, case: str, seconds: int) -> float:
@@ -78,7 +80,7 @@ def start_tgtd(image: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     # tgtd's control "port" names its socket (/var/run/tgtd/socket.N): one of our own, not a
     # fixed one another run on the machine may hold
     port = free_port()
-    ctl = str(port % 32768)  # tgtd takes 0..32767 (pid-derived values broke once pids passed it)
+    ctl = str(1000 + os.getpid() % (TGTD_MAX_CONTROL_PORT - 1000))
     proc = subprocess.Popen(["tgtd", "-f", "-C", ctl, "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -95,6 +97,14 @@ def start_tgtd(image: Path) -> tuple[subprocess.Popen[bytes], str, str]:
                  ["--mode", "target", "--op", "bind", "--tid", "1", "--initiator-address", "ALL"]):
         subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", *args], check=True, capture_output=True)
     return proc, f"iscsi://127.0.0.1:{port}/{iqn}/1", ctl
+
+
+def stop_tgtd(proc: subprocess.Popen[bytes], ctl: str) -> None:
+    """tgtd ignores SIGTERM while it has targets: delete ours, then kill it."""
+    subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", "--mode", "target", "--op", "delete",
+                    "--force", "--tid", "1"], capture_output=True)
+    proc.kill()
+    proc.wait()
 
 
 def warm(*paths: Path) -> None:
@@ -144,10 +154,7 @@ def main() -> None:
         finally:
             lazy.send_signal(signal.SIGTERM)
             lazy.wait(30)
-            subprocess.run(["tgtadm", "-C", ctl, "--lld", "iscsi", "--mode", "target", "--op", "delete",
-                            "--force", "--tid", "1"], capture_output=True)
-            tgt.kill()
-            tgt.wait()
+            stop_tgtd(tgt, ctl)
     print(f"\n{'case':<12} {'lazyiscsi IOPS':<26} {'tgtd IOPS':<26} {'lazy/tgtd':>9}")
     for case, cells in results.items():
         lz, tg = statistics.median(cells["lazyiscsi"]), statistics.median(cells["tgtd"])

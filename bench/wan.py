@@ -70,15 +70,16 @@ class Link:
 
 
 @contextmanager
-def nbdkit_source(image: Path, link: Link) -> Iterator[str]:
-    """nbdkit serving ``image`` read-only behind the link. burstiness=0.2: the rate filter's
-    bucket otherwise lets ~2 s of data through at full speed after idle, which would flatter
-    whoever starts first."""
+def nbdkit_source(image: Path, link: Link, writable: bool = False) -> Iterator[str]:
+    """nbdkit serving ``image`` read-only behind the link (``writable``: read-write, writes
+    delayed as reads are). burstiness=0.2: the rate filter's bucket otherwise lets ~2 s of data
+    through at full speed after idle, which would flatter whoever starts first."""
     port = free_port()
+    mode = [f"wdelay={link.delay_ms}ms"] if writable else []
     proc = subprocess.Popen(
-        ["nbdkit", "-f", "-r", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
-         "--filter=delay", "--filter=rate", "file", str(image),
-         f"rdelay={link.delay_ms}ms", f"rate={link.rate_bits}", "burstiness=0.2"],
+        ["nbdkit", "-f", *([] if writable else ["-r"]), "--exit-with-parent", "-i", "127.0.0.1",
+         "-p", str(port), "--filter=delay", "--filter=rate", "file", str(image),
+         f"rdelay={link.delay_ms}ms", *mode, f"rate={link.rate_bits}", "burstiness=0.2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
