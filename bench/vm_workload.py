@@ -270,8 +270,9 @@ def serve_portal(source: str, work: Path, procs: Procs, tree: Path | None = None
                            capture_output=True, text=True, timeout=60)
         (vol,) = json.loads(r.stdout)
         # the guest's misses (how many, how long) and the bytes fetched (more than local: twice)
-        return {k: vol.get(k) for k in ("state", "size", "local_bytes", "fetched_bytes", "hot_bytes",
-                                        "misses", "miss_p50_ms", "miss_p99_ms")}
+        return {"tree": str(tree or ROOT.parent),
+                **{k: vol.get(k) for k in ("state", "size", "local_bytes", "fetched_bytes", "hot_bytes",
+                                           "misses", "miss_p50_ms", "miss_p99_ms")}}
 
     try:
         yield f"file=iscsi://127.0.0.1:{port}/{IQN}/0", status
@@ -280,9 +281,16 @@ def serve_portal(source: str, work: Path, procs: Procs, tree: Path | None = None
 
 
 @contextlib.contextmanager
-def disk_lazy(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None = None) -> Disk:
+def lazy_over_link(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None) -> Disk:
     assert link is not None
     with nbdkit_source(image, link) as url, serve_portal(url, work, procs, tree) as disk:
+        yield disk
+
+
+@contextlib.contextmanager
+def disk_lazy(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None) -> Disk:
+    """This checkout's serve, whatever ``--lazy-tree`` says."""
+    with lazy_over_link(image, link, work, procs, None) as disk:
         yield disk
 
 
@@ -291,7 +299,7 @@ def disk_lazy_before(image: Path, link: Link | None, work: Path, procs: Procs, t
     """``lazy`` with ``--lazy-tree``'s serve (issue 15's "before": the copy before hot-first)."""
     if tree is None:
         raise RuntimeError("the lazy-before disk needs --lazy-tree")
-    with disk_lazy(image, link, work, procs, tree) as disk:
+    with lazy_over_link(image, link, work, procs, tree) as disk:
         yield disk
 
 
@@ -603,7 +611,8 @@ def plot(table: dict[str, dict[str, list[Run]]], summ: dict[str, Any], out: Path
     order = [d for d in DISKS if d in handles]
     fig.legend([handles[d] for d in order], [LABELS[d] for d in order], loc="upper left",
                bbox_to_anchor=(1.0, 0.95), fontsize=8)
-    fig.suptitle(f"the VM's disk throughput (read + written, per 0.5 s), {title}", fontsize=10)
+    fig.suptitle(f"the VM's disk throughput (read + written, between samples asked every 0.5 s), {title}",
+                 fontsize=10)
     fig.tight_layout()
     series = out / f"{wl.stem}_throughput.png"
     fig.savefig(series, dpi=110, bbox_inches="tight")
