@@ -2,18 +2,31 @@
 """A VM whose disk is a lazy LUN, over an emulated WAN, running a workload; timed against the
 same VM on other disks in the same run (issue 15: the seed's evaluation, redone).
 
-    cd bench && ../.venv/bin/python vm_workload.py [--count N] [--slow-count N]
-        [--links 100M+20ms 1G+20ms] [--disks local tgtd lazy-complete nbd lazy qsd]
+    cd bench && ../.venv/bin/python vm_workload.py [--workload synthetic|debian] [--count N]
+        [--slow-count N] [--links 100M+20ms 1G+20ms]
+        [--disks local tgtd lazy-complete nbd lazy lazy-before qsd] [--lazy-tree DIR]
         [--files N] [--ops N] [--write-mib N] [--from-json vm_workload.json]
 
-The VM (bench/vm/build.sh, built once): Debian's kernel under QEMU TCG, 128 MiB, a busybox
-initramfs whose init (bench/vm/init) waits for its disk, hot-plugged once the kernel is up (a
-migrated VM meets its disk running; no copier gets a head start from a boot that reads no
-disk), then mounts the disk's ext4 and runs the workload: read /boot (boot), read 500 small
-files (files), 500 random 4 KiB O_DIRECT accesses in a 64 MiB file, one in 4 a write, then sync
-(db), write 8 MiB and sync (write); it reports each phase's start and its disk's sectors read
-and written every 0.5 s on the console. The disk is a 256 MiB ext4 image (build.sh says what
-it holds), reached as:
+Two workloads (``--workload``), both on Debian's kernel under QEMU TCG with 1 vCPU, each VM
+built once by its script in bench/vm/ (common.sh: what they share):
+
+* ``synthetic`` (bench/vm/build.sh, the default): 128 MiB, a busybox initramfs whose init
+  (bench/vm/init) waits for its disk, hot-plugged once the kernel is up (a migrated VM meets its
+  disk running; no copier gets a head start from a boot that reads no disk), then mounts the
+  disk's ext4 and runs: read /boot (boot), read 500 small files (files), 500 random 4 KiB
+  O_DIRECT accesses in a 64 MiB file, one in 4 a write, then sync (db), write 8 MiB and sync
+  (write). The disk is a 256 MiB ext4 image (build.sh says what it holds). Its time: the
+  guest's clock from mount to the last sync.
+* ``debian`` (bench/vm/build-debian.sh): issue 15's "Debian VM booting from a lazy LUN": 512
+  MiB, the disk (a 1 GiB ext4 image, a debootstrapped bookworm root with systemd, udev, python3
+  and the kernel's modules) is the VM's root from its start; the initramfs mounts it and hands
+  over to systemd, whose boot ends in a unit that reads 2,000 files of /usr/lib/python3* and
+  /usr/share (files), imports 40 Python modules (imports), writes 8 MiB and syncs (write), then
+  powers the VM off. Its time: the host's wall clock from QEMU's start to its exit; the phases
+  (kernel, initramfs, boot, files, imports, write) from the guest's clock.
+
+Both report each phase's start and the disk's sectors read and written every 0.5 s on the
+console. The disk is reached as:
 
 * ``local``: a copy of the image, QEMU's file driver (no link);
 * ``tgtd``: a copy of the image served by tgtd, QEMU's iSCSI driver (no link): the cost of the
@@ -24,8 +37,11 @@ it holds), reached as:
 * ``nbd``: a copy behind nbdkit on the emulated WAN, QEMU's NBD driver (plain remote disk, no
   copy; writes cross the link too);
 * ``lazy``: ``lazyiscsi serve`` on the embedded portal, source the image behind nbdkit on the
-  emulated WAN, QEMU's iSCSI driver; started just before the disk is attached, its copier
-  runs meanwhile;
+  emulated WAN, QEMU's iSCSI driver; started just before the disk is attached (debian: before
+  the VM starts), its copier runs meanwhile;
+* ``lazy-before``: ``lazy`` with the serve of another checkout, ``--lazy-tree DIR`` (run by
+  this venv's interpreter with DIR first on PYTHONPATH): issue 15's "before", e.g. ``git
+  worktree add /var/tmp/lazyiscsi-before b715eb8^`` (the copy before hot-first);
 * ``qsd``: qemu-storage-daemon, a qcow2 overlay over the image behind nbdkit on the WAN,
   copy-on-read on top, exported over NBD on a Unix socket to QEMU; ``block-stream`` started
   just before the disk is attached.
@@ -34,13 +50,14 @@ The WAN is bench/wan.py's: nbdkit's delay filter (every request waits the delay)
 filter (shared by all connections). ``local``, ``tgtd`` and ``lazy-complete`` do not depend on
 the link: they run once per repetition, and every ratio is against ``local`` of the same run
 (``--disks local tgtd lazy-complete`` runs only them). ``nbd`` and ``qsd`` run ``--slow-count``
-times (plain NBD takes minutes). Per cell: the median of N runs of the workload's time (mount
-to the last sync, from the guest's clock), of each phase and of the VM's wall time (the disk
-attached to the VM powered off). Output: a table, the same per phase, the ratios that split
-lazy / local into its parts (tgtd / local: the iSCSI path; lazy-complete / tgtd: our portal
-against tgtd; lazy / lazy-complete: being lazy), ``vm_workload.json`` (every run, its phases
-and I/O series) and two plots, ``vm_workload_times.png`` and ``vm_workload_throughput.png``,
-in bench/. ``--from-json`` prints and plots a saved run again without running anything.
+times (plain NBD takes minutes). Per cell: the median of N runs of the workload's time, of each
+phase and of the VM's wall time (synthetic: the disk attached to the VM powered off). Output: a
+table, the same per phase, the ratios that split lazy / local into its parts (tgtd / local: the
+iSCSI path; lazy-complete / tgtd: our portal against tgtd; lazy / lazy-complete: being lazy;
+lazy-before / lazy: the change), ``vm_workload.json`` (debian: ``vm_debian.json``; every run,
+its phases and I/O series) and two plots, ``vm_workload_times.png`` and
+``vm_workload_throughput.png`` (``vm_debian_*.png``), in bench/. ``--from-json`` prints and
+plots a saved run again without running anything.
 """
 
 from __future__ import annotations
@@ -70,14 +87,48 @@ from tests.integration.peers import wait_listening, wait_until
 from tests.migration.harness import Procs
 from tests.migration.qmp import Qmp
 
-VM_BUILD = ROOT / "vm" / "build.sh"
-VM_DIR = Path(os.environ.get("LAZYISCSI_BENCH_VM", "/var/tmp/lazyiscsi-bench-vm"))
-# the first build downloads the kernel package (about 70 MB) from the host's apt mirror
-VM_BUILD_TIMEOUT_S = 900
-VM_MEMORY_MIB = 128
+
+@dataclass(frozen=True)
+class Workload:
+    """What a VM runs and how it meets its disk (``--workload``)."""
+
+    build: Path  # bench/vm/ script that builds the VM, --if-needed
+    env: str  # the variable naming its output directory
+    default_dir: str
+    memory_mib: int
+    # hot-plugged once the kernel is up (the synthetic workload's init waits for it), or the
+    # VM's root from its start (the Debian VM boots from it)
+    hotplug: bool
+    # the marks' origin: the first phase mark (synthetic: mount), or 0, the kernel's start
+    # (Debian: its phases cover the whole boot; the first, "kernel", ends when the initramfs runs)
+    from_kernel: bool
+    # the time acceptance 1 judges: the guest's workload (mount to the last sync) or the host's
+    # wall time from the VM's start to its power-off
+    metric: str
+    stem: str  # the JSON's and the plots' name in --out
+    what: str  # the plots' words for the metric
+
+    @property
+    def vm_dir(self) -> Path:
+        return Path(os.environ.get(self.env, self.default_dir))
+
+
+WORKLOADS = {
+    "synthetic": Workload(ROOT / "vm" / "build.sh", "LAZYISCSI_BENCH_VM", "/var/tmp/lazyiscsi-bench-vm", 128,
+                          hotplug=True, from_kernel=False, metric="workload_s", stem="vm_workload",
+                          what="workload completion time (s), the guest's clock"),
+    # 512 MiB: systemd, udev and python3 with room for a page cache
+    "debian": Workload(ROOT / "vm" / "build-debian.sh", "LAZYISCSI_BENCH_DEBIAN",
+                       "/var/tmp/lazyiscsi-bench-debian", 512, hotplug=False, from_kernel=True,
+                       metric="wall_s", stem="vm_debian",
+                       what="VM start to power-off (s), host wall clock"),
+}
+# the first build downloads the kernel package (about 70 MB) from the host's apt mirror; the
+# Debian one debootstraps a root too (about 100 MB more)
+VM_BUILD_TIMEOUT_S = 1800
 LAZYISCSI = [sys.executable, "-m", "lazyiscsi.cli"]
 IQN = "iqn.2026-11.io.lazyiscsi:vmbench"
-# the kernel's boot under TCG on a loaded 2-core host
+# the kernel's boot under TCG on a loaded 2-core host, to the synthetic init's "LZW ready"
 BOOT_S = 300.0
 # one VM run at most: plain NBD at 100 Mbit/s + 50 ms is the slowest
 RUN_S = 1200.0
@@ -87,37 +138,44 @@ LINKS = {
     "100M+50ms": Link(10**8, 50),
     "1G+50ms": Link(10**9, 50),
 }
-DISKS = ("local", "tgtd", "lazy-complete", "nbd", "lazy", "qsd")
+DISKS = ("local", "tgtd", "lazy-complete", "nbd", "lazy", "lazy-before", "qsd")
 # the disks that reach nothing over the link: one run per repetition, not one per link
 NO_LINK = ("local", "tgtd", "lazy-complete")
 # the group NO_LINK's disks are tabled, plotted and kept in the JSON's summary under
 NONE = "none"
 # run --count times; the others (the slow peers) --slow-count times
-FAST = (*NO_LINK, "lazy")
+FAST = (*NO_LINK, "lazy", "lazy-before")
 # issue 15, acceptance 1: the lazy LUN's workload time over the local file's, at most
 TARGETS = {"100M+20ms": 1.3, "1G+20ms": 1.1}
 COLOURS = {"local": "tab:green", "tgtd": "tab:purple", "lazy-complete": "tab:cyan", "nbd": "tab:red",
-           "lazy": "tab:blue", "qsd": "tab:orange"}
+           "lazy": "tab:blue", "lazy-before": "tab:gray", "qsd": "tab:orange"}
 LABELS = {"local": "local file", "tgtd": "tgtd (iSCSI, no link)",
           "lazy-complete": "lazyiscsi LUN, copy complete (no link)", "nbd": "plain remote NBD",
-          "lazy": "lazyiscsi LUN", "qsd": "qemu-storage-daemon COR + stream"}
+          "lazy": "lazyiscsi LUN", "lazy-before": "lazyiscsi LUN before hot-first (--lazy-tree)",
+          "qsd": "qemu-storage-daemon COR + stream"}
 # what each quotient of two cells' medians isolates: (numerator, denominator, what it is)
 PARTS = (("tgtd", "local", "the iSCSI path (QEMU's libiscsi, a userspace target) against QEMU's file driver"),
          ("lazy-complete", "tgtd", "our portal and store against tgtd, both local"),
-         ("lazy", "lazy-complete", "being lazy: misses and the copier against the same LUN complete"))
+         ("lazy", "lazy-complete", "being lazy: misses and the copier against the same LUN complete"),
+         ("lazy-before", "lazy", "--lazy-tree's serve (before hot-first) against this tree's"))
 # a hydrate of the 256 MiB image from a local file: seconds, on a loaded machine
 HYDRATE_S = 300
 PHASE = re.compile(r"^LZW phase (\w+) ([\d.]+)\r?$", re.M)
 SAMPLE = re.compile(r"^LZW io ([\d.]+) (\d+) (\d+)\r?$", re.M)
 SECTOR = 512  # /sys/block/*/stat counts 512-byte sectors whatever the device's block size
+# a metric's ratio to the local file's, in the summary
+OVER_LOCAL = {"workload_s": "over_local", "wall_s": "wall_over_local"}
 
 
 @dataclass
 class Run:
     disk: str
     link: str | None
-    wall_s: float  # the disk attached to QEMU exited
-    workload_s: float  # the guest's clock: mount to the end of the last phase
+    # synthetic: the disk attached to QEMU exited; debian: QEMU started (with its disk) to exited
+    wall_s: float
+    # the guest's clock: synthetic, mount to the end of the last phase; debian, the kernel's start
+    # to the end of the workload (its last sync)
+    workload_s: float
     phases: dict[str, float]  # name -> seconds, in order
     samples: list[tuple[float, int, int]]  # seconds since mount, bytes read, bytes written
     extra: dict[str, Any] = field(default_factory=dict)
@@ -125,12 +183,15 @@ class Run:
     load: tuple[float, float] = (0.0, 0.0)
 
 
-def parse_console(text: str) -> tuple[dict[str, float], float, list[tuple[float, int, int]]]:
+def parse_console(text: str, from_kernel: bool = False) -> tuple[dict[str, float], float,
+                                                               list[tuple[float, int, int]]]:
     """The workload's phases (name -> seconds), its total and its I/O series, from the console;
-    an error quoting the console's end if the workload did not finish."""
+    an error quoting the console's end if the workload did not finish. ``from_kernel``: the
+    first phase, "kernel", runs from the kernel's start (uptime 0) to the first mark."""
     if "LZW done" not in text or "LZW FATAL" in text:
         raise RuntimeError("the workload did not finish; the console ends:\n" + text[-1500:])
-    marks = [(m[1], float(m[2])) for m in PHASE.finditer(text)]
+    marks = [("kernel", 0.0)] if from_kernel else []
+    marks += [(m[1], float(m[2])) for m in PHASE.finditer(text)]
     t0 = marks[0][1]
     # /proc/uptime has centiseconds
     phases = {name: round(end - start, 2) for (name, start), (_, end) in itertools.pairwise(marks)}
@@ -159,14 +220,14 @@ def fresh_copy(image: Path, copy: Path) -> None:
 
 
 @contextlib.contextmanager
-def disk_local(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+def disk_local(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None) -> Disk:
     copy = work / "disk.img"
     fresh_copy(image, copy)
     yield f"file={copy}", dict
 
 
 @contextlib.contextmanager
-def disk_nbd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+def disk_nbd(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None) -> Disk:
     assert link is not None
     copy = work / "remote.img"
     fresh_copy(image, copy)
@@ -175,7 +236,7 @@ def disk_nbd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
 
 
 @contextlib.contextmanager
-def disk_tgtd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+def disk_tgtd(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None) -> Disk:
     copy = work / "tgtd.img"
     fresh_copy(image, copy)
     proc, url, ctl = start_tgtd(copy)  # bench/iscsi_perf.py's: its own port and control socket
@@ -185,25 +246,33 @@ def disk_tgtd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
         stop_tgtd(proc, ctl)
 
 
+def lazyiscsi(tree: Path | None) -> list[str]:
+    """The CLI of this checkout, or of ``tree`` (another checkout's lazyiscsi/ first on the path,
+    run by the same interpreter and venv: ``--lazy-tree``)."""
+    return ["env", f"PYTHONPATH={tree}", *LAZYISCSI] if tree else LAZYISCSI
+
+
 @contextlib.contextmanager
-def serve_portal(source: str, work: Path, procs: Procs) -> Disk:
+def serve_portal(source: str, work: Path, procs: Procs, tree: Path | None = None) -> Disk:
     """``lazyiscsi serve`` on the embedded portal, LUN 0 from ``source`` into ``work/cache.img``
-    (created, or resumed if there); what to ask after the run: its volume's status."""
+    (created, or resumed if there), from ``tree``'s code if given; what to ask after the run:
+    its volume's status."""
     control, port = work / "control.sock", free_port()
     serve = procs.start("serve", [
-        *LAZYISCSI, "--log-level", "warning", "--control", str(control), "serve",
+        *lazyiscsi(tree), "--log-level", "warning", "--control", str(control), "serve",
         "--frontend", "portal", "--state-dir", str(work / "state"), "--source", source,
         "--cache", str(work / "cache.img"), "--iqn", IQN, "--listen", f"127.0.0.1:{port}"])
     wait_listening(port, serve)
     wait_until(control.exists, "serve's control socket", proc=serve)
 
     def status() -> dict[str, Any]:
-        r = subprocess.run([*LAZYISCSI, "--control", str(control), "status", "vol0", "--json"],
+        r = subprocess.run([*lazyiscsi(tree), "--control", str(control), "status", "vol0", "--json"],
                            capture_output=True, text=True, timeout=60)
         (vol,) = json.loads(r.stdout)
         # the guest's misses (how many, how long) and the bytes fetched (more than local: twice)
-        return {k: vol.get(k) for k in ("state", "size", "local_bytes", "fetched_bytes", "hot_bytes",
-                                        "misses", "miss_p50_ms", "miss_p99_ms")}
+        return {"tree": str(tree or ROOT.parent),
+                **{k: vol.get(k) for k in ("state", "size", "local_bytes", "fetched_bytes", "hot_bytes",
+                                           "misses", "miss_p50_ms", "miss_p99_ms")}}
 
     try:
         yield f"file=iscsi://127.0.0.1:{port}/{IQN}/0", status
@@ -212,14 +281,30 @@ def serve_portal(source: str, work: Path, procs: Procs) -> Disk:
 
 
 @contextlib.contextmanager
-def disk_lazy(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+def lazy_over_link(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None) -> Disk:
     assert link is not None
-    with nbdkit_source(image, link) as url, serve_portal(url, work, procs) as disk:
+    with nbdkit_source(image, link) as url, serve_portal(url, work, procs, tree) as disk:
         yield disk
 
 
 @contextlib.contextmanager
-def disk_lazy_complete(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+def disk_lazy(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None) -> Disk:
+    """This checkout's serve, whatever ``--lazy-tree`` says."""
+    with lazy_over_link(image, link, work, procs, None) as disk:
+        yield disk
+
+
+@contextlib.contextmanager
+def disk_lazy_before(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None) -> Disk:
+    """``lazy`` with ``--lazy-tree``'s serve (issue 15's "before": the copy before hot-first)."""
+    if tree is None:
+        raise RuntimeError("the lazy-before disk needs --lazy-tree")
+    with lazy_over_link(image, link, work, procs, tree) as disk:
+        yield disk
+
+
+@contextlib.contextmanager
+def disk_lazy_complete(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None) -> Disk:
     """The same LUN as ``lazy``'s, its cache hydrated from the image (a local file, read-only)
     before serve starts, so no read can miss and no copier runs; the cache written out first,
     as ``fresh_copy``'s copies are."""
@@ -237,7 +322,7 @@ def disk_lazy_complete(image: Path, link: Link | None, work: Path, procs: Procs)
 
 
 @contextlib.contextmanager
-def disk_qsd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
+def disk_qsd(image: Path, link: Link | None, work: Path, procs: Procs, tree: Path | None) -> Disk:
     assert link is not None
     overlay, sock, qmp_path = work / "overlay.qcow2", work / "qsd.sock", work / "qsd.qmp"
     with nbdkit_source(image, link) as url:
@@ -270,19 +355,24 @@ def disk_qsd(image: Path, link: Link | None, work: Path, procs: Procs) -> Disk:
             procs.stop(proc)
 
 
-SETUP: dict[str, Callable[[Path, Link | None, Path, Procs], contextlib.AbstractContextManager[Any]]] = {
+# image, link, work dir, processes, --lazy-tree -> the disk
+SETUP: dict[str, Callable[[Path, Link | None, Path, Procs, Path | None],
+                          contextlib.AbstractContextManager[Any]]] = {
     "local": disk_local, "tgtd": disk_tgtd, "lazy-complete": disk_lazy_complete, "nbd": disk_nbd,
-    "lazy": disk_lazy, "qsd": disk_qsd}
+    "lazy": disk_lazy, "lazy-before": disk_lazy_before, "qsd": disk_qsd}
 
 
-def vm_argv(console: Path, qmp: Path, kernel_args: str) -> list[str]:
-    """tests/migration/harness.py's VM, with this bench's kernel, initramfs and workload, and no
-    disk yet: it is hot-plugged once the guest is up (``attach``)."""
-    return ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", str(VM_MEMORY_MIB),
+def vm_argv(wl: Workload, console: Path, qmp: Path, kernel_args: str, drive: str | None) -> list[str]:
+    """tests/migration/harness.py's VM, with this bench's kernel, initramfs and workload; its
+    disk ``drive`` (as ``attach`` adds it) from the start, or none yet (``attach`` hot-plugs it
+    once the guest is up)."""
+    disk = ["-drive", f"if=none,id=disk0,format=raw,{drive}", "-device",
+            "virtio-blk-pci,drive=disk0,id=vda"] if drive else []
+    return ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", str(wl.memory_mib),
             "-display", "none", "-nodefaults", "-no-reboot", "-nic", "none",
             "-chardev", f"file,id=serial0,path={console}", "-serial", "chardev:serial0",
-            "-qmp", f"unix:{qmp},server=on,wait=off",
-            "-kernel", str(VM_DIR / "vmlinux"), "-initrd", str(VM_DIR / "initrd.img"),
+            "-qmp", f"unix:{qmp},server=on,wait=off", *disk,
+            "-kernel", str(wl.vm_dir / "vmlinux"), "-initrd", str(wl.vm_dir / "initrd.img"),
             "-append", f"console=ttyS0 panic=-1 quiet loglevel=1 {kernel_args}"]
 
 
@@ -297,41 +387,49 @@ def attach(qmp: Qmp, drive: str) -> None:
     qmp.command("device_add", {"driver": "virtio-blk-pci", "drive": "disk0", "id": "vda"})
 
 
-def run_once(disk: str, link_name: str | None, kernel_args: str) -> Run:
-    image = VM_DIR / "disk.img"
+def run_once(wl: Workload, disk: str, link_name: str | None, kernel_args: str, tree: Path | None) -> Run:
+    image = wl.vm_dir / "disk.img"
     link = LINKS[link_name] if link_name else None
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="lazyiscsi-vmbench-") as d, \
-            contextlib.closing(Procs(Path(d))) as procs:
+            contextlib.closing(Procs(Path(d))) as procs, contextlib.ExitStack() as stack:
         work = Path(d)
-        console = work / "console"
+        console, qmp_path = work / "console", work / "vm.qmp"
         load_start = os.getloadavg()[0]
-        vm = procs.start("vm", vm_argv(console, work / "vm.qmp", kernel_args))
-        qmp = Qmp(work / "vm.qmp", vm)
-        wait_until(lambda: "LZW ready" in console.read_text(errors="replace"), "the VM's boot", BOOT_S, vm)
-        with SETUP[disk](image, link, work, procs) as (drive, after):
+        if wl.hotplug:
+            vm = procs.start("vm", vm_argv(wl, console, qmp_path, kernel_args, None))
+            qmp = Qmp(qmp_path, vm)
+            wait_until(lambda: "LZW ready" in console.read_text(errors="replace"), "the VM's boot",
+                       BOOT_S, vm)
+            drive, after = stack.enter_context(SETUP[disk](image, link, work, procs, tree))
             t0 = time.monotonic()
             attach(qmp, drive)
-            try:
-                vm.wait(RUN_S)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"the VM ran over {RUN_S:.0f} s") from None
-            wall = time.monotonic() - t0
-            extra = after()
+        else:  # the disk is ready (a lazy LUN's copier running) when the VM starts from it
+            drive, after = stack.enter_context(SETUP[disk](image, link, work, procs, tree))
+            t0 = time.monotonic()
+            vm = procs.start("vm", vm_argv(wl, console, qmp_path, kernel_args, drive))
+            qmp = Qmp(qmp_path, vm)
+        try:
+            vm.wait(RUN_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the VM ran over {RUN_S:.0f} s") from None
+        wall = time.monotonic() - t0
+        extra = after()
+        stack.close()
         qmp.close()
         text = console.read_text(errors="replace")
         if vm.returncode != 0:
             log = (work / "vm.log").read_text(errors="replace")
             raise RuntimeError(f"QEMU exited with {vm.returncode}: {log[-800:]}")
-        phases, workload, samples = parse_console(text)
+        phases, workload, samples = parse_console(text, wl.from_kernel)
     return Run(disk, link_name, wall, workload, phases, samples, extra, (load_start, os.getloadavg()[0]))
 
 
-def build_vm() -> None:
-    r = subprocess.run(["bash", str(VM_BUILD), "--if-needed"], capture_output=True, text=True,
+def build_vm(wl: Workload) -> None:
+    r = subprocess.run(["bash", str(wl.build), "--if-needed"], capture_output=True, text=True,
                        timeout=VM_BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL,
-                       env={**os.environ, "LAZYISCSI_BENCH_VM": str(VM_DIR)})
+                       env={**os.environ, wl.env: str(wl.vm_dir)})
     if r.returncode != 0:
-        raise SystemExit(f"bench/vm/build.sh failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+        raise SystemExit(f"{wl.build} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
 
 
 def cells(runs: list[Run], links: list[str], disks: list[str]) -> dict[str, dict[str, list[Run]]]:
@@ -367,6 +465,8 @@ def summary(table: dict[str, dict[str, list[Run]]]) -> dict[str, Any]:
             row[d] = {"runs": len(runs), "workload_s": w, "wall_s": wall,
                       "workload_s_range": [min(r.workload_s for r in runs), max(r.workload_s for r in runs)]
                       if runs else None,
+                      "wall_s_range": [min(r.wall_s for r in runs), max(r.wall_s for r in runs)]
+                      if runs else None,
                       "phases_s": phases,
                       "over_local": quotient(w, local), "wall_over_local": quotient(wall, local_wall),
                       "phases_over_local": {p: quotient(v, local_phases.get(p)) for p, v in phases.items()}}
@@ -379,10 +479,10 @@ def cell(summ: dict[str, Any], group: str, disk: str) -> dict[str, Any] | None:
     return c if c and c["runs"] else None
 
 
-def parts(summ: dict[str, Any]) -> list[dict[str, Any]]:
-    """lazy / local split into its factors (``PARTS``), each a ratio of two cells' medians, total
-    and per phase: how much of the lazy LUN's time is the iSCSI path, how much our portal, how
-    much being lazy on each link."""
+def parts(summ: dict[str, Any], metric: str = "workload_s") -> list[dict[str, Any]]:
+    """lazy / local split into its factors (``PARTS``), each a ratio of two cells' medians (of
+    ``metric``), total and per phase: how much of the lazy LUN's time is the iSCSI path, how much
+    our portal, how much being lazy on each link."""
     out = []
     links = [g for g in summ if g != NONE]
     for num, den, what in PARTS:
@@ -390,7 +490,7 @@ def parts(summ: dict[str, Any]) -> list[dict[str, Any]]:
             a, b = cell(summ, g, num), cell(summ, NONE if den in NO_LINK else g, den)
             if a and b:
                 out.append({"ratio": f"{num} / {den}", "link": None if g == NONE else g, "what": what,
-                            "workload": quotient(a["workload_s"], b["workload_s"]),
+                            "workload": quotient(a[metric], b[metric]),
                             "phases": {p: quotient(v, b["phases_s"].get(p))
                                        for p, v in a["phases_s"].items()}})
     return out
@@ -398,15 +498,17 @@ def parts(summ: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_table(summ: dict[str, Any], split: list[dict[str, Any]]) -> None:
     print(f"\n{'link':<11} {'disk':<13} {'n':>2} {'workload s':>11} {'[min-max]':>15} {'x local':>8} "
-          f"{'VM wall s':>10} {'x local':>8}")
+          f"{'VM wall s':>10} {'[min-max]':>15} {'x local':>8}")
     for g, row in summ.items():
         for d, c in row.items():
             if not c["runs"]:
                 print(f"{g:<11} {d:<13}  0 (every run failed)")
                 continue
             lo, hi = c["workload_s_range"]
+            wlo, whi = c["wall_s_range"]
             print(f"{g:<11} {d:<13} {c['runs']:>2} {c['workload_s']:>11.2f} {f'[{lo:.2f}-{hi:.2f}]':>15} "
-                  f"{c['over_local'] or 0:>8.2f} {c['wall_s']:>10.2f} {c['wall_over_local'] or 0:>8.2f}")
+                  f"{c['over_local'] or 0:>8.2f} {c['wall_s']:>10.2f} {f'[{wlo:.2f}-{whi:.2f}]':>15} "
+                  f"{c['wall_over_local'] or 0:>8.2f}")
     names = next((list(c["phases_s"]) for row in summ.values() for c in row.values() if c["runs"]), [])
     print(f"\nper phase: median s (x local's)\n{'link':<11} {'disk':<13} "
           + " ".join(f"{p:>14}" for p in names))
@@ -439,9 +541,11 @@ def group_label(group: str) -> str:
     return group.replace("+", " + ").replace("M", " Mbit/s").replace("G", " Gbit/s")
 
 
-def plot(table: dict[str, dict[str, list[Run]]], summ: dict[str, Any], out: Path, title: str) -> list[Path]:
-    """Completion time per cell (bars, grouped: no link, then each link) and the median run's
-    I/O over time per group. Legends go right of the axes, never over a bar or a line."""
+def plot(table: dict[str, dict[str, list[Run]]], summ: dict[str, Any], out: Path, title: str,
+         wl: Workload) -> list[Path]:
+    """Completion time (``wl.metric``) per cell (bars, grouped: no link, then each link) and the
+    median run's I/O over time per group. Legends go right of the axes, never over a bar or a
+    line."""
     try:
         import matplotlib
     except ImportError:
@@ -457,24 +561,25 @@ def plot(table: dict[str, dict[str, list[Run]]], summ: dict[str, Any], out: Path
     for j, g in enumerate(groups):
         for i, d in enumerate(shown[g]):
             c = summ[g][d]
-            lo, hi = c["workload_s_range"]
+            lo, hi = c[f"{wl.metric}_range"]
+            v = c[wl.metric]
             x = j + (i - (len(shown[g]) - 1) / 2) * width
-            ax.bar([x], [c["workload_s"]], width, yerr=[[c["workload_s"] - lo], [hi - c["workload_s"]]],
+            ax.bar([x], [v], width, yerr=[[v - lo], [hi - v]],
                    capsize=3, color=COLOURS[d], label=None if d in labelled else LABELS[d])
             labelled.add(d)
-            if ratio := c["over_local"]:  # above the error bar, which bar_label's text would cross
+            if ratio := c[OVER_LOCAL[wl.metric]]:  # above the error bar, which bar_label's text would cross
                 ax.annotate(f"{ratio:.2f}x", (x, hi), xytext=(0, 3), textcoords="offset points",
                             ha="center", fontsize=8)
     if local := cell(summ, NONE, "local"):
-        ax.axhline(local["workload_s"], color=COLOURS["local"], linestyle="--", linewidth=0.8,
+        ax.axhline(local[wl.metric], color=COLOURS["local"], linestyle="--", linewidth=0.8,
                    label="local file's median")
     ax.set_xticks(range(len(groups)), [group_label(g) for g in groups])
     ax.set_xlabel("emulated WAN (nbdkit rate + delay)")
-    ax.set_ylabel("workload completion time (s), median; bars: min-max")
+    ax.set_ylabel(f"{wl.what}, median; bars: min-max", fontsize=9)
     ax.margins(y=0.08)
     ax.set_title(f"VM workload on each disk, label: time / local file's\n{title}", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    times = out / "vm_workload_times.png"
+    times = out / f"{wl.stem}_times.png"
     fig.savefig(times, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -498,22 +603,24 @@ def plot(table: dict[str, dict[str, list[Run]]], summ: dict[str, Any], out: Path
         done_ax.set_title(f"{group_label(g)}: I/O done (dot: the workload's end)", fontsize=10)
         done_ax.set_ylabel("MiB read + written since boot")
         for ax in (rate_ax, done_ax):
-            ax.set_xlabel("time since the workload began (s)")
+            ax.set_xlabel("time since the kernel started (s)" if wl.from_kernel
+                          else "time since the workload began (s)")
             ax.set_xlim(left=0)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
     order = [d for d in DISKS if d in handles]
     fig.legend([handles[d] for d in order], [LABELS[d] for d in order], loc="upper left",
                bbox_to_anchor=(1.0, 0.95), fontsize=8)
-    fig.suptitle(f"the VM's disk throughput (read + written, per 0.5 s), {title}", fontsize=10)
+    fig.suptitle(f"the VM's disk throughput (read + written, between samples asked every 0.5 s), {title}",
+                 fontsize=10)
     fig.tight_layout()
-    series = out / "vm_workload_throughput.png"
+    series = out / f"{wl.stem}_throughput.png"
     fig.savefig(series, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [times, series]
 
 
-def run_all(args: argparse.Namespace, links: list[str],
+def run_all(args: argparse.Namespace, wl: Workload, links: list[str],
             kernel_args: str) -> tuple[list[Run], list[dict[str, Any]]]:
     """Every cell's runs, repetition by repetition (a repetition runs each cell once, so that
     the machine's drift falls on all cells alike): the disks with no link once, the others once
@@ -527,7 +634,7 @@ def run_all(args: argparse.Namespace, links: list[str],
             if i >= (args.count if disk in FAST else args.slow_count):
                 continue
             try:
-                r = run_once(disk, ln, kernel_args)
+                r = run_once(wl, disk, ln, kernel_args, args.lazy_tree)
             except Exception as e:
                 failures.append({"disk": disk, "link": ln, "error": str(e)[-500:]})
                 print(f"  run {i + 1} {disk} {ln or ''} failed: {e}", flush=True)
@@ -540,80 +647,103 @@ def run_all(args: argparse.Namespace, links: list[str],
     return runs, failures
 
 
-def report(runs: list[Run], links: list[str], disks: list[str], count: int, slow_count: int,
+def report(runs: list[Run], wl: Workload, links: list[str], disks: list[str], count: int, slow_count: int,
            loads: tuple[list[float], list[float]], out: Path) -> dict[str, Any]:
-    """Print the tables and acceptance 1's verdicts, draw the plots; the summary for the JSON."""
+    """Print the tables and acceptance 1's verdicts (on ``wl.metric``), draw the plots; the
+    summary for the JSON."""
     table = cells(runs, links, disks)
     summ = summary(table)
-    split = parts(summ)
+    split = parts(summ, wl.metric)
     print_table(summ, split)
     (load_start, load_end) = loads
     print(f"load average at the start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, "
           f"at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    over = OVER_LOCAL[wl.metric]
     for ln in links:
-        c = cell(summ, ln, "lazy")
-        if ln in TARGETS and c and c["over_local"]:
-            verdict = "met" if c["over_local"] <= TARGETS[ln] else "NOT met"
-            print(f"acceptance 1 at {ln}: lazy / local = {c['over_local']:.2f} "
-                  f"(at most {TARGETS[ln]}): {verdict}")
+        for d in ("lazy", "lazy-before"):
+            c = cell(summ, ln, d)
+            if ln in TARGETS and c and c[over]:
+                verdict = "met" if c[over] <= TARGETS[ln] else "NOT met"
+                print(f"acceptance 1 at {ln}: {d} / local = {c[over]:.2f} of {wl.metric} "
+                      f"(at most {TARGETS[ln]}): {verdict}")
     fast = ", ".join(d for d in FAST if d in disks)
     slow = ", ".join(d for d in disks if d not in FAST)
     title = (f"{fast}: median of {count} runs" + (f"; {slow}: {slow_count}" if slow else "")
              + f"; load average {load_start[0]:.1f}-{load_end[0]:.1f}")
-    for p in plot(table, summ, out, title):
+    for p in plot(table, summ, out, title, wl):
         print(f"wrote {p}")
     return {"summary": summ, "parts": split}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="synthetic",
+                    help="synthetic: busybox init, the disk hot-plugged, mount/boot/files/db/write; "
+                         "debian: the VM boots Debian from the disk and runs files/imports/write")
     ap.add_argument("--count", type=int, default=3, help=f"runs per cell of {', '.join(FAST)} (medians)")
     ap.add_argument("--slow-count", type=int, default=1,
                     help="runs per cell of nbd and qsd (the peers: the slowest, plain NBD most)")
     ap.add_argument("--links", nargs="*", default=["100M+20ms", "1G+20ms"], choices=list(LINKS),
                     help=f"the links of the disks that use one (all but {', '.join(NO_LINK)})")
-    ap.add_argument("--disks", nargs="*", default=list(DISKS), choices=list(DISKS))
-    ap.add_argument("--files", type=int, default=500, help="files read in the files phase")
-    ap.add_argument("--ops", type=int, default=500, help="4 KiB random accesses in the db phase")
-    ap.add_argument("--write-every", type=int, default=4, help="every Nth db access is a write")
+    ap.add_argument("--disks", nargs="*", choices=list(DISKS),
+                    help="default: all, lazy-before only with --lazy-tree")
+    ap.add_argument("--lazy-tree", type=Path, metavar="DIR",
+                    help="another checkout (e.g. a git worktree of b715eb8^, before hot-first) whose "
+                         "lazyiscsi serves the lazy-before disk, run with DIR on PYTHONPATH by this venv")
+    ap.add_argument("--files", type=int, help="files read in the files phase (synthetic 500, debian 2000)")
+    ap.add_argument("--ops", type=int, default=500, help="synthetic: 4 KiB random accesses in the db phase")
+    ap.add_argument("--write-every", type=int, default=4, help="synthetic: every Nth db access is a write")
     ap.add_argument("--write-mib", type=int, default=8, help="MiB written in the write phase")
     ap.add_argument("--out", type=Path, default=ROOT, help="where the JSON and the plots go")
     ap.add_argument("--from-json", type=Path, metavar="JSON",
-                    help="print the tables and draw the plots of a saved run (its vm_workload.json) "
-                         "into --out; runs nothing")
+                    help="print the tables and draw the plots of a saved run (its vm_workload.json or "
+                         "vm_debian.json) into --out; runs nothing")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
+        wl = WORKLOADS[saved.get("workload", "synthetic")]
         runs = [Run(**r) for r in saved["runs"]]
         links = [ln for ln in LINKS if any(r.link == ln for r in runs)]
         disks = [d for d in DISKS if any(r.disk == d for r in runs)]
         print(f"{saved['command']}: {len(runs)} runs; {saved['kernel_args']}")
-        report(runs, links, disks, saved["count"], saved["slow_count"],
+        report(runs, wl, links, disks, saved["count"], saved["slow_count"],
                (saved["load_average_start"], saved["load_average_end"]), args.out)
         return
+    wl = WORKLOADS[args.workload]
+    if args.disks is None:
+        args.disks = [d for d in DISKS if d != "lazy-before" or args.lazy_tree]
+    if "lazy-before" in args.disks:
+        if args.lazy_tree is None or not (args.lazy_tree / "lazyiscsi" / "cli.py").is_file():
+            raise SystemExit("the lazy-before disk needs --lazy-tree DIR, a checkout with lazyiscsi/cli.py")
+        args.lazy_tree = args.lazy_tree.resolve()
     for tool in ("qemu-system-x86_64", "qemu-storage-daemon", "nbdkit", "qemu-img", "tgtd", "tgtadm"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: bash scripts/setup.sh installs it")
     links = args.links if any(d not in NO_LINK for d in args.disks) else []
-    build_vm()
-    kernel_args = (f"lzw.files={args.files} lzw.ops={args.ops} lzw.wevery={args.write_every} "
-                   f"lzw.write_mib={args.write_mib}")
-    with open(VM_DIR / "disk.img", "rb") as f:  # the source image in the page cache for every disk alike
+    build_vm(wl)
+    if args.workload == "debian":
+        kernel_args = f"lzw.files={args.files or 2000} lzw.write_mib={args.write_mib}"
+    else:
+        kernel_args = (f"lzw.files={args.files or 500} lzw.ops={args.ops} lzw.wevery={args.write_every} "
+                       f"lzw.write_mib={args.write_mib}")
+    with open(wl.vm_dir / "disk.img", "rb") as f:  # the source image in the page cache for every disk alike
         while f.read(8 * MiB):
             pass
     load_start = list(os.getloadavg())
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average "
           f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; {kernel_args}", flush=True)
-    runs, failures = run_all(args, links, kernel_args)
+    runs, failures = run_all(args, wl, links, kernel_args)
     load_end = list(os.getloadavg())
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: done", flush=True)
-    summ = report(runs, links, args.disks, args.count, args.slow_count, (load_start, load_end), args.out)
-    saved = {"command": " ".join(sys.argv), "kernel_args": kernel_args, "count": args.count,
+    summ = report(runs, wl, links, args.disks, args.count, args.slow_count, (load_start, load_end), args.out)
+    saved = {"command": " ".join(sys.argv), "workload": args.workload, "kernel_args": kernel_args,
+             "lazy_tree": str(args.lazy_tree) if args.lazy_tree else None, "count": args.count,
              "slow_count": args.slow_count, "load_average_start": load_start, "load_average_end": load_end,
              **summ, "failures": failures, "runs": [asdict(r) for r in runs]}
-    (args.out / "vm_workload.json").write_text(json.dumps(saved, indent=1))
-    print(f"wrote {args.out / 'vm_workload.json'}")
+    path = args.out / f"{wl.stem}.json"
+    path.write_text(json.dumps(saved, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the VM of bench/vm_workload.py: Debian's distribution kernel (booted as an ELF through
-# PVH, as tests/migration/vm/build.sh does), a busybox initramfs whose init is the workload (init,
+# Builds the VM of bench/vm_workload.py --workload synthetic (common.sh: the kernel and the
+# initramfs both VMs share): a busybox initramfs whose init is the workload (init,
 # beside this file) with the modules it needs to mount ext4 from virtio-blk, and the VM's disk:
 # a 256 MiB ext4 image holding a small root-like tree made from the same kernel package:
 #
@@ -14,63 +14,19 @@
 #   build.sh [--if-needed]     output in $LAZYISCSI_BENCH_VM (default /var/tmp/lazyiscsi-bench-vm)
 #
 # The kernel and busybox-static .debs come from the host's apt sources (about 70 MB, once).
-# Needs qemu-system-x86, cpio, e2fsprogs (mkfs.ext4 -d).
+# Needs qemu-system-x86, cpio, e2fsprogs (mkfs.ext4 -d). build-debian.sh builds the other VM.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-GUEST=$(cd "$HERE/../../tests/kernel/guest" && pwd)
 OUT=${LAZYISCSI_BENCH_VM:-/var/tmp/lazyiscsi-bench-vm}
-# virtio-blk behind virtio-pci, and ext4 (a module in Debian's kernel; crc32c for its checksums)
-BOOT_MODULES="virtio_pci virtio_blk crc32c_generic ext4"
 FILES=2000
 DISK_MIB=256
 DATA_MIB=64
-
-HASH=$( (cat "$HERE/build.sh" "$HERE/init" "$GUEST/kernel_files.py") | sha256sum | cut -c1-16)
-mkdir -p "$(dirname "$OUT")"
-exec 9>"$OUT.lock"
-flock 9
-if [ "${1:-}" = --if-needed ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$HASH" ]; then
-  echo "bench vm: $OUT is up to date"; exit 0
-fi
-t0=$SECONDS
-step() { echo "bench vm build +$((SECONDS - t0))s: $*"; }
-for tool in qemu-system-x86_64 cpio mkfs.ext4 apt-get; do
-  command -v "$tool" >/dev/null || { echo "bench vm: $tool is missing"; exit 1; }
-done
-
-WORK=$(mktemp -d "$OUT.work.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-cd "$WORK"
-step "kernel and busybox from the host's apt sources"
-KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
-if [ -z "$KPKG" ] || ! apt-cache show busybox-static >/dev/null 2>&1; then
-  echo "bench vm: this host's apt sources offer no linux-image-amd64 or busybox-static"; exit 1
-fi
-# kept beside the output: a change of init or of this script needs no second download
-DEBS=$OUT.debs
-mkdir -p "$DEBS"
-if ! ls "$DEBS/$KPKG"_*.deb "$DEBS"/busybox-static_*.deb >/dev/null 2>&1; then
-  (cd "$DEBS" && apt-get download -qq "$KPKG" busybox-static 2>&1 \
-     | grep -v "^W: Download is performed unsandboxed" || true)
-fi
-dpkg -x "$DEBS/$KPKG"_*.deb kernel
-dpkg -x "$DEBS"/busybox-static_*.deb busybox
-KVER=$(ls kernel/lib/modules)
-MODS=kernel/lib/modules/$KVER
-depmod -b kernel "$KVER"
-mkdir -p new
-python3 "$GUEST/kernel_files.py" vmlinux "kernel/boot/vmlinuz-$KVER" new/vmlinux
-echo "$KVER" > new/kernel-version
-
-step "initramfs"
-mkdir -p initramfs/{bin,modules,proc,sys,dev,tmp,mnt}
-cp busybox/bin/busybox initramfs/bin/
-for f in $(python3 "$GUEST/kernel_files.py" modules "$MODS" $BOOT_MODULES); do
-  cp "$MODS/$f" initramfs/modules/
-  basename "$f" >> initramfs/modules/order
-done
-install -m 0755 "$HERE/init" initramfs/init
-(cd initramfs && find . | cpio -o -H newc --quiet | gzip -1) > new/initrd.img
+# shellcheck source=common.sh
+. "$HERE/common.sh"
+HASH=$( (cat "$HERE/build.sh" "$HERE/common.sh" "$HERE/init" "$GUEST/kernel_files.py") | sha256sum | cut -c1-16)
+begin_build "$@"
+fetch_kernel
+make_initramfs "$HERE/init" $BOOT_MODULES
 
 step "disk: ext4 with /boot, $FILES module files, db.bin and cold data"
 mkdir -p root/boot root/lib/modules/"$KVER" root/var/lib root/usr/share
@@ -81,7 +37,5 @@ cp kernel/boot/* root/boot/
 head -c $((DATA_MIB << 20)) /dev/urandom > root/var/lib/db.bin
 head -c $((DATA_MIB << 20)) /dev/urandom > root/usr/share/cold
 mkfs.ext4 -q -F -b 4096 -L lzroot -d root new/disk.img "${DISK_MIB}M"
-echo "$HASH" > new/stamp
-rm -rf "$OUT"
-mv new "$OUT"
+finish_build
 step "done: $(du -sh "$OUT" | cut -f1) in $OUT ($(du -sm root/lib/modules | cut -f1) MiB of module files)"
