@@ -36,6 +36,9 @@ from tests.kernel.inguest.conftest import (
 IQN = "iqn.2026-11.io.lazyiscsi:kt1"
 FS_SIZE = 32 << 20  # the filesystem covers the first half: the guest never writes past it
 RAW_AT, RAW_LEN = 48 << 20, 1 << 20  # besides one raw write here
+#: files the writer of restart_under_io fsyncs one by one; the daemon goes down after the 8th
+#: (each costs two fsyncs of a journalled ext4 under TCG: 40 keep the stop well inside the run)
+WRITES = 40
 MNT = Path("/mnt/kt1")
 SOURCE = source_bytes()
 
@@ -137,7 +140,7 @@ def restart_under_io(daemon: Daemon, disk: str, sig: signal.Signals) -> None:
     run("mount", disk, str(MNT))
     acked = WORK / "acked.txt"
     acked.unlink(missing_ok=True)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(MNT), str(acked), "80"])
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(MNT), str(acked), str(WRITES)])
     wait_for("the writer to get going",
              lambda: acked.exists() and len(acked.read_text().splitlines()) >= 8, 120)
     rc = daemon.stop(sig)
@@ -147,7 +150,7 @@ def restart_under_io(daemon: Daemon, disk: str, sig: signal.Signals) -> None:
     daemon.start()
     assert writer.wait(timeout=300) == 0, "the writer saw an I/O error"
     lines = acked.read_text().splitlines()
-    assert len(lines) == 80 and stopped_at < 80, (stopped_at, len(lines))
+    assert len(lines) == WRITES and stopped_at < WRITES, (stopped_at, len(lines))
     run("umount", str(MNT))
     run("mount", disk, str(MNT))  # read back from the LUN, not the page cache
     for line in lines:
