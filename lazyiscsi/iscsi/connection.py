@@ -274,6 +274,7 @@ class Connection:
         self.ping_outstanding: int | None = None  # Target Transfer Tag of an unanswered ping
         self._ttt = 1
         self._nexus = ""
+        self._discovery = False  # a discovery session: kept once the login is done (every PDU asks)
         #: the most write data one command held at once (arrived, not yet executed or written):
         #: what streaming bounds, for the tests and the status
         self.held_peak = 0
@@ -319,7 +320,7 @@ class Connection:
                 return self._data_digest_error(raw)
             event = decode(raw)
             handler = _HANDLERS.get((self.state, type(event)))
-            if self.state is State.FULL_FEATURE and self.discovery and type(event) not in DISCOVERY_EVENTS:
+            if self.state is State.FULL_FEATURE and self._discovery and type(event) not in DISCOVERY_EVENTS:
                 # the refused command still takes its CmdSN (RFC 7143 4.2.2.1), or every later
                 # one would look out of order; one outside the window is ignored as anywhere else
                 if isinstance(event, (ScsiCommand, TaskManagementRequest)) and \
@@ -362,7 +363,11 @@ class Connection:
                 bhs = build_data_in(task.itt, task.lun, 0, 0, n, final=True, status=status,
                                     statsn=self._next_statsn(), expcmdsn=self.expcmdsn,
                                     maxcmdsn=self._maxcmdsn(), residual=residual)
-                return [Send(self._encode(bhs, data if n == len(data) else data[:n]))]
+                payload = data if n == len(data) else data[:n]
+                if n & 3 or self.header_digest or self.data_digest:
+                    return [Send(self._encode(bhs, payload))]
+                # build_data_in wrote DataSegmentLength; whole words need no padding (11.2.1.6)
+                return [Send([bhs, payload])]
             out: list[Action] = []
             pos = 0
             datasn = 0
@@ -395,6 +400,7 @@ class Connection:
         out: list[Action] = [Send(self._login_response(reply, req))]  # without digests: still login
         if self.login.stage is Stage.FULL_FEATURE:
             self.state = State.FULL_FEATURE
+            self._discovery = self.login.discovery
             self.header_digest, self.data_digest = self.login.header_digest, self.login.data_digest
         return out
 
