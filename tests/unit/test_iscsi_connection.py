@@ -293,3 +293,18 @@ def test_a_single_pdu_read_answer_frames_with_and_without_digests_and_padding() 
         assert raw.bhs[0] & 0x3F == Opcode.SCSI_DATA_IN and raw.bhs[1] & 0x81 == 0x81  # F, S
         assert int.from_bytes(raw.bhs[5:8], "big") == min(length, BS)
         assert len(pdu) == BHS_LEN + (-min(length, BS) % 4 + min(length, BS)) + (8 if digests else 0)
+
+
+def test_a_scsi_command_is_executed_only_in_the_full_feature_phase() -> None:
+    """A SCSI Command goes straight to its handler in a logged-in normal session; once the
+    session has ended (Logout, RFC 7143 11.14) one is a protocol error that runs nothing."""
+    conn = logged_in("")
+    (execute,) = feed(conn, read_cmd(1, 0))
+    assert isinstance(execute, Execute)
+    conn.task_done(execute.task, 0, bytes(BS), None)
+    b = bytearray(BHS_LEN)
+    b[0], b[1] = Opcode.LOGOUT_REQUEST | 0x40, 0x80
+    struct.pack_into(">II", b, 24, 1, 0)
+    assert isinstance(feed(conn, encode(b))[-1], Close) and conn.state is State.CLOSED
+    after = feed(conn, read_cmd(2, 1))
+    assert not any(isinstance(a, Execute) for a in after) and isinstance(after[-1], Close)
