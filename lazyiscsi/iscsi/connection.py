@@ -73,6 +73,7 @@ from lazyiscsi.iscsi.pdu import (
     build_reject,
     build_scsi_response,
     decode,
+    decode_scsi_command,
     encode_parts,
 )
 from lazyiscsi.iscsi.text import Incoming, Outgoing, TextTooLong
@@ -274,6 +275,10 @@ class Connection:
         self.ping_outstanding: int | None = None  # Target Transfer Tag of an unanswered ping
         self._ttt = 1
         self._nexus = ""
+        self._discovery = False  # a discovery session: kept once the login is done (every PDU asks)
+        #: a normal session (not discovery) logged in: in full feature phase a SCSI Command goes
+        #: straight to its handler
+        self._commands = False
         #: the most write data one command held at once (arrived, not yet executed or written):
         #: what streaming bounds, for the tests and the status
         self.held_peak = 0
@@ -317,9 +322,13 @@ class Connection:
         try:
             if not raw.data_intact:
                 return self._data_digest_error(raw)
+            if raw.bhs[0] & 0x3F == Opcode.SCSI_COMMAND and self._commands \
+                    and self.state is State.FULL_FEATURE:
+                # most PDUs: the one handler they can have, without the tables (the same checks)
+                return self._scsi_command(decode_scsi_command(raw))
             event = decode(raw)
             handler = _HANDLERS.get((self.state, type(event)))
-            if self.state is State.FULL_FEATURE and self.discovery and type(event) not in DISCOVERY_EVENTS:
+            if self.state is State.FULL_FEATURE and self._discovery and type(event) not in DISCOVERY_EVENTS:
                 # the refused command still takes its CmdSN (RFC 7143 4.2.2.1), or every later
                 # one would look out of order; one outside the window is ignored as anywhere else
                 if isinstance(event, (ScsiCommand, TaskManagementRequest)) and \
@@ -356,13 +365,17 @@ class Connection:
         if n and sense is None:
             # Data-In with status in the last PDU (phase collapse, RFC 7143 11.7.4); slices of a
             # memoryview: the data is not copied until it goes into the socket
-            data = memoryview(data_in)  # type: ignore[arg-type]
             max_send = self.login.max_send
             if n <= max_send:  # one PDU (every 4 KiB read): no slicing, no loop
                 bhs = build_data_in(task.itt, task.lun, 0, 0, n, final=True, status=status,
                                     statsn=self._next_statsn(), expcmdsn=self.expcmdsn,
                                     maxcmdsn=self._maxcmdsn(), residual=residual)
-                return [Send(self._encode(bhs, data if n == len(data) else data[:n]))]
+                payload = data_in if n == moved else memoryview(data_in)[:n]  # type: ignore[arg-type]
+                if n & 3 or self.header_digest or self.data_digest:
+                    return [Send(self._encode(bhs, payload))]
+                # build_data_in wrote DataSegmentLength; whole words need no padding (11.2.1.6)
+                return [Send([bhs, payload])]
+            data = memoryview(data_in)  # type: ignore[arg-type]
             out: list[Action] = []
             pos = 0
             datasn = 0
@@ -395,6 +408,8 @@ class Connection:
         out: list[Action] = [Send(self._login_response(reply, req))]  # without digests: still login
         if self.login.stage is Stage.FULL_FEATURE:
             self.state = State.FULL_FEATURE
+            self._discovery = self.login.discovery
+            self._commands = not self._discovery
             self.header_digest, self.data_digest = self.login.header_digest, self.login.data_digest
         return out
 

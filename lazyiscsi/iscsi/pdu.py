@@ -305,6 +305,10 @@ def _scsi_command(p: RawPdu) -> ScsiCommand:
                        flags & 0x07, _lun(b), *struct.unpack_from(">IIII", b, 16), cdb, p.data)
 
 
+#: the decoder of the PDU most sent, called by name where the connection knows the opcode
+decode_scsi_command = _scsi_command
+
+
 def _data_out(p: RawPdu) -> DataOut:
     b = p.bhs
     itt, ttt, _r, expstatsn, _r2, datasn, offset = struct.unpack_from(">IIIIIII", b, 16)

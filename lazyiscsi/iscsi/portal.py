@@ -8,7 +8,10 @@ sends PDUs in the order the state machine produced them.
 Per command cost is what bounds small random I/O (a 4 KiB READ is mostly bookkeeping): the
 reader frames every whole PDU a receive brought before it reads again, PDUs to send are
 appended to one list that the writer takes whole (one wake-up and one sendmsg for everything
-produced since it last ran, not a queue operation per PDU).
+produced since it last ran, not a queue operation per PDU). What the reader itself queued
+(the inline READs) it sends itself, every few PDUs and before it reads again, in one sendmsg
+that never waits (``_flush``): no switch to the writer and back per batch. The writer sends
+whatever that left, and everything while it holds a batch, so PDUs go out in the order queued.
 
 The portal owns the clock and the bookkeeping across connections that the sans-I/O connection
 cannot: the login timeout (fed in as ``login_timed_out``), the connection caps, checked as a
@@ -73,11 +76,11 @@ log = structlog.get_logger("lazyiscsi.iscsi")
 _COALESCE = 256 * 1024
 #: and no more buffers than one sendmsg takes (IOV_MAX is 1024 on Linux)
 _MAX_IOV = 512
-#: while framing the PDUs of one receive, the reader lets the writer send what is ready every this
-#: many PDUs: the initiator gets its first responses (and sends its next commands) while the rest
-#: are still being run. Without it, 16 commands that came in one receive are answered in one send
-#: at the end, the two sides take turns and each waits idle while the other works (on a loaded
-#: 2-vCPU machine that ran 4 KiB random reads at QD16 at a quarter of the rate of every 4 PDUs)
+#: while framing the PDUs of one receive, the reader sends what is ready every this many PDUs:
+#: the initiator gets its first responses (and sends its next commands) while the rest are still
+#: being run. Without it, 16 commands that came in one receive are answered in one send at the
+#: end, the two sides take turns and each waits idle while the other works (on a loaded 2-vCPU
+#: machine that ran 4 KiB random reads at QD16 at a quarter of the rate of every 4 PDUs)
 _YIELD_EVERY = 4
 #: How long a connection may take to reach full feature (login done). A login is a handful of
 #: round trips; one left half-way (a half-sent header, a data segment announced and never sent,
@@ -196,6 +199,9 @@ class _Session:
         self.out: list[bytes | bytearray | memoryview] = []
         self.out_bytes = 0
         self.wake_writer = gevent.event.Event()
+        #: the writer holds a batch it has not sent whole (it may be waiting for the socket):
+        #: until it is out, nothing queued after it may be sent by the reader (``_flush``)
+        self.sending = False
         self.writer_done = False  # set once nothing more will be queued: the writer drains and ends
         self.workers: set[gevent.Greenlet] = set()
         #: the pieces of each streamed WRITE not yet written (None: no more come)
@@ -244,7 +250,9 @@ class _Session:
                         self._wait_for_room()
                     taken += 1
                     if not taken % _YIELD_EVERY and self.out:
-                        gevent.sleep(0)  # the writer sends what is ready (see _YIELD_EVERY)
+                        self._flush()  # what is ready goes now (see _YIELD_EVERY)
+                        if self.workers:
+                            gevent.sleep(0)  # and the commands running in greenlets get a turn
                     if conn.state is State.LOGIN:
                         actions = conn.receive(pdu)
                         if conn.state is State.FULL_FEATURE:
@@ -255,6 +263,7 @@ class _Session:
                         self._perform(actions)
                     else:
                         self._perform(conn.receive(pdu))
+                self._flush()  # before the next receive, which may wait
         except RemoteProtocolError as e:
             log.warning("connection_dropped", peer=self.peer, error=str(e))
         except OSError as e:
@@ -334,13 +343,14 @@ class _Session:
                     self.wake_writer.set()
             elif kind is Execute:
                 task = action.task  # type: ignore[union-attr]
-                if self._never_blocks(task):
-                    self._execute(task)  # no greenlet to spawn or switch to
+                lun = self._lun(task.lun)
+                if lun is not None and self._never_blocks(task, lun):
+                    self._execute(task, lun)  # no greenlet to spawn or switch to
                     continue
                 # its data-in counts as owed from now on: READs running at once are bounded too
                 reserved = min(task.expected, MAX_TRANSFER_BYTES) if task.read else 0
                 self._owe(reserved)
-                g = gevent.spawn(self._execute, task, reserved)
+                g = gevent.spawn(self._execute, task, lun, reserved)
                 self.workers.add(g)
                 g.link(self.workers.discard)
             elif kind is Piece:
@@ -385,18 +395,16 @@ class _Session:
         luns: list[Lun] = list(target.luns.values())  # type: ignore[arg-type]
         return [lun for lun in luns if number is None or lun.number == number]
 
-    def _never_blocks(self, task: Task) -> bool:
+    @staticmethod
+    def _never_blocks(task: Task, lun: Lun) -> bool:
         """A READ of a fully local LUN is a pread from the page cache: run it in the reader. Every
         command that may wait (a fetch from the source, an fdatasync) gets its own greenlet, so
         that it never holds up the commands behind it."""
-        if task.cdb[0] not in _INLINE_READS:
-            return False
-        lun = self._lun(task.lun)
-        return lun is not None and lun.backend.complete
+        return task.cdb[0] in _INLINE_READS and lun.backend.complete
 
-    def _execute(self, task: Task, reserved: int = 0) -> None:
+    def _execute(self, task: Task, lun: Lun | None, reserved: int = 0) -> None:
+        """Run ``task`` on ``lun`` (None: the target has no such LUN) and queue its response."""
         try:
-            lun = self._lun(task.lun)
             if lun is None:
                 target = self.conn.target
                 result = dispatch.execute_no_lun(task.cdb, sorted(target.luns) if target else [])
@@ -448,6 +456,33 @@ class _Session:
             if silent >= self.nop_interval:
                 self._perform(self.conn.ping())
 
+    def _flush(self) -> None:
+        """Send what is queued from the reader itself, in one sendmsg that does not wait: the
+        common case (4 KiB reads answered inline) then costs no switch to the writer greenlet and
+        back. Only while the writer holds no batch (``sending``), or PDUs would overtake it; what
+        the socket does not take at once (or an error, which the writer meets and acts on) stays
+        queued for the writer, which ``_perform`` woke when it queued the PDUs."""
+        if self.sending or not self.out or len(self.out) > _MAX_IOV:
+            return
+        batch = self.out
+        try:
+            sent = self.sock.sendmsg(batch, (), socket.MSG_DONTWAIT)
+        except OSError:  # BlockingIOError (socket full) included
+            return
+        total = sent
+        if sent == self.out_bytes:
+            self.out, self.out_bytes = [], 0
+        else:  # a short write: the rest, in order, for the writer
+            i = 0
+            while sent >= len(batch[i]):
+                sent -= len(batch[i])
+                i += 1
+            rest = batch[i:]
+            if sent:
+                rest[0] = memoryview(rest[0])[sent:]
+            self.out, self.out_bytes = rest, self.out_bytes - total
+        self._owe(-total)
+
     def _write_loop(self) -> None:
         """Send PDUs in order. Whatever has been queued meanwhile goes out in one gathered write:
         many small responses (4 KiB reads at QD16) then cost one system call, not one each, and
@@ -461,6 +496,7 @@ class _Session:
                 continue
             batch = self.out
             self.out, self.out_bytes = [], 0
+            self.sending = True
             start = 0
             while start < len(batch):
                 end, size = start, 0
@@ -475,6 +511,7 @@ class _Session:
                     return
                 self._owe(-size)
                 start = end
+            self.sending = False
 
 
 def _send_all(sock: socket.socket, buffers: list[bytes | bytearray | memoryview]) -> None:

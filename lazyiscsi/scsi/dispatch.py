@@ -26,7 +26,16 @@ from dataclasses import dataclass, replace
 import structlog
 
 from lazyiscsi.scsi import sbc, spc
-from lazyiscsi.scsi.cdb import LAYOUTS, MaintenanceIn, Op, ServiceActionIn, check_length, parse_block
+from lazyiscsi.scsi.cdb import (
+    LAYOUTS,
+    READ_FIELDS,
+    MaintenanceIn,
+    Op,
+    ServiceActionIn,
+    check_length,
+    parse_block,
+    parse_read,
+)
 from lazyiscsi.scsi.lun import MAX_TRANSFER_BYTES, Lun
 from lazyiscsi.scsi.reservations import Conflict, PrIn, PrOut
 from lazyiscsi.scsi.sense import (
@@ -59,17 +68,18 @@ _OPS: dict[int, Op] = {int(op): op for op in Op}
 
 def _block(lun: Lun, cdb: bytes, data: memoryview | None, nexus: str, *,
            into: memoryview | None = None) -> bytes | bytearray | memoryview | None:
+    if cdb[0] in READ_FIELDS:  # the common case, decoded by one unpack (cdb.READ_FIELDS)
+        lba, blocks = parse_read(cdb, lun.n_blocks, lun.max_transfer_blocks)
+        size = lun.block_size
+        if into is not None and len(into) >= blocks * size:
+            into = into[:blocks * size]
+            lun.backend.readinto(lba * size, into)
+            return into
+        return lun.backend.read(lba * size, blocks * size)
     op = _OPS[cdb[0]]
     cmd = parse_block(cdb, op, lun.n_blocks, lun.max_write_same_blocks
                       if LAYOUTS[op][1] == "write_same" else lun.max_transfer_blocks)
     kind = cmd.kind
-    if kind == "read":
-        n = cmd.blocks * lun.block_size
-        if into is not None and len(into) >= n:
-            into = into[:n]
-            sbc.read_into(lun, cmd, into)
-            return into
-        return sbc.read(lun, cmd)
     want = data_out_length(cdb, lun.block_size)
     got = len(data) if data is not None else 0
     if kind == "write":

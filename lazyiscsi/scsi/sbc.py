@@ -23,10 +23,6 @@ def read(lun: Lun, cmd: BlockCommand) -> bytes | bytearray:
     return lun.backend.read(cmd.lba * lun.block_size, cmd.blocks * lun.block_size)
 
 
-def read_into(lun: Lun, cmd: BlockCommand, buf: memoryview) -> None:
-    lun.backend.readinto(cmd.lba * lun.block_size, buf)
-
-
 def write(lun: Lun, cmd: BlockCommand, data: memoryview) -> None:
     # with the write cache off every write is durable before GOOD (SBC-4 4.15, WCE=0)
     lun.backend.write(cmd.lba * lun.block_size, data, fua=cmd.fua or cmd.bytchk or not lun.write_cache)

@@ -36,11 +36,11 @@ def sent(actions: list) -> list[bytes]:  # type: ignore[type-arg]
     return [b"".join(bytes(p) for p in a.parts) for a in actions if isinstance(a, Send)]
 
 
-def logged_in(keys: str) -> Connection:
+def logged_in(keys: str, digest: str = "None") -> Connection:
     conn = Connection(lambda name: Target(IQN, {0: object()}) if name == IQN else None, lambda: [],
                       lambda cdb, lun: struct.unpack_from(">H", cdb, 7)[0] * BS)
     text = (f"InitiatorName=iqn.test:i\0TargetName={IQN}\0SessionType=Normal\0AuthMethod=None\0"
-            f"HeaderDigest=None\0DataDigest=None\0{keys}").encode()
+            f"HeaderDigest={digest}\0DataDigest={digest}\0{keys}").encode()
     b = bytearray(BHS_LEN)
     b[0], b[1] = Opcode.LOGIN_REQUEST | 0x40, 0x80 | (1 << 2) | 3  # T=1, CSG 1 -> NSG 3
     b[8:14] = bytes.fromhex("400001370000")
@@ -269,3 +269,42 @@ def test_solicited_write_data_is_admitted_within_max_solicited_bytes() -> None:
     response, r2t = sent(conn.task_done(execute.task, 0, None, None))
     assert response[0] & 0x3F == Opcode.SCSI_RESPONSE and r2t[0] & 0x3F == Opcode.R2T
     assert struct.unpack_from(">I", r2t, 16)[0] == 4  # task 4's turn now
+
+
+# -- the Data-In of a READ (phase collapse) -----------------------------------------------------
+
+def test_a_single_pdu_read_answer_frames_with_and_without_digests_and_padding() -> None:
+    """A READ that fits one PDU is answered by one Data-In with F and S set and the status in it
+    (phase collapse, RFC 7143 11.7.4); its header states the data segment's length and the bytes
+    sent frame back into exactly that data: whole words bare (the common case, built without the
+    general encoder), an odd length padded (11.2.1.6), digests where negotiated (13.1)."""
+    for digests, length in ((False, 4096), (False, 510), (True, 4096), (True, 510)):
+        conn = logged_in("", "CRC32C" if digests else "None")
+        assert conn.header_digest is digests and conn.data_digest is digests
+        (execute,) = feed(conn, read_cmd(9, 0))
+        data = bytes(range(256)) * 16
+        (pdu,) = sent(conn.task_done(execute.task, 0, data[:length], None))
+        framer = Framer(max_data=1 << 20)
+        framer.set_digests(digests, digests)
+        framer.receive_data(pdu)
+        raw = framer.next_pdu()
+        assert raw is not None and framer.next_pdu() is None, (digests, length)
+        assert raw.data_intact and raw.data == data[:min(length, BS)], (digests, length)
+        assert raw.bhs[0] & 0x3F == Opcode.SCSI_DATA_IN and raw.bhs[1] & 0x81 == 0x81  # F, S
+        assert int.from_bytes(raw.bhs[5:8], "big") == min(length, BS)
+        assert len(pdu) == BHS_LEN + (-min(length, BS) % 4 + min(length, BS)) + (8 if digests else 0)
+
+
+def test_a_scsi_command_is_executed_only_in_the_full_feature_phase() -> None:
+    """A SCSI Command goes straight to its handler in a logged-in normal session; once the
+    session has ended (Logout, RFC 7143 11.14) one is a protocol error that runs nothing."""
+    conn = logged_in("")
+    (execute,) = feed(conn, read_cmd(1, 0))
+    assert isinstance(execute, Execute)
+    conn.task_done(execute.task, 0, bytes(BS), None)
+    b = bytearray(BHS_LEN)
+    b[0], b[1] = Opcode.LOGOUT_REQUEST | 0x40, 0x80
+    struct.pack_into(">II", b, 24, 1, 0)
+    assert isinstance(feed(conn, encode(b))[-1], Close) and conn.state is State.CLOSED
+    after = feed(conn, read_cmd(2, 1))
+    assert not any(isinstance(a, Execute) for a in after) and isinstance(after[-1], Close)
