@@ -275,10 +275,9 @@ class Connection:
         self.ping_outstanding: int | None = None  # Target Transfer Tag of an unanswered ping
         self._ttt = 1
         self._nexus = ""
-        self._discovery = False  # a discovery session: kept once the login is done (every PDU asks)
-        #: a normal session (not discovery) logged in: in full feature phase a SCSI Command goes
-        #: straight to its handler
-        self._commands = False
+        #: a discovery session: kept once the login is done (every PDU asks); in the full feature
+        #: phase of a normal session a SCSI Command goes straight to its handler
+        self._discovery = False
         #: the most write data one command held at once (arrived, not yet executed or written):
         #: what streaming bounds, for the tests and the status
         self.held_peak = 0
@@ -322,8 +321,8 @@ class Connection:
         try:
             if not raw.data_intact:
                 return self._data_digest_error(raw)
-            if raw.bhs[0] & 0x3F == Opcode.SCSI_COMMAND and self._commands \
-                    and self.state is State.FULL_FEATURE:
+            if raw.bhs[0] & 0x3F == Opcode.SCSI_COMMAND and self.state is State.FULL_FEATURE \
+                    and not self._discovery:
                 # most PDUs: the one handler they can have, without the tables (the same checks)
                 return self._scsi_command(decode_scsi_command(raw))
             event = decode(raw)
@@ -409,7 +408,6 @@ class Connection:
         if self.login.stage is Stage.FULL_FEATURE:
             self.state = State.FULL_FEATURE
             self._discovery = self.login.discovery
-            self._commands = not self._discovery
             self.header_digest, self.data_digest = self.login.header_digest, self.login.data_digest
         return out
 
