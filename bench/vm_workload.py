@@ -21,9 +21,11 @@ built once by its script in bench/vm/ (common.sh: what they share):
   MiB, the disk (a 1 GiB ext4 image, a debootstrapped bookworm root with systemd, udev, python3
   and the kernel's modules) is the VM's root from its start; the initramfs mounts it and hands
   over to systemd, whose boot ends in a unit that reads 2,000 files of /usr/lib/python3* and
-  /usr/share (files), imports 40 Python modules (imports), writes 8 MiB and syncs (write), then
-  powers the VM off. Its time: the host's wall clock from QEMU's start to its exit; the phases
-  (kernel, initramfs, boot, files, imports, write) from the guest's clock.
+  /usr/share (files), imports 40 Python modules (imports), makes the synthetic workload's 500
+  random 4 KiB O_DIRECT accesses (one in 4 a write, then sync) in a 64 MiB file of random data
+  (db), writes 8 MiB and syncs (write), then powers the VM off. Its time: the host's wall clock
+  from QEMU's start to its exit; the phases (kernel, initramfs, boot, files, imports, db, write)
+  from the guest's clock.
 
 Both report each phase's start and the disk's sectors read and written every 0.5 s on the
 console. The disk is reached as:
@@ -69,6 +71,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -181,6 +184,16 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
     # the 1-minute load average when the VM started and when it powered off (the machine is shared)
     load: tuple[float, float] = (0.0, 0.0)
+    # the share of the machine's CPU time its hypervisor gave to others while the VM ran
+    # (/proc/stat's steal: on a shared cloud machine, the noise the load average does not show)
+    steal: float = 0.0
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, all) of /proc/stat's CPU line, in ticks since boot."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    return ticks[7], sum(ticks[:8])  # user nice system idle iowait irq softirq steal
 
 
 def parse_console(text: str, from_kernel: bool = False) -> tuple[dict[str, float], float,
@@ -395,6 +408,7 @@ def run_once(wl: Workload, disk: str, link_name: str | None, kernel_args: str, t
         work = Path(d)
         console, qmp_path = work / "console", work / "vm.qmp"
         load_start = os.getloadavg()[0]
+        steal_start, all_start = cpu_ticks()
         if wl.hotplug:
             vm = procs.start("vm", vm_argv(wl, console, qmp_path, kernel_args, None))
             qmp = Qmp(qmp_path, vm)
@@ -413,6 +427,7 @@ def run_once(wl: Workload, disk: str, link_name: str | None, kernel_args: str, t
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"the VM ran over {RUN_S:.0f} s") from None
         wall = time.monotonic() - t0
+        steal_end, all_end = cpu_ticks()
         extra = after()
         stack.close()
         qmp.close()
@@ -421,7 +436,9 @@ def run_once(wl: Workload, disk: str, link_name: str | None, kernel_args: str, t
             log = (work / "vm.log").read_text(errors="replace")
             raise RuntimeError(f"QEMU exited with {vm.returncode}: {log[-800:]}")
         phases, workload, samples = parse_console(text, wl.from_kernel)
-    return Run(disk, link_name, wall, workload, phases, samples, extra, (load_start, os.getloadavg()[0]))
+    steal = round((steal_end - steal_start) / max(1, all_end - all_start), 3)
+    return Run(disk, link_name, wall, workload, phases, samples, extra, (load_start, os.getloadavg()[0]),
+               steal)
 
 
 def build_vm(wl: Workload) -> None:
@@ -642,7 +659,8 @@ def run_all(args: argparse.Namespace, wl: Workload, links: list[str],
             runs.append(r)
             phases = " ".join(f"{p}={s:.1f}" for p, s in r.phases.items())
             print(f"  run {i + 1} {disk:<13} {ln or '-':<10} workload {r.workload_s:6.2f} s, "
-                  f"VM {r.wall_s:6.2f} s ({phases}) load {r.load[0]:.2f}-{r.load[1]:.2f} {r.extra or ''}",
+                  f"VM {r.wall_s:6.2f} s ({phases}) load {r.load[0]:.2f}-{r.load[1]:.2f} "
+                  f"steal {r.steal:.0%} {r.extra or ''}",
                   flush=True)
     return runs, failures
 
@@ -679,7 +697,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=list(WORKLOADS), default="synthetic",
                     help="synthetic: busybox init, the disk hot-plugged, mount/boot/files/db/write; "
-                         "debian: the VM boots Debian from the disk and runs files/imports/write")
+                         "debian: the VM boots Debian from the disk and runs files/imports/db/write")
     ap.add_argument("--count", type=int, default=3, help=f"runs per cell of {', '.join(FAST)} (medians)")
     ap.add_argument("--slow-count", type=int, default=1,
                     help="runs per cell of nbd and qsd (the peers: the slowest, plain NBD most)")
@@ -691,14 +709,16 @@ def main() -> None:
                     help="another checkout (e.g. a git worktree of b715eb8^, before hot-first) whose "
                          "lazyiscsi serves the lazy-before disk, run with DIR on PYTHONPATH by this venv")
     ap.add_argument("--files", type=int, help="files read in the files phase (synthetic 500, debian 2000)")
-    ap.add_argument("--ops", type=int, default=500, help="synthetic: 4 KiB random accesses in the db phase")
-    ap.add_argument("--write-every", type=int, default=4, help="synthetic: every Nth db access is a write")
+    ap.add_argument("--ops", type=int, default=500, help="4 KiB random accesses in the db phase")
+    ap.add_argument("--write-every", type=int, default=4, help="every Nth db access is a write")
     ap.add_argument("--write-mib", type=int, default=8, help="MiB written in the write phase")
     ap.add_argument("--out", type=Path, default=ROOT, help="where the JSON and the plots go")
     ap.add_argument("--from-json", type=Path, metavar="JSON",
                     help="print the tables and draw the plots of a saved run (its vm_workload.json or "
                          "vm_debian.json) into --out; runs nothing")
     args = ap.parse_args()
+    # a kill unwinds like ^C: every VM, target and server a run started is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
@@ -722,11 +742,9 @@ def main() -> None:
             raise SystemExit(f"{tool} is missing: bash scripts/setup.sh installs it")
     links = args.links if any(d not in NO_LINK for d in args.disks) else []
     build_vm(wl)
-    if args.workload == "debian":
-        kernel_args = f"lzw.files={args.files or 2000} lzw.write_mib={args.write_mib}"
-    else:
-        kernel_args = (f"lzw.files={args.files or 500} lzw.ops={args.ops} lzw.wevery={args.write_every} "
-                       f"lzw.write_mib={args.write_mib}")
+    files = args.files or (2000 if args.workload == "debian" else 500)
+    kernel_args = (f"lzw.files={files} lzw.ops={args.ops} lzw.wevery={args.write_every} "
+                   f"lzw.write_mib={args.write_mib}")
     with open(wl.vm_dir / "disk.img", "rb") as f:  # the source image in the page cache for every disk alike
         while f.read(8 * MiB):
             pass

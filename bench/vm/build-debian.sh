@@ -9,7 +9,8 @@
 #   kmod, e2fsprogs and python3 (the workload imports Python modules)
 #   /lib/modules/KVER, /boot   the whole kernel package's modules and /boot, as a Debian VM has
 #   lzw.service                runs debian/lzw-workload once the boot is done (multi-user.target):
-#                              read 2,000 files, import Python modules, write 8 MiB, sync,
+#                              read 2,000 files, import Python modules, 500 random 4 KiB
+#                              accesses in /var/lib/lzw/db.bin (64 MiB), write 8 MiB, sync,
 #                              power off; lzw-sampler.service prints the disk's counters
 #   a machine-id (the image is not on its first boot); getty on the console masked (the
 #   workload's lines go there)
@@ -19,7 +20,8 @@
 #                                   /var/tmp/lazyiscsi-bench-debian)
 #
 # Everything comes from the Debian mirror in the host's apt sources (about 100 MB, kept in
-# $OUT.debs for re-runs). Needs debootstrap, qemu-system-x86, cpio, e2fsprogs (mkfs.ext4 -d); root.
+# $OUT.debs for re-runs). Needs debootstrap, qemu-system-x86, cpio, e2fsprogs (mkfs.ext4 -d), kmod
+# (depmod); root.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${LAZYISCSI_BENCH_DEBIAN:-/var/tmp/lazyiscsi-bench-debian}
@@ -52,6 +54,9 @@ echo "/dev/vda / ext4 errors=remount-ro 0 1" > root/etc/fstab
 echo lzw-debian > root/etc/hostname
 : > root/etc/machine-id
 chroot root systemd-machine-id-setup >/dev/null 2>&1
+# the db phase's file: 64 MiB of random data (allocated, as a database's file is)
+mkdir -p root/var/lib/lzw
+head -c 64M /dev/urandom > root/var/lib/lzw/db.bin
 install -m 0755 "$HERE/debian/lzw-workload" "$HERE/debian/lzw-sampler" root/usr/local/sbin/
 install -m 0644 "$HERE/debian/lzw.service" "$HERE/debian/lzw-sampler.service" root/etc/systemd/system/
 mkdir -p root/etc/systemd/system/multi-user.target.wants root/etc/systemd/system/sysinit.target.wants

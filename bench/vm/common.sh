@@ -24,7 +24,7 @@ begin_build() {
     echo "bench vm: $OUT is up to date"; exit 0
   fi
   t0=$SECONDS
-  for tool in qemu-system-x86_64 cpio mkfs.ext4 apt-get; do
+  for tool in qemu-system-x86_64 cpio mkfs.ext4 apt-get depmod; do
     command -v "$tool" >/dev/null || { echo "bench vm: $tool is missing"; exit 1; }
   done
   WORK=$(mktemp -d "$OUT.work.XXXXXX")
