@@ -13,7 +13,7 @@ import gevent
 import gevent.socket
 
 from lazyiscsi.iscsi.connection import Send
-from lazyiscsi.iscsi.portal import Portal, _Session
+from lazyiscsi.iscsi.portal import MAX_OUTSTANDING_BYTES, Portal, _Session
 
 PART = 1024  # bytes per queued buffer
 #: small socket buffers: a few dozen parts fill them
@@ -115,5 +115,68 @@ def test_a_socket_that_takes_nothing_leaves_everything_to_the_writer() -> None:
                 break
         assert session.out == before and 0 < session.owed == session.out_bytes < 500 * PART
     finally:
+        target.close()
+        peer.close()
+
+
+def test_what_the_reader_queues_wakes_the_writer_only_for_what_the_socket_left() -> None:
+    """The reader sends its own answers: queuing them does not wake the writer (no switch to it
+    and back per batch). What a short write leaves must wake it, or it would wait for ever."""
+    target, peer = pair()
+    session = _Session(target, "test", Portal([], ("127.0.0.1", 0)))
+    session.reader = gevent.getcurrent()  # this greenlet plays the reader
+    writer = gevent.spawn(session._write_loop)
+    try:
+        gevent.sleep(0)  # the writer waits for a wake-up
+        queue(session, 0, 4)
+        assert not session.wake_writer.is_set()
+        session._flush()
+        assert session.out == [] and not session.wake_writer.is_set()
+        assert receive(peer, 4 * PART) == b"".join(part(i) for i in range(4))
+
+        queue(session, 4, 500)  # more than the socket takes at once
+        assert not session.wake_writer.is_set()
+        session._flush()
+        assert session.out and session.wake_writer.is_set(), "the rest is the writer's"
+        with gevent.Timeout(10, AssertionError("the writer was not woken for what was left")):
+            got = receive(peer, 500 * PART)
+        assert got == b"".join(part(i) for i in range(4, 504))
+        gevent.sleep(0)
+        assert session.out == [] and session.owed == 0
+    finally:
+        writer.kill()
+        target.close()
+        peer.close()
+
+
+def test_a_reader_out_of_room_sends_what_it_queued_before_it_waits() -> None:
+    """Backpressure (``MAX_OUTSTANDING_BYTES``): a reader that queued past the limit waits for
+    room, and room comes only once those bytes are sent: it must hand them on first."""
+    target, peer = pair()
+    session = _Session(target, "test", Portal([], ("127.0.0.1", 0)))
+    session.reader = gevent.getcurrent()
+    writer = gevent.spawn(session._write_loop)
+    drained = bytearray()
+
+    def drain() -> None:
+        while chunk := peer.recv(1 << 16):
+            drained.extend(chunk)
+
+    reader_end = gevent.spawn(drain)
+    try:
+        gevent.sleep(0)
+        count = MAX_OUTSTANDING_BYTES // PART + 1
+        queue(session, 0, count)
+        assert not session.room.is_set() and not session.wake_writer.is_set()
+        with gevent.Timeout(30, AssertionError("the reader waited for room it held back itself")):
+            session._wait_for_room()
+        assert session.room.is_set()
+        with gevent.Timeout(30):
+            while len(drained) < count * PART:
+                gevent.sleep(0.01)
+        assert bytes(drained) == b"".join(part(i) for i in range(count))
+    finally:
+        writer.kill()
+        reader_end.kill()
         target.close()
         peer.close()
