@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from wan import OUT, ROOT, GiB, free_port, random_image
+from wan import OUT, ROOT, GiB, cpu_ticks, free_port, random_image, steal_since
 
 LAZYISCSI = str(ROOT.parent / ".venv" / "bin" / "lazyiscsi")
 INITIATOR = "iqn.2024-01.test:perf"
@@ -127,6 +127,7 @@ def main() -> None:
     image = random_image(GiB)
     results: dict[str, dict[str, list[float]]] = {c: {"lazyiscsi": [], "tgtd": []} for c in cases}
     loads: list[float] = []
+    steals: list[float] = []  # the CPU time the hypervisor took during each run (wan.cpu_ticks)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
         tgt_image = Path(d) / "tgtd.img"  # a copy: the write case must not change the shared image
         shutil.copyfile(image, tgt_image)
@@ -146,11 +147,14 @@ def main() -> None:
                 for i in range(args.count):
                     for env, url in (("tgtd", tgt_url), ("lazyiscsi", lazy_url)):
                         warm(*files)
+                        ticks = cpu_ticks()
                         iops = perf(url, case, args.seconds)
+                        steal = steal_since(ticks)
                         loads.append(os.getloadavg()[0])
+                        steals.append(steal)
                         results[case][env].append(iops)
-                        print(f"  {case} {env} run {i + 1}: {iops:.0f} IOPS (load average {loads[-1]:.1f})",
-                              flush=True)
+                        print(f"  {case} {env} run {i + 1}: {iops:.0f} IOPS (load average {loads[-1]:.1f}, "
+                              f"steal {steal:.0%})", flush=True)
         finally:
             lazy.send_signal(signal.SIGTERM)
             lazy.wait(30)
@@ -161,7 +165,8 @@ def main() -> None:
         spread = {k: f"{statistics.median(v):.0f} [{min(v):.0f}-{max(v):.0f}]" for k, v in cells.items()}
         print(f"{case:<12} {spread['lazyiscsi']:<26} {spread['tgtd']:<26} {lz / tg:>9.2f}")
     print(f"load average (1 min) after each run: median {statistics.median(loads):.1f} "
-          f"[{min(loads):.1f}-{max(loads):.1f}]")
+          f"[{min(loads):.1f}-{max(loads):.1f}]; CPU time stolen by the hypervisor: median "
+          f"{statistics.median(steals):.0%} [{min(steals):.0%}-{max(steals):.0%}]")
     OUT.mkdir(exist_ok=True)
     (OUT / "iscsi_perf.json").write_text(json.dumps(results, indent=1))
 

@@ -83,7 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from iscsi_perf import start_tgtd, stop_tgtd
-from wan import ROOT, Link, MiB, free_port, nbdkit_source
+from wan import ROOT, Link, MiB, cpu_ticks, free_port, nbdkit_source, steal_since
 
 sys.path.insert(0, str(ROOT.parent))  # the migration test's process and QMP helpers
 from tests.integration.peers import wait_listening, wait_until
@@ -187,13 +187,6 @@ class Run:
     # the share of the machine's CPU time its hypervisor gave to others while the VM ran
     # (/proc/stat's steal: on a shared cloud machine, the noise the load average does not show)
     steal: float = 0.0
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """(steal, all) of /proc/stat's CPU line, in ticks since boot."""
-    with open("/proc/stat") as f:
-        ticks = [int(t) for t in f.readline().split()[1:]]
-    return ticks[7], sum(ticks[:8])  # user nice system idle iowait irq softirq steal
 
 
 def parse_console(text: str, from_kernel: bool = False) -> tuple[dict[str, float], float,
@@ -408,7 +401,7 @@ def run_once(wl: Workload, disk: str, link_name: str | None, kernel_args: str, t
         work = Path(d)
         console, qmp_path = work / "console", work / "vm.qmp"
         load_start = os.getloadavg()[0]
-        steal_start, all_start = cpu_ticks()
+        ticks = cpu_ticks()
         if wl.hotplug:
             vm = procs.start("vm", vm_argv(wl, console, qmp_path, kernel_args, None))
             qmp = Qmp(qmp_path, vm)
@@ -427,7 +420,7 @@ def run_once(wl: Workload, disk: str, link_name: str | None, kernel_args: str, t
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"the VM ran over {RUN_S:.0f} s") from None
         wall = time.monotonic() - t0
-        steal_end, all_end = cpu_ticks()
+        steal = steal_since(ticks)
         extra = after()
         stack.close()
         qmp.close()
@@ -436,7 +429,6 @@ def run_once(wl: Workload, disk: str, link_name: str | None, kernel_args: str, t
             log = (work / "vm.log").read_text(errors="replace")
             raise RuntimeError(f"QEMU exited with {vm.returncode}: {log[-800:]}")
         phases, workload, samples = parse_console(text, wl.from_kernel)
-    steal = round((steal_end - steal_start) / max(1, all_end - all_start), 3)
     return Run(disk, link_name, wall, workload, phases, samples, extra, (load_start, os.getloadavg()[0]),
                steal)
 

@@ -20,6 +20,21 @@ OUT = ROOT / "out"
 IMAGES = Path(os.environ.get("LAZYISCSI_BENCH_IMAGES", "/var/tmp/lazyiscsi-bench"))
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, all) of /proc/stat's CPU line, in ticks since boot: the share of the machine's
+    CPU time its hypervisor gave to others between two readings is the noise of a shared cloud
+    machine that the load average does not show."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    return ticks[7], sum(ticks[:8])  # user nice system idle iowait irq softirq steal
+
+
+def steal_since(start: tuple[int, int]) -> float:
+    """The share of CPU time stolen since ``start`` (a ``cpu_ticks()`` reading)."""
+    steal, total = cpu_ticks()
+    return round((steal - start[0]) / max(1, total - start[1]), 3)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
