@@ -3,11 +3,14 @@ the same run, at QD16: 1 MiB sequential reads and 4 KiB random reads with libisc
 4 KiB writes with QEMU's iSCSI driver (``qemu-img bench -w``: iscsi-perf only reads).
 
     python bench/iscsi_perf.py [--count N] [--seconds S] [--cases seq-1MiB,rand-4KiB,write-4KiB]
+                               [--max-steal SHARE]
 
 Targets: sequential >= 1.0x tgtd (issue 3), random reads >= 0.8x tgtd (issue 15); writes are
 reported, with no target. Runs alternate tgtd, lazyiscsi, tgtd, lazyiscsi... and each is
 preceded by a read of both backing files: on a machine whose page cache is reclaimed in the
-background (DAMON), a file gone cold would measure the disk, not the target.
+background (DAMON), a file gone cold would measure the disk, not the target. Each run's share
+of CPU time stolen by the hypervisor is printed, and the medians again over only the runs with
+at most ``--max-steal`` of it; out/iscsi_perf.json holds every run's IOPS and steal.
 """
 
 from __future__ import annotations
