@@ -135,7 +135,6 @@ def main() -> None:
     # the steal share of each of those runs, in the same order
     stolen: dict[str, dict[str, list[float]]] = {c: {"lazyiscsi": [], "tgtd": []} for c in cases}
     loads: list[float] = []
-    steals: list[float] = []  # the CPU time the hypervisor took during each run (wan.cpu_ticks)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
         tgt_image = Path(d) / "tgtd.img"  # a copy: the write case must not change the shared image
         shutil.copyfile(image, tgt_image)
@@ -159,7 +158,6 @@ def main() -> None:
                         iops = perf(url, case, args.seconds)
                         steal = steal_since(ticks)
                         loads.append(os.getloadavg()[0])
-                        steals.append(steal)
                         results[case][env].append(iops)
                         stolen[case][env].append(steal)
                         print(f"  {case} {env} run {i + 1}: {iops:.0f} IOPS (load average {loads[-1]:.1f}, "
@@ -173,6 +171,7 @@ def main() -> None:
         lz, tg = statistics.median(cells["lazyiscsi"]), statistics.median(cells["tgtd"])
         spread = {k: f"{statistics.median(v):.0f} [{min(v):.0f}-{max(v):.0f}]" for k, v in cells.items()}
         print(f"{case:<12} {spread['lazyiscsi']:<26} {spread['tgtd']:<26} {lz / tg:>9.2f}")
+    steals = [st for cells in stolen.values() for runs in cells.values() for st in runs]
     print(f"load average (1 min) after each run: median {statistics.median(loads):.1f} "
           f"[{min(loads):.1f}-{max(loads):.1f}]; CPU time stolen by the hypervisor: median "
           f"{statistics.median(steals):.0%} [{min(steals):.0%}-{max(steals):.0%}]")
