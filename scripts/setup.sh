@@ -8,11 +8,12 @@ cd "$(dirname "$0")/.."
 # libiscsi's tools and iscsi-test-cu, tgtd), the linters of what ships (mandoc, groff, systemd-analyze)
 # and the commands the tests call (openssl for TLS sources, pgrep, dbus-daemon and dbus-send for
 # the D-Bus side targetcli talks to); QEMU and cpio for the VM the migration test and demo build
-# (tests/migration/vm/build.sh). `lazyiscsi shell` is tested on Debian's python3 too, with
-# Debian's configshell-fb and targetcli-fb (test_shell_debian.py): those and the python3 packages
-# that test runs on.
-PACKAGES=(nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common qemu-system-x86 cpio nginx-light
-          libiscsi-bin tgt mandoc groff-base systemd openssl procps dbus-daemon dbus-bin
+# (tests/migration/vm/build.sh); debootstrap and kmod for the kernel tier's guest, which
+# tests/kernel/guest/build.sh makes while other tests run (so it need not install them then).
+# `lazyiscsi shell` is tested on Debian's python3 too, with Debian's configshell-fb and
+# targetcli-fb (test_shell_debian.py): those and the python3 packages that test runs on.
+PACKAGES=(nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common qemu-system-x86 cpio debootstrap kmod
+          nginx-light libiscsi-bin tgt mandoc groff-base systemd openssl procps dbus-daemon dbus-bin
           targetcli-fb python3-configshell-fb python3-rtslib-fb python3-gevent python3-structlog
           python3-crc32c python3-pytest python3-pytest-timeout)
 missing=()

@@ -1,19 +1,32 @@
 """Every test gets its own control socket and state directory: ``lazyiscsi serve`` started by
 a test (or the verbs it runs) never meets another test's daemon, or a real one on this host.
-The Debian package is built once per run, for the tests of the installed package and for the
-kernel tier's guest."""
+The Debian package and the kernel tier's guest runs start in the background as soon as
+collection shows a selected test needs them (tests/background.py), and the tier's tests run
+last, when the guest has had the other tests' time."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-# dpkg-buildpackage with the unit tests (Debian's python3 packages) and, the first time, apt
-# installing the build dependencies
-DEB_BUILD_TIMEOUT_S = 1800
+from tests import background
+from tests.kernel import tier
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.option.collectonly:
+        return
+    runs = {marker.args[0] for item in items if (marker := item.get_closest_marker("kernel_tier"))}
+    tier.start(runs)  # first: the package waits for the guest's build (background.debian_package)
+    if any("debian_package" in getattr(item, "fixturenames", ()) for item in items):
+        background.debian_package()
+    # stable: the rest keep their order
+    items.sort(key=lambda item: item.get_closest_marker("kernel_tier") is not None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    background.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -23,12 +36,6 @@ def _private_daemon_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.fixture(scope="session")
-def debian_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The .deb that scripts/deb.sh builds from this tree."""
-    out = tmp_path_factory.mktemp("deb")
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "deb.sh"), str(out)], capture_output=True, text=True,
-                       timeout=DEB_BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    deb = Path(r.stdout.strip().splitlines()[-1])
-    assert deb.is_file() and deb.parent == out, r.stdout
-    return deb
+def debian_package() -> Path:
+    """The .deb that scripts/deb.sh builds from this tree (started at collection)."""
+    return background.debian_package().result()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEB_BUILD_TIMEOUT_S
+from tests.background import DEB_BUILD_TIMEOUT_S
 from tests.integration.peers import Lines, MiB, free_port, make_image, wait_listening, wait_until
 
 # whichever test comes first builds the package (tests/conftest.py) and installs it
