@@ -76,6 +76,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -86,6 +87,8 @@ from iscsi_perf import start_tgtd, stop_tgtd
 from wan import ROOT, Link, MiB, cpu_ticks, free_port, nbdkit_source, steal_since
 
 sys.path.insert(0, str(ROOT.parent))  # the migration test's process and QMP helpers
+from lazyiscsi.control import ControlError
+from lazyiscsi.control import call as control_call
 from tests.integration.peers import wait_listening, wait_until
 from tests.migration.harness import Procs
 from tests.migration.qmp import Qmp
@@ -270,20 +273,50 @@ def serve_portal(source: str, work: Path, procs: Procs, tree: Path | None = None
         "--cache", str(work / "cache.img"), "--iqn", IQN, "--listen", f"127.0.0.1:{port}"])
     wait_listening(port, serve)
     wait_until(control.exists, "serve's control socket", proc=serve)
+    done = CopyDone(str(control))
 
     def status() -> dict[str, Any]:
         r = subprocess.run([*lazyiscsi(tree), "--control", str(control), "status", "vol0", "--json"],
                            capture_output=True, text=True, timeout=60)
         (vol,) = json.loads(r.stdout)
         # the guest's misses (how many, how long) and the bytes fetched (more than local: twice)
-        return {"tree": str(tree or ROOT.parent),
+        return {"tree": str(tree or ROOT.parent), "copy_done_at": done.at,
                 **{k: vol.get(k) for k in ("state", "size", "local_bytes", "fetched_bytes", "hot_bytes",
                                            "misses", "miss_p50_ms", "miss_p99_ms")}}
 
     try:
         yield f"file=iscsi://127.0.0.1:{port}/{IQN}/0", status
     finally:
+        done.stop()
         procs.stop(serve)
+
+
+class CopyDone:
+    """When the LUN's copy ended (time.monotonic(); None: not while this watched), from the
+    daemon's status once every POLL_S on its control socket, in a thread: a VM that ran slower
+    than lazy-complete although few reads missed may have shared the link, or the CPU, with
+    the copier."""
+
+    POLL_S = 1.0
+
+    def __init__(self, control: str) -> None:
+        self.at: float | None = None
+        self._stop = threading.Event()
+        self._control = control
+        threading.Thread(target=self._watch, name="copy-done", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            try:
+                (vol,) = control_call(self._control, "status", {"name": "vol0"}, timeout=10)
+            except (ControlError, ValueError):
+                continue  # a missed poll costs a second of precision, no more
+            if vol.get("state") == "complete":
+                self.at = time.monotonic()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 @contextlib.contextmanager
@@ -422,6 +455,8 @@ def run_once(wl: Workload, disk: str, link_name: str | None, kernel_args: str, t
         wall = time.monotonic() - t0
         steal = steal_since(ticks)
         extra = after()
+        if (done_at := extra.pop("copy_done_at", None)) is not None:
+            extra["copy_done_s"] = round(done_at - t0, 1)  # from the VM's start (or the disk's attach)
         stack.close()
         qmp.close()
         text = console.read_text(errors="replace")
