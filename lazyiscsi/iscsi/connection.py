@@ -503,7 +503,8 @@ class Connection:
     def _scsi_command(self, cmd: ScsiCommand) -> list[Action]:
         if not self._window(cmd.immediate, cmd.cmdsn):
             return self._ignored(cmd.cmdsn)
-        if self.target is None:  # a discovery session has no LUNs (RFC 7143 4.3)
+        target = self.login.target
+        if target is None:  # a discovery session has no LUNs (RFC 7143 4.3)
             raise RemoteProtocolError("SCSI Command in a discovery session", RejectReason.PROTOCOL_ERROR)
         if cmd.itt in self.tasks:
             raise RemoteProtocolError(f"Initiator Task Tag {cmd.itt:#x} is in use",
@@ -513,7 +514,7 @@ class Connection:
                                       RejectReason.IMMEDIATE_COMMAND_REJECT)
         if cmd.data or not cmd.final:  # (most commands carry no unsolicited data: no lookups)
             self._check_unsolicited(cmd)
-        lun = self.target.luns.get(cmd.lun)
+        lun = target.luns.get(cmd.lun)
         # a READ's residual is counted from the data it returns, not from its CDB (_response)
         reads_only = cmd.read and not cmd.write
         cdb_out = self._data_out_length(cmd.cdb, lun) if lun is not None and not reads_only else 0
@@ -619,7 +620,7 @@ class Connection:
         if task.stream_ended:
             return []
         if task.received >= task.want_out:
-            if task.streamed:
+            if task.stream_start >= 0:  # (task.streamed, without the call: every command comes here)
                 return self._end_stream(task)
             task.executing = True
             # an initiator may send up to its EDTL: each command judges what it got (scsi layer)

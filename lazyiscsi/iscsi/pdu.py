@@ -147,7 +147,7 @@ class Framer:
                                       header=bhs)
         hd = 4 if self.header_digest else 0
         dd = 4 if self.data_digest and data_len else 0
-        end = header_end + ahs_len + hd + data_len + pad(data_len) + dd
+        end = header_end + ahs_len + hd + data_len + (-data_len % 4) + dd  # (pad(), without the call)
         if len(buf) < end:
             return None
         self._pos = end
@@ -291,6 +291,9 @@ def _lun(bhs: bytes) -> int:
     return ((bhs[8] & 0x3F) << 8) | bhs[9]
 
 
+_ITT_EDTL_CMDSN_EXPSTATSN = struct.Struct(">IIII").unpack_from
+
+
 def _scsi_command(p: RawPdu) -> ScsiCommand:
     b = p.bhs
     flags = b[1]
@@ -301,8 +304,10 @@ def _scsi_command(p: RawPdu) -> ScsiCommand:
         ahs_len, ahs_type = struct.unpack_from(">HB", p.ahs)
         if ahs_type == 1:
             cdb += p.ahs[4:4 + ahs_len - 1]
-    return ScsiCommand(p.immediate, bool(flags & 0x80), bool(flags & 0x40), bool(flags & 0x20),
-                       flags & 0x07, _lun(b), *struct.unpack_from(">IIII", b, 16), cdb, p.data)
+    # (p.immediate and _lun(b) written out: every command comes here)
+    return ScsiCommand(bool(b[0] & 0x40), bool(flags & 0x80), bool(flags & 0x40), bool(flags & 0x20),
+                       flags & 0x07, ((b[8] & 0x3F) << 8) | b[9], *_ITT_EDTL_CMDSN_EXPSTATSN(b, 16), cdb,
+                       p.data)
 
 
 #: the decoder of the PDU most sent, called by name where the connection knows the opcode

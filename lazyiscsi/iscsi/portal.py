@@ -218,7 +218,7 @@ class _Session:
         self.room.set()
 
     def _lun(self, number: int) -> Lun | None:
-        target = self.conn.target
+        target = self.conn.login.target
         return target.luns.get(number) if target is not None else None  # type: ignore[return-value]
 
     def _owe(self, n: int) -> None:
@@ -355,8 +355,12 @@ class _Session:
             elif kind is Execute:
                 task = action.task  # type: ignore[union-attr]
                 lun = self._lun(task.lun)
-                if lun is not None and self._never_blocks(task, lun):
-                    self._execute(task, lun)  # no greenlet to spawn or switch to
+                # A READ of a fully local LUN is a pread from the page cache: run it in the
+                # reader, no greenlet to spawn or switch to. Every command that may wait (a fetch
+                # from the source, an fdatasync) gets its own, so that it never holds up the
+                # commands behind it.
+                if lun is not None and task.cdb[0] in _INLINE_READS and lun.backend.complete:
+                    self._execute(task, lun)
                     continue
                 # its data-in counts as owed from now on: READs running at once are bounded too
                 reserved = min(task.expected, MAX_TRANSFER_BYTES) if task.read else 0
@@ -405,13 +409,6 @@ class _Session:
             return []
         luns: list[Lun] = list(target.luns.values())  # type: ignore[arg-type]
         return [lun for lun in luns if number is None or lun.number == number]
-
-    @staticmethod
-    def _never_blocks(task: Task, lun: Lun) -> bool:
-        """A READ of a fully local LUN is a pread from the page cache: run it in the reader. Every
-        command that may wait (a fetch from the source, an fdatasync) gets its own greenlet, so
-        that it never holds up the commands behind it."""
-        return task.cdb[0] in _INLINE_READS and lun.backend.complete
 
     def _execute(self, task: Task, lun: Lun | None, reserved: int = 0) -> None:
         """Run ``task`` on ``lun`` (None: the target has no such LUN) and queue its response."""

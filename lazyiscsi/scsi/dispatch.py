@@ -181,6 +181,9 @@ SERVICE_ACTIONS: dict[Op, tuple[int, ...]] = {
     Op.PERSISTENT_RESERVE_OUT: tuple(PrOut),
 }
 
+#: opcode byte -> (Op, its handler): what ``_admit`` finds for every command in one lookup
+_RUNS: dict[int, tuple[Op, Handler]] = {int(op): (op, handler) for op, handler in HANDLERS.items()}
+
 #: (opcode, service action or None) for REPORT SUPPORTED OPERATION CODES
 SUPPORTED: list[tuple[int, int | None]] = sorted(
     [(int(op), None) for op in HANDLERS if op not in SERVICE_ACTIONS]
@@ -265,10 +268,10 @@ def _admit(lun: Lun, cdb: bytes, nexus: str) -> tuple[Op, Handler]:
     right CDB length, a pending unit attention, a reservation conflict, write protection."""
     if not cdb:
         raise SenseError(Reason.INVALID_OPCODE)
-    op = _OPS.get(cdb[0])
-    handler = HANDLERS.get(op) if op is not None else None  # type: ignore[arg-type]
-    if handler is None:
+    known = _RUNS.get(cdb[0])
+    if known is None:
         raise SenseError(Reason.INVALID_OPCODE)
+    op, handler = known
     check_length(cdb)
     writable = lun.note_writable(nexus)
     pending = lun.unit_attentions.get(nexus)
@@ -277,7 +280,7 @@ def _admit(lun: Lun, cdb: bytes, nexus: str) -> tuple[Op, Handler]:
     lun.reservations.check(op, cdb, nexus)  # type: ignore[arg-type]
     if not writable and op in WRITE_OPS:
         raise SenseError(Reason.WRITE_PROTECTED)
-    return op, handler  # type: ignore[return-value]
+    return op, handler
 
 
 def execute(lun: Lun, cdb: bytes, data_out: bytes | bytearray | memoryview | None, nexus: str, *,
