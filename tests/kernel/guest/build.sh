@@ -13,8 +13,8 @@ REPO=$(cd "$HERE/../../.." && pwd)
 OUT=${LAZYISCSI_GUEST:-/var/tmp/lazyiscsi-guest}
 SUITE=bookworm
 # Two Python environments for the code under test. Debian's python3 packages, system-wide: what
-# the .deb depends on (test_guest.py installs it at boot) and what the project share runs on. And
-# the venv /opt/lazyiscsi/pypi with the newest PyPI releases of what setup.py asks for (rtslib-fb
+# the .deb depends on (tests/kernel/tier.py installs it at boot) and what the project share runs
+# on. And the venv /opt/lazyiscsi/pypi with the newest PyPI releases of what setup.py asks for (rtslib-fb
 # 2.2.x among them), as `pip install` gives a user.
 PY_DEPS=$(cd "$REPO" && python3 -c 'import ast,sys
 t=ast.parse(open("setup.py").read())

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 WORK = Path("/var/tmp/lazyiscsi-kernel-tier")
-#: the lazyiscsi under test: test_guest.py runs these tests once with the installed package's
+#: the lazyiscsi under test: tier.py runs these tests once with the installed package's
 #: /usr/bin/lazyiscsi and once with the PyPI venv's python; by hand, this checkout's code
 LAZYISCSI = shlex.split(os.environ.get("LAZYISCSI_COMMAND", "")) or [sys.executable, "-m", "lazyiscsi.cli"]
 if "LAZYISCSI_COMMAND" not in os.environ:
