@@ -81,6 +81,8 @@ def start(names: set[str]) -> None:
 def result(name: str) -> background.Finished:
     """What run ``name`` reported, once it has ended (started here if collection did not)."""
     start({name})
+    if name not in _runs:
+        raise RuntimeError(f"the kernel tier's {name} run was not started at collection (tests/conftest.py)")
     return _runs[name].result()
 
 

@@ -16,10 +16,12 @@ import pytest
 
 from tests.background import DEB_BUILD_TIMEOUT_S
 from tests.integration.peers import Lines, MiB, free_port, make_image, wait_listening, wait_until
+from tests.kernel.tier import GUEST_BUILD_TIMEOUT_S
 
-# whichever test comes first builds the package (tests/conftest.py) and installs it
+# whichever test comes first waits for the package (built in the background from collection, after
+# the kernel tier's guest build when the tier runs too: tests/background.py) and installs it
 INSTALL_TIMEOUT_S = 900
-pytestmark = pytest.mark.timeout(DEB_BUILD_TIMEOUT_S + INSTALL_TIMEOUT_S)
+pytestmark = pytest.mark.timeout(GUEST_BUILD_TIMEOUT_S + DEB_BUILD_TIMEOUT_S + INSTALL_TIMEOUT_S)
 UNIT = Path("/lib/systemd/system/lazyiscsi.service")
 DEBIAN_DEPENDS = ("python3-configshell-fb", "python3-crc32c", "python3-gevent", "python3-jeepney",
                   "python3-rtslib-fb", "python3-structlog")
