@@ -291,6 +291,8 @@ def _lun(bhs: bytes) -> int:
     return ((bhs[8] & 0x3F) << 8) | bhs[9]
 
 
+#: a SCSI Command's ITT, Expected Data Transfer Length, CmdSN and ExpStatSN (BHS bytes 16-31), by a
+#: Struct compiled once: every command is decoded here
 _ITT_EDTL_CMDSN_EXPSTATSN = struct.Struct(">IIII").unpack_from
 
 
