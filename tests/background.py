@@ -105,14 +105,15 @@ def debian_package(after: Future[None] | None = None) -> Future[Path]:
         if _deb is None:
             out = tempfile.mkdtemp(prefix="lazyiscsi-test-deb.")
             _scratch.append(out)
-            _deb = submit("debian-package", lambda: _build_deb(Path(out), after))
+            env = dict(os.environ)  # as it is now: not as a test running meanwhile may have changed it
+            _deb = submit("debian-package", lambda: _build_deb(Path(out), after, env))
         return _deb
 
 
-def _build_deb(out: Path, after: Future[None] | None) -> Path:
+def _build_deb(out: Path, after: Future[None] | None, env: dict[str, str]) -> Path:
     if after is not None:
         wait([after])  # however it ended
-    r = run(["bash", str(ROOT / "scripts" / "deb.sh"), str(out)], DEB_BUILD_TIMEOUT_S)
+    r = run(["bash", str(ROOT / "scripts" / "deb.sh"), str(out)], DEB_BUILD_TIMEOUT_S, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"scripts/deb.sh failed {r.why}\n{r.stdout[-6000:]}{r.stderr[-3000:]}")
     deb = Path(r.stdout.strip().splitlines()[-1])

@@ -67,14 +67,16 @@ def start(names: set[str]) -> None:
     """Start the guest's build and the runs ``names`` (of SELECTIONS), once per session."""
     if _runs or not names:
         return
-    guest = background.submit("kernel-guest-build", _build)
+    # the environment as the session began: a test's monkeypatch.setenv must not reach the guest's runs
+    env = {**os.environ, "GUEST_TIMEOUT": str(GUEST_TIMEOUT_S)}
+    guest = background.submit("kernel-guest-build", lambda: _build(env))
     if "debian" in names:
         background.debian_package(after=guest)
     previous: Future[background.Finished] | None = None
     for name in SELECTIONS:  # the PyPI run first: it needs no package
         if name in names:
             _runs[name] = background.submit(f"kernel-tier-{name}",
-                                            lambda n=name, p=previous: _run(n, guest, p))
+                                            lambda n=name, p=previous: _run(n, guest, p, env))
             previous = _runs[name]
 
 
@@ -86,13 +88,14 @@ def result(name: str) -> background.Finished:
     return _runs[name].result()
 
 
-def _build() -> None:
-    r = background.run(["bash", str(GUEST / "build.sh"), "--if-needed"], GUEST_BUILD_TIMEOUT_S)
+def _build(env: dict[str, str]) -> None:
+    r = background.run(["bash", str(GUEST / "build.sh"), "--if-needed"], GUEST_BUILD_TIMEOUT_S, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"the guest build failed {r.why}\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
 
 
-def _run(name: str, guest: Future[None], previous: Future[background.Finished] | None) -> background.Finished:
+def _run(name: str, guest: Future[None], previous: Future[background.Finished] | None,
+         env: dict[str, str]) -> background.Finished:
     guest.result()  # its failure is this run's
     if previous is not None:
         wait([previous])  # however it ended
@@ -111,5 +114,4 @@ def _run(name: str, guest: Future[None], previous: Future[background.Finished] |
     for f in files:
         argv += ["-f", str(f)]
     argv.append(f"{command} {PYTEST} {' '.join(SELECTIONS[name])}")
-    env = {**os.environ, "GUEST_TIMEOUT": str(GUEST_TIMEOUT_S)}
     return background.run(argv, GUEST_RUN_TIMEOUT_S, env=env)
