@@ -309,7 +309,7 @@ class CopyDone:
         while not self._stop.wait(self.POLL_S):
             try:
                 (vol,) = control_call(self._control, "status", {"name": "vol0"}, timeout=10)
-            except (ControlError, ValueError):
+            except (ControlError, OSError, ValueError):  # (a read that timed out is an OSError)
                 continue  # a missed poll costs a second of precision, no more
             if vol.get("state") == "complete":
                 self.at = time.monotonic()

@@ -67,6 +67,6 @@ def test_kernel_tier_on_the_pypi_versions() -> None:
 @pytest.mark.kernel_tier("debian")
 def test_kernel_tier_from_the_debian_package() -> None:
     which = passed("debian")
-    for _dist, (_version, path) in which.items():
-        assert path.startswith("/usr/lib/python3/dist-packages/"), _dist
+    for dist, (_version, path) in which.items():
+        assert path.startswith("/usr/lib/python3/dist-packages/"), (dist, path)
     assert which["rtslib-fb"][0] == "2.1.75", which
