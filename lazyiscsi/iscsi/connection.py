@@ -51,6 +51,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lazyiscsi.iscsi import params
 from lazyiscsi.iscsi.login import Login, Refused, Reply, Stage, Target, refusal
@@ -78,6 +79,9 @@ from lazyiscsi.iscsi.pdu import (
 )
 from lazyiscsi.iscsi.text import Incoming, Outgoing, TextTooLong
 from lazyiscsi.scsi.sense import Reason, Status, fixed_sense
+
+if TYPE_CHECKING:
+    from lazyiscsi.scsi.dispatch import Result
 
 #: the CmdSN window (RFC 7143 4.2.2.1): at most this many non-immediate commands are outstanding,
 #: since MaxCmdSN advances only when one finishes. 64 keeps a 10 GbE link busy with 1 MiB I/O
@@ -245,18 +249,22 @@ class Connection:
     ``all_targets()`` lists them for SendTargets; ``data_out_length(cdb, lun)`` says how many
     bytes a command to that LUN object (one of ``Target.luns``' values) carries, and
     ``stream_plan(cdb, lun)`` whether its data-out streams: (the LUN byte offset of its first
-    byte, the LUN's unit), or None to gather it (module docstring). ``address`` is where this
-    connection reached us, as SendTargets' TargetAddress spells it (empty: not said)."""
+    byte, the LUN's unit), or None to gather it (module docstring). ``run_now(lun, cdb, nexus)``
+    runs a command that moves no data-out to completion at once, if it can without waiting, and
+    returns how it ended; None: it becomes a task for the frontend (``Execute``). ``address`` is
+    where this connection reached us, as SendTargets' TargetAddress spells it (empty: not said)."""
 
     def __init__(self, find_target: Callable[[str], Target | None], all_targets: Callable[[], list[Target]],
                  data_out_length: Callable[[bytes, object], int], *, max_recv: int = 262144,
                  address: str = "",
-                 stream_plan: Callable[[bytes, object], tuple[int, int] | None] | None = None) -> None:
+                 stream_plan: Callable[[bytes, object], tuple[int, int] | None] | None = None,
+                 run_now: Callable[[object, bytes, str], Result | None] | None = None) -> None:
         self.address = address
         self._find = find_target
         self._all = all_targets
         self._data_out_length = data_out_length
         self._stream_plan = stream_plan
+        self._run_now = run_now
         self.state = State.LOGIN
         self.max_recv = max_recv  # what we accept per PDU (declared to the initiator)
         self.login = Login(find_target, max_recv)
@@ -352,21 +360,27 @@ class Connection:
         self._finish(task)
         if self.state is State.CLOSED:
             return []
-        out = self._tmf_progress(task.itt) if task.aborted else self._response(task, status, data_in, sense)
+        if task.aborted:
+            out = self._tmf_progress(task.itt)
+        else:
+            out = self._response(task.itt, task.lun, task.read, task.expected, task.cdb_out, status,
+                                 data_in, sense)
         return out + self._admit_waiting() if self._r2t_queue else out
 
-    def _response(self, task: Task, status: int, data_in: bytes | bytearray | memoryview | None,
-                  sense: bytes | None) -> list[Action]:
-        moved = len(data_in) if task.read and data_in is not None else 0
-        n = min(moved, task.expected)
+    def _response(self, itt: int, lun: int, read: bool, expected: int, cdb_out: int, status: int,
+                  data_in: bytes | bytearray | memoryview | None, sense: bytes | None) -> list[Action]:
+        """A command's Data-In and status: ``read`` and ``expected`` are its R bit and Expected
+        Data Transfer Length, ``cdb_out`` the data-out its CDB describes."""
+        moved = len(data_in) if read and data_in is not None else 0
+        n = min(moved, expected)
         # RFC 7143 11.4.5: residual = expected - what the command moves (negative: overflow)
-        residual = task.expected - (moved if task.read else task.cdb_out)
+        residual = expected - (moved if read else cdb_out)
         if n and sense is None:
             # Data-In with status in the last PDU (phase collapse, RFC 7143 11.7.4); slices of a
             # memoryview: the data is not copied until it goes into the socket
             max_send = self.login.max_send
             if n <= max_send:  # one PDU (every 4 KiB read): no slicing, no loop
-                bhs = build_data_in(task.itt, task.lun, 0, 0, n, final=True, status=status,
+                bhs = build_data_in(itt, lun, 0, 0, n, final=True, status=status,
                                     statsn=self._next_statsn(), expcmdsn=self.expcmdsn,
                                     maxcmdsn=self._maxcmdsn(), residual=residual)
                 payload = data_in if n == moved else memoryview(data_in)[:n]  # type: ignore[arg-type]
@@ -382,14 +396,14 @@ class Connection:
                 size = min(max_send, n - pos)
                 last = pos + size == n
                 statsn = self._next_statsn() if last else self.statsn
-                bhs = build_data_in(task.itt, task.lun, datasn, pos, size, final=last,
+                bhs = build_data_in(itt, lun, datasn, pos, size, final=last,
                                     status=status if last else None, statsn=statsn,
                                     expcmdsn=self.expcmdsn, maxcmdsn=self._maxcmdsn(), residual=residual)
                 out.append(Send(self._encode(bhs, data[pos:pos + size])))
                 pos += size
                 datasn += 1
             return out
-        bhs, payload = build_scsi_response(task.itt, status, self._next_statsn(), self.expcmdsn,
+        bhs, payload = build_scsi_response(itt, status, self._next_statsn(), self.expcmdsn,
                                            self._maxcmdsn(), sense=sense or b"", residual=residual)
         return [Send(self._encode(bhs, payload))]
 
@@ -519,6 +533,13 @@ class Connection:
         reads_only = cmd.read and not cmd.write
         cdb_out = self._data_out_length(cmd.cdb, lun) if lun is not None and not reads_only else 0
         want = min(cdb_out, cmd.expected_length) if cmd.write else 0
+        if not want and cmd.final and self._run_now is not None and lun is not None and not cmd.data:
+            result = self._run_now(lun, cmd.cdb, self.nexus)
+            if result is not None:
+                # done before anything else was read: it never held a tag or a place in the
+                # window, so no task management function or R2T could have seen it
+                return self._response(cmd.itt, cmd.lun, cmd.read, cmd.expected_length, cdb_out,
+                                      result.status, result.data_in, result.sense)
         task = Task(cmd.itt, cmd.lun, cmd.cdb, cmd.read, cmd.expected_length, want, cdb_out,
                     immediate=cmd.immediate, unsolicited_open=not cmd.final, unsolicited=len(cmd.data))
         self.tasks[cmd.itt] = task

@@ -2,8 +2,9 @@
 
 One reader greenlet per connection feeds the framer and the connection state machine; every
 SCSI command that may wait runs in its own greenlet (a slow on-demand fetch never holds up
-another command), a READ of a fully local LUN runs inline in the reader; one writer greenlet
-sends PDUs in the order the state machine produced them.
+another command), a READ of a fully local LUN runs inline in the reader, as the connection reads
+it (``run_now``: no task, no greenlet); one writer greenlet sends PDUs in the order the state
+machine produced them.
 
 Per command cost is what bounds small random I/O (a 4 KiB READ is mostly bookkeeping): the
 reader frames every whole PDU a receive brought before it reads again, PDUs to send are
@@ -196,7 +197,8 @@ class _Session:
         # a plain function, not a bound method: the connection must not refer back to the
         # session, or a closed session would wait for the cyclic garbage collector
         self.conn = Connection(portal.target, portal.all_targets, _data_out_length,
-                               address=target_address(sock.getsockname()), stream_plan=_stream_plan)
+                               address=target_address(sock.getsockname()), stream_plan=_stream_plan,
+                               run_now=_read_now)
         self.key: tuple[str, bytes, str] | None = None  # in portal.sessions while live
         self.reinstated = False
         #: buffers to send, in order, and how many bytes they hold; the writer takes them whole
@@ -353,15 +355,11 @@ class _Session:
                 if not self.wake_writer.is_set() and gevent.getcurrent() is not self.reader:
                     self.wake_writer.set()
             elif kind is Execute:
+                # every command that may wait (a fetch from the source, an fdatasync) gets its own
+                # greenlet, so that it never holds up the commands behind it (``_read_now``: those
+                # that cannot wait never become tasks)
                 task = action.task  # type: ignore[union-attr]
                 lun = self._lun(task.lun)
-                # A READ of a fully local LUN is a pread from the page cache: run it in the
-                # reader, no greenlet to spawn or switch to. Every command that may wait (a fetch
-                # from the source, an fdatasync) gets its own, so that it never holds up the
-                # commands behind it.
-                if lun is not None and task.cdb[0] in _INLINE_READS and lun.backend.complete:
-                    self._execute(task, lun)
-                    continue
                 # its data-in counts as owed from now on: READs running at once are bounded too
                 reserved = min(task.expected, MAX_TRANSFER_BYTES) if task.read else 0
                 self._owe(reserved)
@@ -538,6 +536,16 @@ def _send_all(sock: socket.socket, buffers: list[bytes | bytearray | memoryview]
             i += 1
         if sent:
             buffers[i] = memoryview(buffers[i])[sent:]
+
+
+def _read_now(lun: object, cdb: bytes, nexus: str) -> dispatch.Result | None:
+    """A READ of a fully local LUN is a pread from the page cache: the connection runs it as it
+    reads the command, in the reader, with no task, greenlet or switch (None: anything else, which
+    becomes a task)."""
+    assert isinstance(lun, Lun)
+    if cdb[0] in _INLINE_READS and lun.backend.complete:
+        return dispatch.execute(lun, cdb, None, nexus)
+    return None
 
 
 def _data_out_length(cdb: bytes, lun: object) -> int:

@@ -4,6 +4,7 @@ data path (R2Ts, DataSN, TTTs) and task management, checked PDU by PDU (RFC 7143
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from lazyiscsi.iscsi.connection import (
     MAX_IMMEDIATE_TASKS,
@@ -18,6 +19,8 @@ from lazyiscsi.iscsi.connection import (
     Target,
 )
 from lazyiscsi.iscsi.pdu import BHS_LEN, Framer, Opcode, RejectReason, encode
+from lazyiscsi.scsi.dispatch import Result
+from lazyiscsi.scsi.sense import Reason, Status, fixed_sense
 
 IQN = "iqn.2026-11.test:target"
 BS = 512
@@ -36,9 +39,10 @@ def sent(actions: list) -> list[bytes]:  # type: ignore[type-arg]
     return [b"".join(bytes(p) for p in a.parts) for a in actions if isinstance(a, Send)]
 
 
-def logged_in(keys: str, digest: str = "None") -> Connection:
+def logged_in(keys: str, digest: str = "None",
+              run_now: Callable[[object, bytes, str], Result | None] | None = None) -> Connection:
     conn = Connection(lambda name: Target(IQN, {0: object()}) if name == IQN else None, lambda: [],
-                      lambda cdb, lun: struct.unpack_from(">H", cdb, 7)[0] * BS)
+                      lambda cdb, lun: struct.unpack_from(">H", cdb, 7)[0] * BS, run_now=run_now)
     text = (f"InitiatorName=iqn.test:i\0TargetName={IQN}\0SessionType=Normal\0AuthMethod=None\0"
             f"HeaderDigest={digest}\0DataDigest={digest}\0{keys}").encode()
     b = bytearray(BHS_LEN)
@@ -293,6 +297,46 @@ def test_a_single_pdu_read_answer_frames_with_and_without_digests_and_padding() 
         assert raw.bhs[0] & 0x3F == Opcode.SCSI_DATA_IN and raw.bhs[1] & 0x81 == 0x81  # F, S
         assert int.from_bytes(raw.bhs[5:8], "big") == min(length, BS)
         assert len(pdu) == BHS_LEN + (-min(length, BS) % 4 + min(length, BS)) + (8 if digests else 0)
+
+
+def test_a_command_run_at_once_is_answered_without_a_task_and_frees_its_place() -> None:
+    """``run_now`` (the portal's READs of a fully local LUN): the answer goes out as the command
+    is read, with no task and no Execute; the command took its CmdSN and MaxCmdSN stays where
+    a finished command leaves it. A command that moves data-out, one whose tag is in use and one
+    outside the window are never offered to it; what it declines becomes a task as before."""
+    offered: list[tuple[bytes, str]] = []
+    answers: list[Result | None] = []
+
+    def run_now(lun: object, cdb: bytes, nexus: str) -> Result | None:
+        offered.append((cdb[:1], nexus))
+        return answers.pop(0)
+
+    conn = logged_in("ImmediateData=Yes\0InitialR2T=No\0", run_now=run_now)
+    answers.append(Result(Status.GOOD, bytes(range(256)) * 2))
+    (pdu,) = sent(feed(conn, read_cmd(7, 0)))
+    assert offered == [(b"\x28", conn.nexus)] and conn.tasks == {}
+    assert pdu[0] & 0x3F == Opcode.SCSI_DATA_IN and pdu[1] & 0x81 == 0x81  # F, S: status in it
+    assert pdu[BHS_LEN:] == bytes(range(256)) * 2
+    assert struct.unpack_from(">I", pdu, 16)[0] == 7
+    assert window(pdu) == (1, QUEUE_DEPTH)  # CmdSN 0 taken; its place is free again
+
+    answers.append(Result(Status.CHECK_CONDITION, sense=fixed_sense(Reason.LBA_OUT_OF_RANGE)))
+    (pdu,) = sent(feed(conn, read_cmd(8, 1)))
+    assert pdu[0] & 0x3F == Opcode.SCSI_RESPONSE and pdu[3] == Status.CHECK_CONDITION
+    assert pdu[BHS_LEN + 2 + 12] == 0x21  # ASC LOGICAL BLOCK ADDRESS OUT OF RANGE, in the sense data
+
+    answers.append(None)  # declined: a task, as without run_now
+    (execute,) = feed(conn, read_cmd(9, 2))
+    assert isinstance(execute, Execute) and conn.tasks == {9: execute.task}
+    offered.clear()
+    (reject,) = sent(feed(conn, read_cmd(9, 3)))  # its tag is in use: refused before running
+    assert reject[0] & 0x3F == Opcode.REJECT and offered == []
+    (ignored,) = feed(conn, read_cmd(10, 4 + QUEUE_DEPTH))  # outside the window
+    assert isinstance(ignored, Fault) and offered == []
+    assert isinstance(feed(conn, write_cmd(11, 2, 4, immediate=bytes(2 * BS)))[0], Execute)
+    assert r2ts(feed(conn, write_cmd(12, 2, 5))) == [(1, 0, 0, 2 * BS)]  # data-out to come: R2T first
+    assert offered == []
+    assert answers == []
 
 
 def test_a_scsi_command_is_executed_only_in_the_full_feature_phase() -> None:
