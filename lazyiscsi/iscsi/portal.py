@@ -408,8 +408,9 @@ class _Session:
         luns: list[Lun] = list(target.luns.values())  # type: ignore[arg-type]
         return [lun for lun in luns if number is None or lun.number == number]
 
-    def _execute(self, task: Task, lun: Lun | None, reserved: int = 0) -> None:
-        """Run ``task`` on ``lun`` (None: the target has no such LUN) and queue its response."""
+    def _execute(self, task: Task, lun: Lun | None, reserved: int) -> None:
+        """Run ``task`` on ``lun`` (None: the target has no such LUN) and queue its response;
+        ``reserved`` bytes of data-in were counted as owed for it when it started."""
         try:
             if lun is None:
                 target = self.conn.target

@@ -106,11 +106,12 @@ class Initiator:
         return bytes(buf)
 
     def command(self, cdb: bytes, *, read: int = 0, write: int = 0, data: bytes = b"",
-                final: bool = True) -> bytes:
+                final: bool = True, lun: int = 0) -> bytes:
         """A SCSI Command PDU with the next ITT and CmdSN (not sent)."""
         self.itt += 1
         flags = (0x80 if final else 0) | (0x40 if read else 0) | (0x20 if write else 0) | 0x01
         b = bhs(Opcode.SCSI_COMMAND, flags, self.itt, struct.pack(">III", read or write, self.cmdsn, 0))
+        b[9] = lun  # (single-level LUN, SAM-5 4.7: below 256)
         b[32:32 + len(cdb)] = cdb
         self.cmdsn += 1
         return frame(b, data, data_digest=self.data_digest)
@@ -399,6 +400,52 @@ def test_running_commands_per_connection_are_bounded_by_the_window(tmp_path: Pat
     finally:
         portal.stop()
         disk.close()
+
+
+def test_a_read_waiting_for_its_source_holds_up_no_read_of_a_local_lun(
+        tmp_path: Path, sessions, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Two LUNs on one connection: a READ of the one still fetching from its source waits in a
+    greenlet of its own, and the READs of the fully local one sent behind it are answered
+    meanwhile, in the reader, as the connection reads them (``run_now``): none becomes a task."""
+    data = bytes(range(256)) * (4 * MiB // 256)
+    other = data[::-1]
+    source = ScriptedSource(data)
+    lazy = LazyDisk.open(str(tmp_path / "lazy"), source, autocommit_s=None)  # type: ignore[arg-type]
+    local = LazyDisk.open(str(tmp_path / "local"), InstantSource(other), autocommit_s=None)  # type: ignore[arg-type]
+    local.populate(0, local.size)
+    assert local.complete and not lazy.complete
+    tasks: list[int] = []  # the LUN of every command that ran as a task
+    as_task = portal_module._Session._execute
+
+    def recorded(self, task, lun, reserved):  # type: ignore[no-untyped-def]
+        tasks.append(task.lun)
+        return as_task(self, task, lun, reserved)
+
+    monkeypatch.setattr(portal_module._Session, "_execute", recorded)
+    luns = {0: Lun(lazy, "lazy", block_size=BS), 1: Lun(local, "local", block_size=BS)}
+    portal = portal_module.Portal([Target(IQN, luns)], ("127.0.0.1", 0), nop_interval=0)  # type: ignore[dict-item]
+    portal.start()
+    try:
+        ini = Initiator.login(portal.address[1], connect=gevent.socket.create_connection)
+        ini.sock.sendall(ini.command(read10(0, 8), read=8 * BS))
+        waiting = ini.itt
+        ini.sock.sendall(b"".join(ini.command(read10(i * 8, 8), read=8 * BS, lun=1) for i in range(32)))
+        for i in range(32):  # (a reader stuck behind the fetch: the socket's timeout fails this)
+            status, got = ini.response(waiting + 1 + i)
+            assert status == 0 and got == other[i * 8 * BS:(i + 1) * 8 * BS], i
+        session = sessions[0]()
+        assert session is not None and list(session.conn.tasks) == [waiting] and len(session.workers) == 1
+        assert tasks == [0] and source.pending
+        del session
+        while source.pending:
+            source.complete(0)
+        status, got = ini.response(waiting)
+        assert status == 0 and got == data[:8 * BS]
+        ini.close()
+    finally:
+        portal.stop()
+        lazy.close()
+        local.close()
 
 
 @pytest.mark.parametrize("flooded", [False, True])
