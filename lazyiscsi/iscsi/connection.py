@@ -11,7 +11,9 @@ Theory of operation (RFC 7143, error recovery level 0, one connection per sessio
 execute (all its data-out gathered), a streamed WRITE's pieces, or close. ``task_done(task,
 result)`` turns a finished command into Data-In/Response PDUs. Execution itself (which may
 block on the store) belongs to the caller: this module has no socket, no greenlet and no clock;
-timeouts are events the portal feeds in (``login_timed_out``, ``ping``).
+timeouts are events the portal feeds in (``login_timed_out``, ``ping``). A command the caller can
+run without waiting (its ``run_now``: the portal's READs of a fully local LUN) is run through it
+as it is read and answered in the same actions, with no task.
 
 The login phase, its stages, keys and refusals, lives in ``login.py``; this module hands it each
 Login Request and takes over when it reaches full feature. A discovery session's full feature
