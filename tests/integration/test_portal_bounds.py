@@ -481,12 +481,18 @@ def test_a_closed_session_is_freed_without_the_cyclic_collector(tmp_path: Path, 
         disk.close()
 
 
-def test_the_reader_stops_while_the_initiator_owes_max_outstanding_bytes(tmp_path: Path, sessions) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("local", [False, True], ids=["fetched", "local"])
+def test_the_reader_stops_while_the_initiator_owes_max_outstanding_bytes(tmp_path: Path, sessions,  # type: ignore[no-untyped-def]
+                                                                          local: bool) -> None:
     """Backpressure, not buffering, not dropping: while what a connection owes its initiator
     exceeds MAX_OUTSTANDING_BYTES the portal reads no further command; once the initiator reads,
-    every command is taken and answered."""
+    every command is taken and answered. Both for READs that fetch (each a task in a greenlet)
+    and for READs of a fully local LUN (run in the reader as they are read, ``run_now``)."""
     data = bytes(range(256)) * (64 * MiB // 256)
     portal, disk = start_portal(tmp_path, InstantSource(data))
+    if local:
+        disk.populate(0, disk.size)
+        assert disk.complete
     count = 3 * MAX_OUTSTANDING_BYTES // MiB
     try:
         ini = Initiator.login(portal.address[1], connect=gevent.socket.create_connection)
