@@ -87,6 +87,17 @@ _MAX_IOV = 512
 #: its own answers (``_flush``), the writer greenlet sent them, and every 4 was much faster
 #: than once at the end.
 _YIELD_EVERY = 16
+#: every this many PDUs the reader lets every other greenlet run (other connections, the copier,
+#: the control socket). A gevent socket's recv does not yield while data is waiting, and a READ
+#: of a fully local LUN runs in the reader: an initiator that keeps its socket full (60,000
+#: one-block READs are 2.9 MB) held the whole process for as long as their answers fit in
+#: MAX_OUTSTANDING_BYTES, 2 s here (``test_portal_bounds``). 256 such READs take about 3 ms.
+TURN_EVERY_PDUS = 256
+#: the turn is a timer this short, not ``sleep(0)``: gevent runs a yielded greenlet again from
+#: its callback queue and polls the sockets only every 50 callbacks, so a reader that only ever
+#: yields with ``sleep(0)`` still kept the others waiting for 50 turns (0.5 s); a timer fires
+#: after the loop has polled, with every socket that is ready
+TURN_S = 1e-6
 #: How long a connection may take to reach full feature (login done). A login is a handful of
 #: round trips; one left half-way (a half-sent header, a data segment announced and never sent,
 #: a CHAP exchange never finished) would otherwise hold its socket, greenlets and buffers for
@@ -248,6 +259,7 @@ class _Session:
         framer = Framer(max_data=LOGIN_MAX_DATA)  # RFC 7143 13.12: the default, during login
         try:
             conn, room, recv = self.conn, self.room, self.sock.recv
+            since_turn = 0  # PDUs framed since the reader last let everyone else run
             while not self.closing:
                 self._wait_for_room()
                 data = recv(262144)
@@ -264,6 +276,10 @@ class _Session:
                         self._flush()  # what is ready goes now (see _YIELD_EVERY)
                         if self.workers:
                             gevent.sleep(0)  # and the commands running in greenlets get a turn
+                    since_turn += 1
+                    if since_turn >= TURN_EVERY_PDUS:
+                        since_turn = 0
+                        gevent.sleep(TURN_S)  # everyone else gets a turn (see TURN_EVERY_PDUS)
                     if conn.state is State.LOGIN:
                         actions = conn.receive(pdu)
                         if conn.state is State.FULL_FEATURE:

@@ -9,6 +9,7 @@ daemon's memory is its VmRSS in /proc/PID/status.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
 import socket
@@ -26,10 +27,11 @@ import gevent
 import gevent.socket
 import pytest
 
+from lazyiscsi.control import call as control_call
 from lazyiscsi.iscsi import portal as portal_module
 from lazyiscsi.iscsi.connection import QUEUE_DEPTH, Target
 from lazyiscsi.iscsi.pdu import BHS_LEN, Opcode, RejectReason, digest
-from lazyiscsi.iscsi.portal import MAX_OUTSTANDING_BYTES
+from lazyiscsi.iscsi.portal import MAX_OUTSTANDING_BYTES, TURN_EVERY_PDUS
 from lazyiscsi.scsi.lun import Lun
 from lazyiscsi.store.lazydisk import LazyDisk
 from tests.integration.peers import free_port, make_image, wait_listening
@@ -186,27 +188,47 @@ class Daemon:
         return rss(self.proc.pid)
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    """`lazyiscsi serve` on the portal over a cold 64 MiB LUN: the background copy is held to 1 byte
-    a second, so every READ is an on-demand fetch that runs in a greenlet of its own."""
+@contextlib.contextmanager
+def serving(tmp_path: Path, *args: str) -> Iterator[Daemon]:
+    """`lazyiscsi serve` on the portal over a 64 MiB LUN whose source is a local file, with
+    ``args`` added; its control socket is ``tmp_path/ctl.sock``."""
     img = tmp_path / "src.img"
     image = make_image(img, IMAGE)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lazyiscsi.cli", "--log-level", "warning", "serve",
+    proc = subprocess.Popen([sys.executable, "-m", "lazyiscsi.cli", "--log-level", "warning",
+                             "--control", str(tmp_path / "ctl.sock"), "serve",
                              "--frontend", "portal", "--source", str(img),
                              "--cache", str(tmp_path / "cache.img"), "--iqn", IQN,
-                             "--listen", f"127.0.0.1:{port}", "--rate", "1"],
+                             "--listen", f"127.0.0.1:{port}", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_listening(port, proc)  # type: ignore[arg-type]
-        d = Daemon(proc, port, image)
-        healthy(port, image)  # warm up: imports, the first session's allocations
-        yield d
+        yield Daemon(proc, port, image)
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A cold LUN: the background copy is held to 1 byte a second, so every READ is an
+    on-demand fetch that runs in a greenlet of its own."""
+    with serving(tmp_path, "--rate", "1") as d:
+        healthy(d.port, d.image)  # warm up: imports, the first session's allocations
+        yield d
+
+
+@pytest.fixture
+def local_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A LUN copied whole before the test: every READ runs in its connection's reader."""
+    def copied() -> bool:
+        (vol,) = control_call(str(tmp_path / "ctl.sock"), "status", {"name": "vol0"})
+        return vol["state"] == "complete"
+
+    with serving(tmp_path) as d:
+        wait_for(copied, 60, "the copy of 64 MiB from a local file to end")
+        yield d
 
 
 def wait_for(condition, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -311,6 +333,45 @@ def test_issue14_acceptance_floods_in_turn(daemon: Daemon) -> None:
     baseline = daemon.rss()
     check_bounded(daemon, "reads", baseline)
     check_bounded(daemon, "unsolicited", baseline)
+
+
+#: how long another initiator's one-block READ may wait while a flood of READs of a fully local
+#: LUN is being read: 5-11 ms here with the turns (TURN_EVERY_PDUS of them take about 3 ms on an
+#: idle machine); 2 s without them (the whole flood, up to MAX_OUTSTANDING_BYTES of answers), and
+#: 0.5 s with turns taken by ``sleep(0)`` (portal.TURN_S)
+TURN_LATENCY_S = 0.1
+#: one-block READs the flooding initiator pipelines and never reads back: their answers (560
+#: bytes each with the header) exceed MAX_OUTSTANDING_BYTES, where its reader stops anyway
+FLOOD_READS = 2 * MAX_OUTSTANDING_BYTES // (BS + BHS_LEN)
+
+
+def test_an_initiator_that_keeps_its_socket_full_leaves_others_their_turn(local_daemon: Daemon) -> None:
+    """READs of a fully local LUN run in their connection's reader, and a socket with data
+    waiting never makes that reader wait: the reader lets everyone else run every
+    TURN_EVERY_PDUS PDUs, so another initiator's READs are answered within TURN_LATENCY_S while
+    one pipelines FLOOD_READS one-block READs and reads none of the answers."""
+    assert FLOOD_READS > 50 * TURN_EVERY_PDUS
+    image = local_daemon.image
+    good = Initiator.login(local_daemon.port, isid=0x400001370099)
+    bad = Initiator.login(local_daemon.port)
+    try:
+        flood = b"".join(bad.command(read10(i % 1024, 1), read=BS) for i in range(FLOOD_READS))
+        threading.Thread(target=bad.sock.sendall, args=(flood,), daemon=True).start()
+        waits = []
+        deadline = time.monotonic() + 2.0  # the flood is read in well under that (or stops at the bound)
+        while time.monotonic() < deadline:
+            start = time.monotonic()
+            good.sock.sendall(good.command(read10(8, 1), read=BS))
+            status, data = good.response(good.itt)
+            waits.append(time.monotonic() - start)
+            assert status == 0 and data == image[8 * BS:9 * BS]
+        assert max(waits) < TURN_LATENCY_S, f"worst {max(waits) * 1000:.0f} ms over {len(waits)} READs"
+        bad.sock.settimeout(5)
+        header, _ = bad.recv()  # and the flood's own READs were answered meanwhile
+        assert header[0] & 0x3F == Opcode.SCSI_DATA_IN and struct.unpack_from(">I", header, 16)[0] == 0x101
+    finally:
+        good.close()
+        bad.close()
 
 
 def test_a_data_digest_error_is_rejected_and_the_connection_kept(daemon: Daemon) -> None:
