@@ -92,12 +92,12 @@ _YIELD_EVERY = 16
 #: of a fully local LUN runs in the reader: an initiator that keeps its socket full (60,000
 #: one-block READs are 2.9 MB) held the whole process for as long as their answers fit in
 #: MAX_OUTSTANDING_BYTES, 2 s here (``test_portal_bounds``). 256 such READs take about 3 ms.
-TURN_EVERY_PDUS = 256
 #: The turn is ``gevent.idle()``: the reader goes on once the loop has polled every socket and
 #: run what was ready. Not ``sleep(0)``: gevent runs a yielded greenlet again from its callback
 #: queue and polls sockets only every 50 callbacks, so the others still waited for 50 turns
-#: (0.5 s). Not a short timer: libev then waits in epoll for at least 1 ms when nothing else is
-#: ready, and at QD16 (a turn every 16 receives) random reads lost 7 % to it.
+#: (0.5 s). Not a short timer: libev then sits in epoll for at least 1 ms whenever nothing else
+#: is ready, which at QD16 (a turn every 16 receives) is most turns.
+TURN_EVERY_PDUS = 256
 #: How long a connection may take to reach full feature (login done). A login is a handful of
 #: round trips; one left half-way (a half-sent header, a data segment announced and never sent,
 #: a CHAP exchange never finished) would otherwise hold its socket, greenlets and buffers for
