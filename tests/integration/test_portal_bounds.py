@@ -336,9 +336,9 @@ def test_issue14_acceptance_floods_in_turn(daemon: Daemon) -> None:
 
 
 #: how long another initiator's one-block READ may wait while a flood of READs of a fully local
-#: LUN is being read: 5-11 ms here with the turns (TURN_EVERY_PDUS of them take about 3 ms on an
-#: idle machine); 2 s without them (the whole flood, up to MAX_OUTSTANDING_BYTES of answers), and
-#: 0.5 s with turns taken by ``sleep(0)`` (see TURN_EVERY_PDUS)
+#: LUN is being read: at most 5-7 ms here with the turns (TURN_EVERY_PDUS of them take about 3 ms
+#: on an idle machine), 11 ms beside a test suite; 2 s without them (the whole flood, up to
+#: MAX_OUTSTANDING_BYTES of answers), and 0.5 s with turns taken by ``sleep(0)``
 TURN_LATENCY_S = 0.1
 #: one-block READs the flooding initiator pipelines and never reads back: their answers (560
 #: bytes each with the header) exceed MAX_OUTSTANDING_BYTES, where its reader stops anyway
